@@ -1,0 +1,208 @@
+r"""``linear``: ``Y = X W + b`` as a ``jax.custom_vjp`` whose backward rule is ``pullback``.
+
+Also the public, validated ``pushforward`` and ``pullback`` (params-structured
+wrappers of ``formulas``) and ``mlp``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxlinear._src import formulas
+from jaxlinear._src.params import Layout
+from jaxlinear._src.validation import (
+    canonical_compute_dtype,
+    canonical_precision,
+    check_layer,
+    check_same,
+)
+
+
+def _prepare(fn, params, x, precision, compute_dtype):
+    """Validate; return ``(layout, precision, compute_dtype)`` in hashable form."""
+    compute_dtype = canonical_compute_dtype(fn, compute_dtype)
+    return check_layer(fn, params, x, compute_dtype), canonical_precision(precision), compute_dtype
+
+
+def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
+    r"""The pushforward (JVP) of the layer: ``dY = dX W + X dW + db``.
+
+    .. math:: \dot Y = \dot X W + X \dot W + \dot b
+
+    Args:
+      params: ``Params(W, b)`` or ``{"W", "b"}``; ``W: (d_in, d_out)``, ``b: (d_out,)``,
+        ``(1, d_out)`` or ``None``.
+      x: ``(..., d_in)`` primal input.
+      dparams: tangent of ``params`` in the same structure, or ``None`` (zero); a
+        ``None`` leaf inside it is a zero tangent for that leaf.
+      dx: ``(..., d_in)`` tangent of ``x``, or ``None`` (zero).
+      precision: passed to every matmul.
+      compute_dtype: run the matmuls in this dtype (float32 accumulation).
+
+    Returns:
+      ``dY: (..., d_out)`` in the dtype of ``Y``.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxlinear
+      >>> p = jaxlinear.Params(jnp.eye(2), jnp.zeros(2))
+      >>> jaxlinear.pushforward(p, jnp.ones(2), jaxlinear.Params(jnp.eye(2), jnp.ones(2)), None)
+      Array([2., 2.], dtype=float32)
+    """
+    layout, precision, compute_dtype = _prepare("pushforward", params, x, precision, compute_dtype)
+    W, b = layout.unpack(params)
+    dW = db = None
+    if dparams is not None:
+        if check_layer("pushforward", dparams, x, compute_dtype) != layout:
+            raise TypeError("pushforward: `dparams` must have the same structure as `params`")
+        dW, db = layout.unpack(dparams)
+        check_same("pushforward", "dparams.W", dW, "params.W", W)
+        if db is not None:
+            check_same("pushforward", "dparams.b", db, "params.b", b)
+    if dx is not None:
+        check_same("pushforward", "dx", dx, "x", x)
+    return formulas.pushforward(x, W, dx, dW, db, precision=precision, compute_dtype=compute_dtype)
+
+
+def pullback(params, x, g, *, precision=None, compute_dtype=None):
+    r"""The pullback (VJP) of the layer: ``dX = G Wᵀ``, ``dW = Xᵀ G``, ``db = Σ G``.
+
+    .. math:: \bar X = G W^\top, \quad \bar W = X^\top G, \quad \bar b = \sum_{\text{batch}} G
+
+    ``dW`` and ``db`` contract every leading axis of ``x``/``g``.
+
+    Args:
+      params: ``Params(W, b)`` or ``{"W", "b"}``.
+      x: ``(..., d_in)`` primal input.
+      g: ``(..., d_out)`` cotangent of ``Y``, in the dtype of ``Y``.
+      precision: passed to every matmul.
+      compute_dtype: run the matmuls in this dtype (float32 accumulation).
+
+    Returns:
+      ``(dparams, dx)``: ``dparams`` in the structure of ``params`` (``dW: (d_in, d_out)``,
+      ``db`` shaped like ``b``), ``dx: (..., d_in)``; each in the dtype of its primal.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxlinear
+      >>> X = jnp.array([[1., 0.], [0., 1.], [1., 1.]])
+      >>> p = jaxlinear.Params(jnp.array([[2., 1.], [-1., 3.]]), jnp.array([0.5, -2.]))
+      >>> dp, dx = jaxlinear.pullback(p, X, jnp.ones((3, 2)))
+      >>> dp.W.tolist(), dp.b.tolist()
+      ([[2.0, 2.0], [2.0, 2.0]], [3.0, 3.0])
+    """
+    layout, precision, compute_dtype = _prepare("pullback", params, x, precision, compute_dtype)
+    W, _ = layout.unpack(params)
+    y_shape = (*np.shape(x)[:-1], W.shape[1])
+    y = jax.ShapeDtypeStruct(y_shape, formulas.output_dtype(x.dtype, compute_dtype))
+    check_same("pullback", "g", g, "Y = linear(params, x)", y)
+    return _pullback(layout, precision, compute_dtype, x, W, g)
+
+
+def _pullback(layout: Layout, precision, compute_dtype, x, W, g):
+    """``formulas.pullback``, packed into ``layout``: the backward rule of ``linear``."""
+    dx, dW, db = formulas.pullback(
+        x, W, g, precision=precision, compute_dtype=compute_dtype, bias=layout.bias != "none"
+    )
+    return layout.pack(dW, db), dx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _linear(layout: Layout, precision, compute_dtype, params, x):
+    W, b = layout.unpack(params)
+    return formulas.forward(x, W, b, precision=precision, compute_dtype=compute_dtype)
+
+
+def _linear_fwd(layout: Layout, precision, compute_dtype, params, x):
+    W, b = layout.unpack(params)
+    y = formulas.forward(x, W, b, precision=precision, compute_dtype=compute_dtype)
+    return y, (x, W)  # residuals: exactly x and W (never Y, never b)
+
+
+def _linear_bwd(layout: Layout, precision, compute_dtype, residuals, g):
+    x, W = residuals
+    return _pullback(layout, precision, compute_dtype, x, W, g)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear(params, x, *, precision=None, compute_dtype=None):
+    r"""The affine layer ``Y = X W + b`` with an explicit backward rule (``pullback``).
+
+    .. math:: Y = X W + b, \qquad \bar X = G W^\top,\; \bar W = X^\top G,\; \bar b = \sum G
+
+    A ``jax.custom_vjp`` function: works under ``jit``, ``grad``, ``vjp``,
+    ``value_and_grad``, ``jacrev``, ``vmap``, ``checkpoint`` and ``lax.scan``. The
+    forward pass saves only ``x`` and ``W`` for the backward pass. Forward-mode
+    transforms (``jvp``, ``jacfwd``, ``hessian``, ``linearize``) raise JAX's
+    ``TypeError``: use ``dual_linear`` for those.
+
+    Args:
+      params: ``Params(W, b)`` or a dict ``{"W": W, "b": b}``; ``W: (d_in, d_out)``,
+        ``b: (d_out,)``, the row vector ``(1, d_out)``, or ``None``.
+      x: ``(..., d_in)``, any number of leading axes (none: a single vector).
+      precision: ``jax.lax.Precision`` (or a pair), passed to every matmul, backward too.
+      compute_dtype: e.g. ``jnp.bfloat16``: run forward and backward matmuls in this
+        dtype with float32 accumulation. ``Y`` comes out in ``compute_dtype``;
+        gradients come back in the dtypes of ``params`` and ``x``.
+
+    Returns:
+      ``Y: (..., d_out)``, in ``compute_dtype`` if given, else in ``x.dtype``.
+
+    Raises:
+      TypeError: bad params structure, integer/bool dtypes, ``x`` and ``W`` of
+        different dtypes without ``compute_dtype``.
+      ValueError: ``W`` not 2-D, ``x`` 0-d or of the wrong width, ``b`` not
+        ``(d_out,)``/``(1, d_out)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> p = jaxlinear.Params(jnp.array([[2., 1.], [-1., 3.]]), jnp.array([0.5, -2.]))
+      >>> jaxlinear.linear(p, jnp.array([1., 1.]))
+      Array([1.5, 2. ], dtype=float32)
+      >>> jax.grad(lambda p: jaxlinear.linear(p, jnp.ones((3, 2))).sum())(p).b
+      Array([3., 3.], dtype=float32)
+    """
+    layout, precision, compute_dtype = _prepare("linear", params, x, precision, compute_dtype)
+    return _linear(layout, precision, compute_dtype, params, x)
+
+
+def mlp(
+    layers: Sequence,
+    x,
+    *,
+    activation: Callable = jax.nn.relu,
+    layer: Callable | None = None,
+    precision=None,
+    compute_dtype=None,
+):
+    """A chain of affine layers with ``activation`` between them (not after the last).
+
+    Args:
+      layers: a non-empty sequence of ``Params`` (or dicts), e.g. from ``init_mlp``.
+      x: ``(..., d_0)``.
+      activation: elementwise function applied after every layer but the last.
+      layer: the binding to use for each layer: ``linear`` (default) or ``dual_linear``.
+      precision, compute_dtype: passed to every layer.
+
+    Returns:
+      ``(..., d_L)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> layers = jaxlinear.init_mlp(jax.random.key(0), [3, 8, 2])
+      >>> jaxlinear.mlp(layers, jnp.ones((5, 3))).shape
+      (5, 2)
+    """
+    layer = linear if layer is None else layer
+    layers = list(layers)
+    if not layers:
+        raise ValueError("mlp: `layers` is empty; expected at least one layer's params")
+    for i, params in enumerate(layers):
+        x = layer(params, x, precision=precision, compute_dtype=compute_dtype)
+        if i < len(layers) - 1:
+            x = activation(x)
+    return x

@@ -1,0 +1,180 @@
+"""Parameter pytrees, their layouts, and initialization schemes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Params(NamedTuple):
+    """Parameters of ``Y = X W + b``.
+
+    Attributes:
+      W: ``(d_in, d_out)`` weight, laid out as in the math (and Flax); PyTorch and
+        Equinox store ``(d_out, d_in)``: convert with ``W = weight.T``.
+      b: ``(d_out,)`` bias, or the row vector ``(1, d_out)``, or ``None`` (no bias).
+    """
+
+    W: Any
+    b: Any = None
+
+
+class Layout(NamedTuple):
+    """Static (hashable) description of how a params pytree holds ``W`` and ``b``.
+
+    ``unpack`` gives ``(W, b)`` with ``b`` flattened to ``(d_out,)``; ``pack`` rebuilds
+    the user's structure, so gradients come back in the structure given.
+    """
+
+    kind: str  # "params" (the NamedTuple) or "dict"
+    bias: str  # "none", "vector" (d_out,) or "row" (1, d_out)
+    b_key: bool  # dict only: whether the dict has a "b" key (possibly None)
+
+    def unpack(self, params):
+        if self.kind == "params":
+            W, b = params.W, params.b
+        else:
+            W, b = params["W"], params.get("b")
+        if b is not None and self.bias == "row":
+            b = b.reshape(b.shape[-1])  # (1, d_out) -> (d_out,)
+        return W, b
+
+    def pack(self, W, b):
+        if b is not None:
+            if self.bias == "none":
+                b = None
+            elif self.bias == "row":
+                b = b.reshape(1, b.shape[-1])  # (d_out,) -> (1, d_out)
+        if self.kind == "params":
+            return Params(W, b)
+        return {"W": W, "b": b} if self.b_key else {"W": W}
+
+
+def layout_of(fn: str, params) -> Layout:
+    """The layout of ``params``; raises ``TypeError`` naming ``fn`` if it is not one."""
+    if isinstance(params, Params):
+        kind, b, b_key = "params", params.b, True
+        W = params.W
+    elif isinstance(params, dict):
+        extra = sorted(set(params) - {"W", "b"}, key=str)
+        if "W" not in params or extra:
+            raise TypeError(
+                f"{fn}: `params` must be Params(W, b) or a dict with key 'W' and optional"
+                f" key 'b'; got a dict with keys {sorted(params, key=str)}"
+            )
+        kind, W, b, b_key = "dict", params["W"], params.get("b"), "b" in params
+    else:
+        raise TypeError(
+            f"{fn}: `params` must be Params(W, b) or a dict with keys 'W' and 'b';"
+            f" got {type(params).__name__}"
+        )
+    if W is None:
+        raise TypeError(f"{fn}: `params` has no `W` (it is None)")
+    if b is None:
+        bias = "none"
+    else:
+        bias = "row" if getattr(b, "ndim", None) == 2 else "vector"
+    return Layout(kind, bias, b_key)
+
+
+# name -> (jax.nn.initializers factory, variance of W's entries, stated for the docs)
+_SCHEMES: dict[str, tuple[Callable, str]] = {
+    "lecun_normal": (jax.nn.initializers.lecun_normal, "1/d_in (truncated normal)"),
+    "lecun_uniform": (jax.nn.initializers.lecun_uniform, "1/d_in"),
+    "he_normal": (jax.nn.initializers.he_normal, "2/d_in (truncated normal)"),
+    "he_uniform": (jax.nn.initializers.he_uniform, "2/d_in"),
+    "glorot_normal": (jax.nn.initializers.glorot_normal, "2/(d_in+d_out) (truncated normal)"),
+    "glorot_uniform": (jax.nn.initializers.glorot_uniform, "2/(d_in+d_out)"),
+}
+_SCHEMES["xavier_normal"] = _SCHEMES["glorot_normal"]
+_SCHEMES["xavier_uniform"] = _SCHEMES["glorot_uniform"]
+SCHEMES = tuple(_SCHEMES)
+
+
+def _check_size(fn: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}")
+
+
+def init(
+    key: jax.Array,
+    d_in: int,
+    d_out: int,
+    *,
+    bias: bool = True,
+    scheme: str | Callable = "lecun_normal",
+    dtype=jnp.float32,
+) -> Params:
+    r"""Initialize one layer: ``W: (d_in, d_out)`` from ``scheme``, ``b: (d_out,)`` zeros.
+
+    Schemes (variance of each entry of ``W``; the normal ones are truncated at two
+    standard deviations and rescaled so the variance is exact, as in
+    ``jax.nn.initializers``):
+
+    ==================================== ======================
+    ``"lecun_normal"`` (default)          ``1 / d_in``
+    ``"lecun_uniform"``                   ``1 / d_in``
+    ``"he_normal"``, ``"he_uniform"``     ``2 / d_in``
+    ``"glorot_normal"``/``"xavier_normal"``,
+    ``"glorot_uniform"``/``"xavier_uniform"`` ``2 / (d_in + d_out)``
+    ==================================== ======================
+
+    Args:
+      key: a PRNG key.
+      d_in: input width (rows of ``W``).
+      d_out: output width (columns of ``W``).
+      bias: whether to create ``b`` (zeros ``(d_out,)``) or set it to ``None``.
+      scheme: one of the names above, or a ``jax.nn.initializers`` initializer
+        ``f(key, shape, dtype)``.
+      dtype: dtype of ``W`` and ``b``.
+
+    Returns:
+      ``Params(W, b)``.
+
+    Examples:
+      >>> import jax, jaxlinear
+      >>> p = jaxlinear.init(jax.random.key(0), 3, 2)
+      >>> p.W.shape, p.b.shape
+      ((3, 2), (2,))
+    """
+    _check_size("init", "d_in", d_in)
+    _check_size("init", "d_out", d_out)
+    if callable(scheme):
+        initializer = scheme
+    elif scheme in _SCHEMES:
+        initializer = _SCHEMES[scheme][0]()
+    else:
+        raise ValueError(f"init: `scheme` must be one of {SCHEMES} or a callable, got {scheme!r}")
+    W = initializer(key, (d_in, d_out), dtype)  # (d_in, d_out)
+    b = jnp.zeros((d_out,), dtype) if bias else None  # (d_out,)
+    return Params(W, b)
+
+
+def init_mlp(
+    key: jax.Array,
+    sizes: Sequence[int],
+    *,
+    bias: bool = True,
+    scheme: str | Callable = "lecun_normal",
+    dtype=jnp.float32,
+) -> list[Params]:
+    """Initialize an MLP: ``sizes = [d_0, d_1, ..., d_L]`` gives ``L`` layers ``d_i -> d_{i+1}``.
+
+    Each layer is ``init(k_i, d_i, d_{i+1}, bias=bias, scheme=scheme, dtype=dtype)``.
+
+    Examples:
+      >>> import jax, jaxlinear
+      >>> [p.W.shape for p in jaxlinear.init_mlp(jax.random.key(0), [4, 8, 1])]
+      [(4, 8), (8, 1)]
+    """
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"init_mlp: `sizes` needs at least 2 entries (d_in, d_out), got {sizes}")
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [
+        init(k, d_in, d_out, bias=bias, scheme=scheme, dtype=dtype)
+        for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
