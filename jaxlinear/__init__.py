@@ -3,6 +3,7 @@
 The whole public API is listed here.
 """
 
+from jaxlinear._src.dual import dual_linear as dual_linear
 from jaxlinear._src.linear import linear as linear
 from jaxlinear._src.linear import mlp as mlp
 from jaxlinear._src.linear import pullback as pullback
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SCHEMES",
     "Params",
+    "dual_linear",
     "init",
     "init_mlp",
     "linear",

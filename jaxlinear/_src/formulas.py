@@ -92,19 +92,26 @@ def pushforward(x, W, dx, dW, db, *, precision=None, compute_dtype=None):
     return out.reshape(*x.shape[:-1], W.shape[1])
 
 
-def pullback(x, W, g, *, precision=None, compute_dtype=None, bias=True):
+def pullback(x, W, g, *, precision=None, compute_dtype=None, wrt=("x", "W", "b")):
     """VJP: ``dX = G Wᵀ``, ``dW = Xᵀ G``, ``db = Σ G`` over every leading axis.
 
-    Returns ``(dx: (..., d_in) in x.dtype, dW: (d_in, d_out) in W.dtype,
-    db: (d_out,) in W.dtype or None when bias=False)``. The leading axes of ``x``
-    and ``g`` are collapsed to one axis first, so ``Xᵀ G`` is a single 2-D
-    contraction (no transposed copy of ``G``).
+    Returns ``(dx, dW, db)``: ``dx: (..., d_in)`` in ``x.dtype``, ``dW: (d_in, d_out)``
+    and ``db: (d_out,)`` in ``W.dtype``; an entry not named in ``wrt`` is ``None``
+    and is not computed. The leading axes of ``x`` and ``g`` are collapsed to one
+    axis first, so ``Xᵀ G`` is a single 2-D contraction (no transposed copy of ``G``).
+
+    Values are read only where a formula needs them (``W`` for ``dx``, ``x`` for
+    ``dW``); otherwise anything with ``.shape`` and ``.dtype`` will do, e.g. the
+    abstract value of an operand that a transpose rule is solving for.
     """
-    x2, g2 = _rows(x), _rows(g)  # (n, d_in), (n, d_out)
-    dx = _dot(g2, W, _LAST_LAST, precision, compute_dtype)  # (n, d_out) @ (d_out, d_in)
-    dx = dx.astype(x.dtype).reshape(x.shape)
-    dW = _dot(x2, g2, _FIRST_FIRST, precision, compute_dtype).astype(W.dtype)  # (d_in, d_out)
-    db = None
-    if bias:
+    g2 = _rows(g)  # (n, d_out)
+    dx = dW = db = None
+    if "x" in wrt:
+        dx = _dot(g2, W, _LAST_LAST, precision, compute_dtype)  # (n, d_out) @ (d_out, d_in)
+        dx = dx.astype(x.dtype).reshape(x.shape)
+    if "W" in wrt:
+        dW = _dot(_rows(x), g2, _FIRST_FIRST, precision, compute_dtype)  # (d_in, n) @ (n, d_out)
+        dW = dW.astype(W.dtype)
+    if "b" in wrt:
         db = jnp.sum(g2.astype(accumulation_dtype(g2.dtype)), axis=0).astype(W.dtype)  # (d_out,)
     return dx, dW, db

@@ -103,9 +103,8 @@ def pullback(params, x, g, *, precision=None, compute_dtype=None):
 
 def _pullback(layout: Layout, precision, compute_dtype, x, W, g):
     """``formulas.pullback``, packed into ``layout``: the backward rule of ``linear``."""
-    dx, dW, db = formulas.pullback(
-        x, W, g, precision=precision, compute_dtype=compute_dtype, bias=layout.bias != "none"
-    )
+    wrt = ("x", "W") if layout.bias == "none" else ("x", "W", "b")
+    dx, dW, db = formulas.pullback(x, W, g, precision=precision, compute_dtype=compute_dtype, wrt=wrt)
     return layout.pack(dW, db), dx
 
 
