@@ -1,0 +1,67 @@
+"""Independent references and small utilities shared by the tests.
+
+The reference is the plain affine map under JAX's own autodiff, never jaxlinear's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import print_saved_residuals
+from jax.extend.core import jaxprs_in_params
+
+import jaxlinear
+
+
+def reference(params, x):
+    """Plain ``x @ W + b`` (explicit broadcast: tests run with rank promotion disallowed)."""
+    W = params.W if isinstance(params, jaxlinear.Params) else params["W"]
+    b = params.b if isinstance(params, jaxlinear.Params) else params.get("b")
+    y = x @ W
+    if b is not None:
+        y = y + jnp.broadcast_to(b.reshape(-1), y.shape)
+    return y
+
+
+def make_layer(key, lead, d_in, d_out, *, bias="vector", kind="params", dtype=jnp.float64):
+    """Random ``(params, x)`` with ``x: (*lead, d_in)``; ``bias`` in {"vector", "row", "none"}."""
+    kx, kw, kb = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (*lead, d_in), dtype)
+    W = jax.random.normal(kw, (d_in, d_out), dtype)
+    b = {
+        "vector": jax.random.normal(kb, (d_out,), dtype),
+        "row": jax.random.normal(kb, (1, d_out), dtype),
+        "none": None,
+    }[bias]
+    params = jaxlinear.Params(W, b) if kind == "params" else {"W": W, "b": b}
+    return params, x
+
+
+def eqns(jaxpr):
+    """Every equation of a jaxpr, recursing into sub-jaxprs (pjit, custom_vjp, scan, ...)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jaxprs_in_params(eqn.params):
+            yield from eqns(sub)
+
+
+def assert_trees_close(actual, expected, *, atol=1e-12, rtol=1e-12):
+    """Same structure, shapes, dtypes, and values (float64 references: ~1e-12)."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), (actual, expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert a.shape == e.shape, (a.shape, e.shape)
+        assert a.dtype == e.dtype, (a.dtype, e.dtype)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=atol, rtol=rtol)
+
+
+def saved_residuals(f, *args):
+    """The lines of ``jax.ad_checkpoint.print_saved_residuals``: what the backward pass keeps."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(f, *args)
+    return out.getvalue().strip().splitlines()

@@ -1,0 +1,337 @@
+"""`jaxlinear.linear` and the public formulas against independent references."""
+
+from __future__ import annotations
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+from jax.test_util import check_grads
+
+import jaxlinear
+from jaxlinear._src import formulas
+from tests.helpers import assert_trees_close, eqns, make_layer, reference, saved_residuals
+
+LEADS = {"1d": (), "2d": (5,), "3d": (2, 3), "4d": (2, 1, 3)}
+BIASES = ("vector", "row", "none")
+
+
+def _vjp_all(f, params, x, g):
+    y, pull = jax.vjp(f, params, x)
+    return y, pull(g)
+
+
+# --- the worked example, by hand -------------------------------------------------------
+
+X = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+W = [[2.0, 1.0], [-1.0, 3.0]]
+B = [0.5, -2.0]
+
+
+def test_worked_example_by_hand():
+    params = jaxlinear.Params(jnp.array(W), jnp.array(B))
+    x = jnp.array(X)
+    y = jaxlinear.linear(params, x)
+    np.testing.assert_array_equal(y, [[2.5, -1.0], [-0.5, 1.0], [1.5, 2.0]])
+    dparams, dx = jax.grad(lambda p, x: jaxlinear.linear(p, x).sum(), argnums=(0, 1))(params, x)
+    np.testing.assert_array_equal(dparams.W, [[2.0, 2.0], [2.0, 2.0]])
+    np.testing.assert_array_equal(dx, [[3.0, 2.0], [3.0, 2.0], [3.0, 2.0]])
+    np.testing.assert_array_equal(dparams.b, [3.0, 3.0])
+
+
+# --- gradients equal JAX's own AD on the plain map, float64 ----------------------------
+
+
+class LinearVsReference(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(lead=tuple(LEADS), bias=BIASES, kind=("params", "dict"))
+    def test_value_and_vjp(self, lead, bias, kind):
+        params, x = make_layer(jax.random.key(0), LEADS[lead], 4, 3, bias=bias, kind=kind)
+        g = jax.random.normal(jax.random.key(1), (*LEADS[lead], 3), jnp.float64)
+        f = self.variant(jaxlinear.linear)
+        y, (dparams, dx) = _vjp_all(f, params, x, g)
+        y_ref, (dparams_ref, dx_ref) = _vjp_all(reference, params, x, g)
+        chex.assert_shape(y, (*LEADS[lead], 3))
+        assert_trees_close(y, y_ref)
+        assert_trees_close(dx, dx_ref)
+        assert_trees_close(dparams, dparams_ref)  # same structure as given: Params or dict
+        assert type(dparams) is type(params)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_value_and_grad(self):
+        params, x = make_layer(jax.random.key(2), (6,), 3, 2)
+
+        def loss(f):
+            return lambda p, x: jnp.sum(jnp.tanh(f(p, x)) ** 2)
+
+        got = self.variant(jax.value_and_grad(loss(jaxlinear.linear), argnums=(0, 1)))(params, x)
+        want = jax.value_and_grad(loss(reference), argnums=(0, 1))(params, x)
+        assert_trees_close(got, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    d_in=st.integers(1, 5),
+    d_out=st.integers(1, 5),
+    bias=st.sampled_from(BIASES),
+    kind=st.sampled_from(("params", "dict")),
+    seed=st.integers(0, 2**16),
+)
+def test_vjp_property(lead, d_in, d_out, bias, kind, seed):
+    params, x = make_layer(jax.random.key(seed), tuple(lead), d_in, d_out, bias=bias, kind=kind)
+    g = jax.random.normal(jax.random.key(seed + 1), (*lead, d_out), jnp.float64)
+    assert_trees_close(
+        _vjp_all(jaxlinear.linear, params, x, g), _vjp_all(reference, params, x, g)
+    )
+
+
+def test_empty_batch():
+    params, x = make_layer(jax.random.key(3), (0,), 3, 2)
+    g = jnp.zeros((0, 2))
+    assert_trees_close(_vjp_all(jaxlinear.linear, params, x, g), _vjp_all(reference, params, x, g))
+
+
+def test_check_grads_linear_and_mlp():
+    params, x = make_layer(jax.random.key(4), (3, 2), 4, 3)
+    check_grads(jaxlinear.linear, (params, x), order=1, modes=["rev"])
+    layers = jaxlinear.init_mlp(jax.random.key(5), [4, 5, 3], dtype=jnp.float64)
+    check_grads(lambda ls, x: jaxlinear.mlp(ls, x, activation=jnp.tanh), (layers, x), 1, ["rev"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128])
+def test_complex_matches_jax_convention(dtype):
+    k = jax.random.split(jax.random.key(6), 6)
+
+    def c(kr, ki, shape):
+        return (jax.random.normal(kr, shape) + 1j * jax.random.normal(ki, shape)).astype(dtype)
+
+    params = jaxlinear.Params(c(k[0], k[1], (3, 2)), c(k[2], k[3], (2,)))
+    x = c(k[4], k[5], (4, 3))
+    g = c(k[5], k[4], (4, 2))
+    tol = 1e-12 if dtype == jnp.complex128 else 1e-5
+    assert_trees_close(
+        _vjp_all(jaxlinear.linear, params, x, g),
+        _vjp_all(reference, params, x, g),
+        atol=tol,
+        rtol=tol,
+    )
+
+
+# --- the backward pass is the explicit rule, and it saves only x and W ------------------
+
+
+def test_backward_runs_pullback(monkeypatch):
+    calls = []
+    original = formulas.pullback
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("wrt"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(formulas, "pullback", counting)
+    params, x = make_layer(jax.random.key(7), (3,), 2, 2)
+    jax.grad(lambda p: jaxlinear.linear(p, x).sum())(params)
+    assert calls == [("x", "W", "b")]
+    # ... and a deliberately wrong pullback shows up in the gradient: nothing else computes it.
+    monkeypatch.setattr(formulas, "pullback", lambda *a, **k: [2 * t for t in original(*a, **k)])
+    dW = jax.grad(lambda p: jaxlinear.linear(p, x).sum())(params).W
+    assert_trees_close(dW, 2 * jax.grad(lambda p: reference(p, x).sum())(params).W)
+
+
+def test_jaxpr_contains_custom_vjp_call():
+    params, x = make_layer(jax.random.key(8), (3,), 2, 2)
+    names = {e.primitive.name for e in eqns(jax.make_jaxpr(jaxlinear.linear)(params, x))}
+    assert any(n.startswith("custom_vjp_call") for n in names), names
+
+
+@pytest.mark.parametrize("bias", BIASES)
+def test_residuals_are_x_and_W(bias):
+    params, x = make_layer(jax.random.key(9), (4, 3), 5, 2, bias=bias)
+    res = saved_residuals(jaxlinear.linear, params, x)
+    assert sorted(res) == sorted(["f64[4,3,5] from the argument x", "f64[5,2] from the argument params.W"])
+
+
+# --- transforms ----------------------------------------------------------------------
+
+
+def test_forward_mode_raises_jax_error():
+    params, x = make_layer(jax.random.key(10), (3,), 2, 2)
+    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+        jax.jvp(lambda x: jaxlinear.linear(params, x), (x,), (x,))
+
+
+def test_jacrev_vmap_checkpoint_scan():
+    params, x = make_layer(jax.random.key(11), (3,), 4, 4)
+    assert_trees_close(
+        jax.jacrev(jaxlinear.linear, argnums=(0, 1))(params, x),
+        jax.jacrev(reference, argnums=(0, 1))(params, x),
+    )
+
+    def per_example(f):
+        return jax.vmap(jax.grad(lambda p, xi: jnp.sum(f(p, xi) ** 2)), in_axes=(None, 0))
+
+    assert_trees_close(per_example(jaxlinear.linear)(params, x), per_example(reference)(params, x))
+
+    def remat(f):
+        return jax.grad(jax.checkpoint(lambda p: jnp.sum(jnp.sin(f(p, x)))))
+
+    assert_trees_close(remat(jaxlinear.linear)(params), remat(reference)(params))
+
+    def scanned(f):
+        def loss(p):
+            body = lambda c, _: (jnp.tanh(f(p, c)), None)  # noqa: E731
+            return jnp.sum(jax.lax.scan(body, x, None, length=3)[0])
+
+        return jax.grad(loss)
+
+    assert_trees_close(scanned(jaxlinear.linear)(params), scanned(reference)(params))
+
+
+# --- mixed precision and precision -----------------------------------------------------
+
+# bf16 keeps 8 significant bits: inputs are rounded to ~0.4% relative error each; with
+# float32 accumulation over d_in=16 terms the result stays within 2% of max|Y|.
+BF16_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("compute_dtype", [jnp.bfloat16, jnp.float16])
+def test_mixed_precision(compute_dtype):
+    params, x = make_layer(jax.random.key(12), (8,), 16, 4, dtype=jnp.float32)
+
+    def loss(cd):
+        return lambda p, x: jnp.sum(
+            jnp.sin(jaxlinear.linear(p, x, compute_dtype=cd).astype(jnp.float32))
+        )
+
+    y = jaxlinear.linear(params, x, compute_dtype=compute_dtype)
+    y32 = reference(params, x)
+    assert y.dtype == compute_dtype
+    scale = float(jnp.max(jnp.abs(y32)))
+    assert float(jnp.max(jnp.abs(y.astype(jnp.float32) - y32))) <= BF16_RTOL * scale
+    grads = jax.grad(loss(compute_dtype), argnums=(0, 1))(params, x)
+    grads32 = jax.grad(loss(None), argnums=(0, 1))(params, x)
+    for g, g32 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads32), strict=True):
+        assert g.dtype == jnp.float32  # gradients come back in the params'/x's dtype
+        scale = float(jnp.max(jnp.abs(g32)))
+        assert float(jnp.max(jnp.abs(g - g32))) <= BF16_RTOL * scale
+
+
+def test_mixed_precision_matmuls_run_in_compute_dtype():
+    params, x = make_layer(jax.random.key(13), (8,), 16, 4, dtype=jnp.float32)
+    jaxpr = jax.make_jaxpr(
+        jax.grad(lambda p, x: jnp.sum(jaxlinear.linear(p, x, compute_dtype=jnp.bfloat16)), (0, 1))
+    )(params, x)
+    dots = [e for e in eqns(jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # forward, dX = G Wᵀ, dW = Xᵀ G
+    for e in dots:
+        assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars)
+        assert e.params["preferred_element_type"] == jnp.float32
+
+
+def test_mixed_dtypes_x_bf16_params_f32():
+    params, x = make_layer(jax.random.key(14), (8,), 16, 4, dtype=jnp.float32)
+    xb = x.astype(jnp.bfloat16)
+    dparams, dx = jax.grad(
+        lambda p, x: jnp.sum(jaxlinear.linear(p, x, compute_dtype=jnp.bfloat16)), (0, 1)
+    )(params, xb)
+    assert dx.dtype == jnp.bfloat16
+    assert dparams.W.dtype == dparams.b.dtype == jnp.float32
+
+
+def test_precision_survives_into_backward():
+    params, x = make_layer(jax.random.key(15), (3,), 2, 2, dtype=jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jaxlinear.linear(p, x, precision=hi).sum(), (0, 1)))(
+        params, x
+    )
+    dots = [e for e in eqns(jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3
+    assert all(e.params["precision"] == (hi, hi) for e in dots), [e.params["precision"] for e in dots]
+
+
+# --- public pushforward / pullback -----------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", BIASES)
+def test_public_pushforward_and_pullback(bias):
+    params, x = make_layer(jax.random.key(16), (2, 3), 4, 3, bias=bias)
+    dparams, dx = make_layer(jax.random.key(17), (2, 3), 4, 3, bias=bias)
+    _, dy_ref = jax.jvp(reference, (params, x), (dparams, dx))
+    assert_trees_close(jaxlinear.pushforward(params, x, dparams, dx), dy_ref)
+    # zero tangents may be given as None
+    _, dy_x = jax.jvp(lambda x: reference(params, x), (x,), (dx,))
+    assert_trees_close(jaxlinear.pushforward(params, x, None, dx), dy_x)
+    g = jax.random.normal(jax.random.key(18), (2, 3, 3), jnp.float64)
+    assert_trees_close(jaxlinear.pullback(params, x, g), jax.vjp(reference, params, x)[1](g))
+
+
+def test_pullback_rejects_wrong_cotangent():
+    params, x = make_layer(jax.random.key(19), (5,), 4, 3)
+    with pytest.raises(ValueError, match=r"pullback: `g` has shape \(5, 4\) but .* \(5, 3\)"):
+        jaxlinear.pullback(params, x, jnp.ones((5, 4)))
+    with pytest.raises(TypeError, match="pullback: `g` has dtype float32 but"):
+        jaxlinear.pullback(params, x, jnp.ones((5, 3), jnp.float32))
+
+
+def test_pushforward_rejects_wrong_tangent():
+    params, x = make_layer(jax.random.key(20), (5,), 4, 3)
+    with pytest.raises(ValueError, match=r"pushforward: `dx` has shape \(4, 4\)"):
+        jaxlinear.pushforward(params, x, None, jnp.ones((4, 4)))
+    with pytest.raises(TypeError, match="same structure"):
+        jaxlinear.pushforward(params, x, {"W": params.W, "b": params.b}, None)
+
+
+# --- training ------------------------------------------------------------------------
+
+
+def test_jitted_sgd_step_compiles_once_and_lowers_loss():
+    key_x, key_p = jax.random.split(jax.random.key(21))
+    x = jax.random.uniform(key_x, (64, 2), jnp.float32, -1.0, 1.0)
+    y = jnp.sin(3.0 * x[:, :1]) * x[:, 1:]  # (64, 1) target
+    layers = jaxlinear.init_mlp(key_p, [2, 32, 32, 1])
+
+    def loss(layers, x, y):
+        return jnp.mean((jaxlinear.mlp(layers, x, activation=jnp.tanh) - y) ** 2)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(layers, x, y):
+        value, grads = jax.value_and_grad(loss)(layers, x, y)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, layers, grads), value
+
+    first = None
+    for _ in range(300):
+        layers, value = step(layers, x, y)
+        first = value if first is None else first
+    last = loss(layers, x, y)
+    assert float(last) < float(first) / 5, (first, last)
+
+
+# --- mlp -------------------------------------------------------------------------------
+
+
+def test_mlp_matches_reference_chain():
+    layers = jaxlinear.init_mlp(jax.random.key(22), [3, 4, 5, 2], dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(23), (6, 3), jnp.float64)
+
+    def ref_mlp(layers, x):
+        for i, p in enumerate(layers):
+            x = reference(p, x)
+            x = jax.nn.relu(x) if i < len(layers) - 1 else x
+        return x
+
+    out = jaxlinear.mlp(layers, x)
+    chex.assert_shape(out, (6, 2))
+    assert_trees_close(out, ref_mlp(layers, x))
+    g = jax.grad(lambda ls: jnp.sum(jaxlinear.mlp(ls, x) ** 2))(layers)
+    assert_trees_close(g, jax.grad(lambda ls: jnp.sum(ref_mlp(ls, x) ** 2))(layers))
+
+
+def test_mlp_rejects_empty():
+    with pytest.raises(ValueError, match="mlp: `layers` is empty"):
+        jaxlinear.mlp([], jnp.ones(3))
