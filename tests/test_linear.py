@@ -85,9 +85,7 @@ class LinearVsReference(parameterized.TestCase):
 def test_vjp_property(lead, d_in, d_out, bias, kind, seed):
     params, x = make_layer(jax.random.key(seed), tuple(lead), d_in, d_out, bias=bias, kind=kind)
     g = jax.random.normal(jax.random.key(seed + 1), (*lead, d_out), jnp.float64)
-    assert_trees_close(
-        _vjp_all(jaxlinear.linear, params, x, g), _vjp_all(reference, params, x, g)
-    )
+    assert_trees_close(_vjp_all(jaxlinear.linear, params, x, g), _vjp_all(reference, params, x, g))
 
 
 def test_empty_batch():
@@ -153,7 +151,9 @@ def test_jaxpr_contains_custom_vjp_call():
 def test_residuals_are_x_and_W(bias):
     params, x = make_layer(jax.random.key(9), (4, 3), 5, 2, bias=bias)
     res = saved_residuals(jaxlinear.linear, params, x)
-    assert sorted(res) == sorted(["f64[4,3,5] from the argument x", "f64[5,2] from the argument params.W"])
+    assert sorted(res) == sorted(
+        ["f64[4,3,5] from the argument x", "f64[5,2] from the argument params.W"]
+    )
 
 
 # --- transforms ----------------------------------------------------------------------
@@ -246,12 +246,14 @@ def test_mixed_dtypes_x_bf16_params_f32():
 def test_precision_survives_into_backward():
     params, x = make_layer(jax.random.key(15), (3,), 2, 2, dtype=jnp.float32)
     hi = jax.lax.Precision.HIGHEST
-    jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jaxlinear.linear(p, x, precision=hi).sum(), (0, 1)))(
-        params, x
-    )
+    jaxpr = jax.make_jaxpr(
+        jax.grad(lambda p, x: jaxlinear.linear(p, x, precision=hi).sum(), (0, 1))
+    )(params, x)
     dots = [e for e in eqns(jaxpr) if e.primitive.name == "dot_general"]
     assert len(dots) == 3
-    assert all(e.params["precision"] == (hi, hi) for e in dots), [e.params["precision"] for e in dots]
+    assert all(e.params["precision"] == (hi, hi) for e in dots), [
+        e.params["precision"] for e in dots
+    ]
 
 
 # --- public pushforward / pullback -----------------------------------------------------

@@ -169,6 +169,7 @@ def _ids(row):
 
 def _reference_result(row, args):
     if row in MIXED:  # reference: the same bf16 matmuls with f32 accumulation, plain AD
+
         def ref(p, x, compute_dtype):
             W, b = p.W.astype(compute_dtype), p.b
             y = jnp.matmul(x.astype(compute_dtype), W, preferred_element_type=jnp.float32)
@@ -188,13 +189,17 @@ ALL_ROWS = REVERSE_ROWS + FORWARD_OVER_REVERSE_ROWS + FORWARD_ROWS + TRANSPOSE_R
 @pytest.mark.parametrize("row", ALL_ROWS, ids=_ids)
 def test_dual_linear(row):
     args = _setup()
-    assert_trees_close(row(jaxlinear.dual_linear, *args), _reference_result(row, args), **_tolerance(row))
+    assert_trees_close(
+        row(jaxlinear.dual_linear, *args), _reference_result(row, args), **_tolerance(row)
+    )
 
 
 @pytest.mark.parametrize("row", REVERSE_ROWS + FORWARD_OVER_REVERSE_ROWS, ids=_ids)
 def test_linear_reverse_mode(row):
     args = _setup()
-    assert_trees_close(row(jaxlinear.linear, *args), _reference_result(row, args), **_tolerance(row))
+    assert_trees_close(
+        row(jaxlinear.linear, *args), _reference_result(row, args), **_tolerance(row)
+    )
 
 
 @pytest.mark.parametrize("row", FORWARD_ROWS, ids=_ids)

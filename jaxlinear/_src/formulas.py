@@ -43,7 +43,7 @@ def _dot(a, b, dims, precision, compute_dtype):
     if compute_dtype is not None:
         a, b = a.astype(compute_dtype), b.astype(compute_dtype)
     return lax.dot_general(
-            a, b, dims, precision=precision, preferred_element_type=accumulation_dtype(a.dtype)
+        a, b, dims, precision=precision, preferred_element_type=accumulation_dtype(a.dtype)
     )
 
 
@@ -80,7 +80,9 @@ def pushforward(x, W, dx, dW, db, *, precision=None, compute_dtype=None):
     if dx is not None:
         dy = _dot(_rows(dx), W, _LAST_FIRST, precision, compute_dtype)  # (n, d_in) @ (d_in, d_out)
     if dW is not None:
-        term = _dot(_rows(x), dW, _LAST_FIRST, precision, compute_dtype)  # (n, d_in) @ (d_in, d_out)
+        term = _dot(
+            _rows(x), dW, _LAST_FIRST, precision, compute_dtype
+        )  # (n, d_in) @ (d_in, d_out)
         dy = term if dy is None else dy + term
     n = math.prod(x.shape[:-1])
     acc = accumulation_dtype(output_dtype(x.dtype, compute_dtype))

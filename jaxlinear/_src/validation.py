@@ -19,7 +19,8 @@ def canonical_compute_dtype(fn: str, compute_dtype) -> np.dtype | None:
         dtype = jnp.dtype(compute_dtype)
     except TypeError:
         raise TypeError(
-            f"{fn}: `compute_dtype` must be a floating dtype such as jnp.bfloat16, got {compute_dtype!r}"
+            f"{fn}: `compute_dtype` must be a floating dtype such as jnp.bfloat16,"
+            f" got {compute_dtype!r}"
         ) from None
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
@@ -88,7 +89,9 @@ def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
             )
         b_dtype = _dtype(fn, "b", b)
         if b_dtype != w_dtype:
-            raise TypeError(f"{fn}: `b` has dtype {b_dtype} but `W` has dtype {w_dtype}; they must match")
+            raise TypeError(
+                f"{fn}: `b` has dtype {b_dtype} but `W` has dtype {w_dtype}; they must match"
+            )
 
     is_complex = jnp.issubdtype(x_dtype, jnp.complexfloating) or jnp.issubdtype(
         w_dtype, jnp.complexfloating
