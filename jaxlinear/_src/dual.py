@@ -27,19 +27,28 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxlinear._src import formulas
+from jaxlinear._src import formulas, vma
 from jaxlinear._src.linear import _prepare
 
 _TANGENTS = ("x", "W", "b")  # the names of pushforward_p's optional linear operands
 
 
-def _out_aval(x_aval, d_out, compute_dtype):
-    """``Y``'s abstract value: ``x``'s with the last axis ``d_out`` (keeps sharding/vma info)."""
-    return x_aval.update(
+def _out_aval(x_aval, d_out, compute_dtype, *operand_avals):
+    """``Y``'s abstract value: ``x``'s with the last axis ``d_out``; ``operand_avals[0]`` is W's.
+
+    Inside ``shard_map``, ``Y`` varies along every manual axis along which any operand does;
+    on a mesh with Explicit axes, its sharding is the one ``formulas.forward`` gives it.
+    """
+    aval = x_aval.update(
         shape=(*x_aval.shape[:-1], d_out),
         dtype=formulas.output_dtype(x_aval.dtype, compute_dtype),
         weak_type=False,
     )
+    sharding = vma.typed_output(x_aval, operand_avals[0])  # only where shardings are types
+    if sharding is not None:
+        aval = aval.update(sharding=sharding)
+    axes = frozenset().union(*(vma.varying_axes(a) for a in (x_aval, *operand_avals)))
+    return vma.with_varying(aval, axes)
 
 
 def _moved(a, axis, size):
@@ -64,8 +73,8 @@ def _affine_impl(x, W, *b, precision, compute_dtype):
 
 
 def _affine_abstract_eval(x, W, *b, precision, compute_dtype):
-    del b, precision
-    return _out_aval(x, W.shape[1], compute_dtype)
+    del precision
+    return _out_aval(x, W.shape[1], compute_dtype, W, *b)
 
 
 def _affine_jvp(primals, tangents, *, precision, compute_dtype):
@@ -102,7 +111,9 @@ def _affine_transpose(ct, x, W, *b, precision, compute_dtype):
     dx, dW, db = formulas.pullback(
         x_, W_, ct, precision=precision, compute_dtype=compute_dtype, wrt=wrt
     )
-    return [dx, dW, db][: len(undefined)]
+    # Inside shard_map: sum over the manual axes along which the operand solved for is replicated.
+    cts = zip((dx, dW, db), (x, W, *b), undefined, strict=False)
+    return [vma.psum_to(d, a.aval) if u else d for d, a, u in cts]
 
 
 def _affine_batch(args, dims, *, precision, compute_dtype):
@@ -149,7 +160,7 @@ def _pushforward_impl(*args, mask, precision, compute_dtype):
 
 def _pushforward_abstract_eval(*args, mask, precision, compute_dtype):
     del mask, precision
-    return _out_aval(args[0], args[1].shape[1], compute_dtype)
+    return _out_aval(args[0], args[1].shape[1], compute_dtype, *args[1:])
 
 
 def _bind_pushforward(x, W, dx, dW, db, *, precision, compute_dtype):
@@ -173,7 +184,7 @@ def _pushforward_jvp(primals, tangents, *, mask, precision, compute_dtype):
     # (dots for the new tangents):  [ḋx W + x ḋW + ḋb] + [dx Ẇ + ẋ dW], and the bracket on
     # the right is pushforward(x=dx, W=dW; dx=ẋ, dW=Ẇ): the same map with roles swapped.
     kw = dict(precision=precision, compute_dtype=compute_dtype)
-    x, W, dx, dW, db = _split(primals, mask)
+    x, W, dx, dW, _ = _split(primals, mask)
     x_dot, W_dot, *dots = tangents
     _, _, dx_dot, dW_dot, db_dot = _split((None, None, *dots), mask)
     out = pushforward_p.bind(*primals, mask=mask, **kw)
@@ -205,8 +216,14 @@ def _pushforward_transpose(ct, *args, mask, precision, compute_dtype):
     wrt = tuple(n for n, t in zip(names, tangents, strict=True) if ad.is_undefined_primal(t))
     if type(ct) is ad.Zero:
         return [None] * len(args)
-    dx, dW, db = formulas.pullback(x, W, ct, precision=precision, compute_dtype=compute_dtype, wrt=wrt)
+    dx, dW, db = formulas.pullback(
+        x, W, ct, precision=precision, compute_dtype=compute_dtype, wrt=wrt
+    )
     by_name = {"x": dx, "W": dW, "b": db}
+    for n, t in zip(names, tangents, strict=True):
+        if ad.is_undefined_primal(t):
+            # Inside shard_map: sum over the manual axes along which this tangent is replicated.
+            by_name[n] = vma.psum_to(by_name[n], t.aval)
     return [None, None, *(by_name[n] for n in names)]
 
 
@@ -260,8 +277,8 @@ def dual_linear(params, x, *, precision=None, compute_dtype=None):
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> p = jaxlinear.Params(jnp.array([[2., 1.], [-1., 3.]]), jnp.array([0.5, -2.]))
       >>> x = jnp.array([1., 1.])
-      >>> jax.jvp(lambda x: jaxlinear.dual_linear(p, x), (x,), (jnp.array([1., 0.]),))[1]
-      Array([2., 1.], dtype=float32)
+      >>> jax.jvp(lambda x: jaxlinear.dual_linear(p, x), (x,), (jnp.array([1., 0.]),))[1].tolist()
+      [2.0, 1.0]
     """
     layout, precision, compute_dtype = _prepare("dual_linear", params, x, precision, compute_dtype)
     W, b = layout.unpack(params)

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxlinear._src.vma import typed_2d
+
 # Contraction patterns for lax.dot_general, as ((lhs_contract, rhs_contract), (batch, batch)).
 _LAST_FIRST = (((1,), (0,)), ((), ()))  # (n, d_in) @ (d_in, d_out)
 _LAST_LAST = (((1,), (1,)), ((), ()))  # (n, d_out) @ (d_in, d_out)ᵀ
@@ -38,12 +40,18 @@ def accumulation_dtype(dtype) -> np.dtype:
     return dtype
 
 
-def _dot(a, b, dims, precision, compute_dtype):
-    """``dot_general`` in ``compute_dtype`` (if given) with wide accumulation."""
+def _dot(a, b, dims, precision, compute_dtype, sharding=None):
+    """``dot_general`` in ``compute_dtype`` (if given) with wide accumulation.
+
+    ``sharding``: where the result lives, on meshes whose shardings are types (else None).
+    """
     if compute_dtype is not None:
         a, b = a.astype(compute_dtype), b.astype(compute_dtype)
+    acc = accumulation_dtype(a.dtype)
+    if sharding is None:  # keep the call plain where sharding is not part of the types
+        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
     return lax.dot_general(
-        a, b, dims, precision=precision, preferred_element_type=accumulation_dtype(a.dtype)
+        a, b, dims, precision=precision, preferred_element_type=acc, out_sharding=sharding
     )
 
 
@@ -63,7 +71,8 @@ def forward(x, W, b, *, precision=None, compute_dtype=None):
     ``b`` may be ``None`` (no bias). The bias is added in the accumulation dtype,
     then the result is rounded once to ``output_dtype``.
     """
-    y = _dot(_rows(x), W, _LAST_FIRST, precision, compute_dtype)  # (n, d_out), accumulator
+    y_sharding = typed_2d(x, "rows", W, 1)
+    y = _dot(_rows(x), W, _LAST_FIRST, precision, compute_dtype, y_sharding)  # (n, d_out)
     if b is not None:
         y = y + b.astype(y.dtype)[None, :]  # (n, d_out) + (1, d_out)
     out = y.astype(output_dtype(x.dtype, compute_dtype))
@@ -77,12 +86,11 @@ def pushforward(x, W, dx, dW, db, *, precision=None, compute_dtype=None):
     ``None`` (a zero tangent); its term is then skipped, not computed with zeros.
     """
     dy = None
-    if dx is not None:
-        dy = _dot(_rows(dx), W, _LAST_FIRST, precision, compute_dtype)  # (n, d_in) @ (d_in, d_out)
-    if dW is not None:
-        term = _dot(
-            _rows(x), dW, _LAST_FIRST, precision, compute_dtype
-        )  # (n, d_in) @ (d_in, d_out)
+    sharding = typed_2d(x, "rows", W, 1)  # dY lives where Y does
+    if dx is not None:  # (n, d_in) @ (d_in, d_out)
+        dy = _dot(_rows(dx), W, _LAST_FIRST, precision, compute_dtype, sharding)
+    if dW is not None:  # (n, d_in) @ (d_in, d_out)
+        term = _dot(_rows(x), dW, _LAST_FIRST, precision, compute_dtype, sharding)
         dy = term if dy is None else dy + term
     n = math.prod(x.shape[:-1])
     acc = accumulation_dtype(output_dtype(x.dtype, compute_dtype))
@@ -108,11 +116,11 @@ def pullback(x, W, g, *, precision=None, compute_dtype=None, wrt=("x", "W", "b")
     """
     g2 = _rows(g)  # (n, d_out)
     dx = dW = db = None
-    if "x" in wrt:
-        dx = _dot(g2, W, _LAST_LAST, precision, compute_dtype)  # (n, d_out) @ (d_out, d_in)
+    if "x" in wrt:  # (n, d_out) @ (d_out, d_in), laid out like x
+        dx = _dot(g2, W, _LAST_LAST, precision, compute_dtype, typed_2d(x, "rows", x, -1))
         dx = dx.astype(x.dtype).reshape(x.shape)
-    if "W" in wrt:
-        dW = _dot(_rows(x), g2, _FIRST_FIRST, precision, compute_dtype)  # (d_in, n) @ (n, d_out)
+    if "W" in wrt:  # (d_in, n) @ (n, d_out), laid out like W
+        dW = _dot(_rows(x), g2, _FIRST_FIRST, precision, compute_dtype, typed_2d(W, 0, W, 1))
         dW = dW.astype(W.dtype)
     if "b" in wrt:
         db = jnp.sum(g2.astype(accumulation_dtype(g2.dtype)), axis=0).astype(W.dtype)  # (d_out,)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxlinear._src import formulas
+from jaxlinear._src import formulas, vma
 from jaxlinear._src.params import Layout
 from jaxlinear._src.validation import (
     canonical_compute_dtype,
@@ -49,16 +49,21 @@ def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
     Examples:
       >>> import jax.numpy as jnp, jaxlinear
       >>> p = jaxlinear.Params(jnp.eye(2), jnp.zeros(2))
-      >>> jaxlinear.pushforward(p, jnp.ones(2), jaxlinear.Params(jnp.eye(2), jnp.ones(2)), None)
-      Array([2., 2.], dtype=float32)
+      >>> dp = jaxlinear.Params(jnp.eye(2), jnp.ones(2))
+      >>> jaxlinear.pushforward(p, jnp.ones(2), dp, None).tolist()
+      [2.0, 2.0]
     """
     layout, precision, compute_dtype = _prepare("pushforward", params, x, precision, compute_dtype)
     W, b = layout.unpack(params)
     dW = db = None
     if dparams is not None:
-        if check_layer("pushforward", dparams, x, compute_dtype) != layout:
-            raise TypeError("pushforward: `dparams` must have the same structure as `params`")
-        dW, db = layout.unpack(dparams)
+        d_layout = check_layer("pushforward", dparams, x, compute_dtype)
+        if d_layout.kind != layout.kind or d_layout.bias not in ("none", layout.bias):
+            raise TypeError(
+                "pushforward: `dparams` must have the same structure as `params` (a `b` of"
+                f" None is a zero tangent); got {d_layout} for params of {layout}"
+            )
+        dW, db = d_layout.unpack(dparams)
         check_same("pushforward", "dparams.W", dW, "params.W", W)
         if db is not None:
             check_same("pushforward", "dparams.b", db, "params.b", b)
@@ -101,10 +106,19 @@ def pullback(params, x, g, *, precision=None, compute_dtype=None):
     return _pullback(layout, precision, compute_dtype, x, W, g)
 
 
-def _pullback(layout: Layout, precision, compute_dtype, x, W, g):
-    """``formulas.pullback``, packed into ``layout``: the backward rule of ``linear``."""
+def _pullback(layout: Layout, precision, compute_dtype, x, W, g, b_type=None):
+    """``formulas.pullback``, packed into ``layout``: the backward rule of ``linear``.
+
+    Inside ``shard_map`` each cotangent is then summed (``psum``) over the manual axes
+    along which it varies but its primal is replicated: the adjoint of replication.
+    ``b_type`` is anything with ``b``'s type (``W`` when not given).
+    """
     wrt = ("x", "W") if layout.bias == "none" else ("x", "W", "b")
-    dx, dW, db = formulas.pullback(x, W, g, precision=precision, compute_dtype=compute_dtype, wrt=wrt)
+    dx, dW, db = formulas.pullback(
+        x, W, g, precision=precision, compute_dtype=compute_dtype, wrt=wrt
+    )
+    dx, dW = vma.psum_to(dx, x), vma.psum_to(dW, W)
+    db = vma.psum_to(db, W if b_type is None else b_type)
     return layout.pack(dW, db), dx
 
 
@@ -117,12 +131,15 @@ def _linear(layout: Layout, precision, compute_dtype, params, x):
 def _linear_fwd(layout: Layout, precision, compute_dtype, params, x):
     W, b = layout.unpack(params)
     y = formulas.forward(x, W, b, precision=precision, compute_dtype=compute_dtype)
+    if b is not None and vma.varying_axes(b) != vma.varying_axes(W):
+        # Inside shard_map, a b replicated unlike W: keep its type in a zero-size slice.
+        return y, (x, W, b[:0])
     return y, (x, W)  # residuals: exactly x and W (never Y, never b)
 
 
 def _linear_bwd(layout: Layout, precision, compute_dtype, residuals, g):
-    x, W = residuals
-    return _pullback(layout, precision, compute_dtype, x, W, g)
+    x, W, *b_type = residuals
+    return _pullback(layout, precision, compute_dtype, x, W, g, *b_type)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
@@ -160,10 +177,10 @@ def linear(params, x, *, precision=None, compute_dtype=None):
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> p = jaxlinear.Params(jnp.array([[2., 1.], [-1., 3.]]), jnp.array([0.5, -2.]))
-      >>> jaxlinear.linear(p, jnp.array([1., 1.]))
-      Array([1.5, 2. ], dtype=float32)
-      >>> jax.grad(lambda p: jaxlinear.linear(p, jnp.ones((3, 2))).sum())(p).b
-      Array([3., 3.], dtype=float32)
+      >>> jaxlinear.linear(p, jnp.array([1., 1.])).tolist()
+      [1.5, 2.0]
+      >>> jax.grad(lambda p: jaxlinear.linear(p, jnp.ones((3, 2))).sum())(p).b.tolist()
+      [3.0, 3.0]
     """
     layout, precision, compute_dtype = _prepare("linear", params, x, precision, compute_dtype)
     return _linear(layout, precision, compute_dtype, params, x)
@@ -193,7 +210,7 @@ def mlp(
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> layers = jaxlinear.init_mlp(jax.random.key(0), [3, 8, 2])
-      >>> jaxlinear.mlp(layers, jnp.ones((5, 3))).shape
+      >>> jaxlinear.mlp(layers, jnp.ones((5, 3), jnp.float32)).shape
       (5, 2)
     """
     layer = linear if layer is None else layer

@@ -1,0 +1,350 @@
+r"""Sharded layers: data parallel, column- and row-parallel tensor parallel, the MLP block.
+
+Each is ``linear`` (or ``dual_linear``) run under ``jax.shard_map`` on every device's
+shard, with the collectives written where the math puts them. The rule behind every
+one of them is the duality of *replicate* and *sum*:
+
+.. math::
+
+    \text{replicate}: v \mapsto (v, v, \dots, v), \qquad
+    \text{replicate}^\top = \text{sum}: (u_1, \dots, u_n) \mapsto \textstyle\sum_k u_k,
+
+the device-level twin of the bias broadcast ``b -> (b, ..., b)`` over the batch, whose
+adjoint is ``db = Σ G`` over the batch. A value replicated along a mesh axis in the
+forward pass gets its cotangent summed along it (``psum``) in the backward pass, and a
+``psum`` in the forward pass hands the same cotangent to every device (replicate) in the
+backward pass. The backward ``psum``\ s of replicated operands are done by the layers'
+own pullback rules (``jaxlinear._src.vma.psum_to``), which read the varying manual axes
+that ``shard_map`` records in each value's type.
+
+Shapes are global: ``x: (batch, ..., d_in)``, ``W: (d_in, d_out)``, ``b: (d_out,)``;
+each function shards them over ``mesh`` itself (``in_specs`` below) and returns a global
+``Y`` sharded as stated. Call them inside or outside ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlinear._src import formulas
+from jaxlinear._src.linear import _prepare, linear
+from jaxlinear._src.params import Params
+
+
+def _axis_size(fn: str, mesh, axis) -> int:
+    """Number of devices along ``axis`` (a mesh axis name or a tuple of them)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    sizes = dict(mesh.shape)
+    names = axis if isinstance(axis, tuple) else (axis,)
+    for name in names:
+        if name not in sizes:
+            raise ValueError(
+                f"{fn}: the mesh has no axis {name!r}; its axes are {tuple(sizes)}"
+                " (pass `mesh=`, or set one with `jax.set_mesh`)"
+            )
+    return math.prod(sizes[name] for name in names)
+
+
+def _check_divides(fn: str, what: str, size: int, axis, n: int) -> None:
+    if size % n:
+        raise ValueError(f"{fn}: {what} is {size}, not divisible by the {n} devices of {axis!r}")
+
+
+def _spec(ndim: int, first=None, last=None) -> P:
+    """``PartitionSpec`` of an ``ndim``-array: leading axis over ``first``, last over ``last``."""
+    entries = [None] * ndim
+    if first is not None:
+        entries[0] = first
+    if last is not None:
+        entries[-1] = last
+    return P(*entries)
+
+
+def _param_specs(params, layout, W_spec: P, b_last):
+    """``in_specs`` for a params pytree: ``W_spec`` for ``W``; ``b`` (any rank) over ``b_last``."""
+    b = params.b if layout.kind == "params" else params.get("b")
+    b_spec = None if b is None else _spec(b.ndim, None, b_last)
+    if layout.kind == "params":
+        return Params(W_spec, b_spec)
+    return {"W": W_spec, "b": b_spec} if layout.b_key else {"W": W_spec}
+
+
+def _check_batch(fn: str, x, axis, n: int) -> None:
+    if x.ndim < 2:
+        raise ValueError(
+            f"{fn}: `x` must have a leading batch axis to shard over {axis!r}; got shape {x.shape}"
+        )
+    _check_divides(fn, f"the batch size of `x` (shape {x.shape})", x.shape[0], axis, n)
+
+
+def _shard_map(body, mesh, in_specs, out_specs, *args):
+    """``jax.shard_map(body)(*args)``, first putting ``args`` where ``in_specs`` say.
+
+    With a concrete ``mesh``, ``args`` are laid out as ``in_specs`` first (``device_put``:
+    nothing moves when they already are, and Explicit-axes meshes require it); with
+    ``mesh=None`` the mesh set by ``jax.set_mesh`` is used and ``args`` must be laid out.
+    """
+    if isinstance(mesh, jax.sharding.Mesh):
+        shardings = jax.tree.map(
+            lambda s: NamedSharding(mesh, s), in_specs, is_leaf=lambda s: isinstance(s, P)
+        )
+        args = jax.device_put(args, shardings)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+def _row_local(params, x, *, axis, layer, kw):
+    """One device's row-parallel layer: ``Y = psum_k(x_k W_k) + b``."""
+    W = params.W if isinstance(params, Params) else params["W"]
+    b = params.b if isinstance(params, Params) else params.get("b")
+    # (..., d_in/n) @ (d_in/n, d_out) -> (..., d_out): this device's partial sum of X W.
+    y = lax.psum(layer(Params(W, None), x, **kw), axis)
+    if b is None:
+        return y
+    return y + b.reshape(-1).astype(y.dtype)[(None,) * (y.ndim - 1)]  # b added once, after
+
+
+def data_parallel_linear(
+    params,
+    x,
+    *,
+    mesh=None,
+    axis="data",
+    layer: Callable | None = None,
+    precision=None,
+    compute_dtype=None,
+):
+    r"""Data parallel ``Y = X W + b``: ``x`` sharded over the batch, ``W``, ``b`` replicated.
+
+    Each device computes ``Y_k = X_k W + b`` on its slice ``X_k`` of the batch.
+
+    Collectives: none in the forward pass. In the backward pass, ``psum`` over ``axis``
+    of ``dW = Σ_k X_kᵀ G_k`` and ``db = Σ_k Σ_batch G_k``, done by the layer's pullback
+    rule: ``W`` and ``b`` are *replicated* over ``axis`` (one copy per device), and the
+    adjoint of replicating is *summing across devices*, exactly as the adjoint of
+    broadcasting ``b`` over the batch is the sum of ``G`` over the batch. ``dx`` needs
+    no collective: ``x`` is sharded, not replicated.
+
+    Args:
+      params: ``Params(W, b)`` or ``{"W", "b"}``: ``W: (d_in, d_out)``, ``b: (d_out,)``,
+        ``(1, d_out)`` or ``None``; replicated over ``axis``.
+      x: ``(batch, ..., d_in)``; ``batch`` divisible by the size of ``axis``.
+      mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
+      axis: the mesh axis (or tuple of axes) the batch is sharded over.
+      layer: ``linear`` (default) or ``dual_linear``.
+      precision, compute_dtype: passed to the layer.
+
+    Returns:
+      ``Y: (batch, ..., d_out)``, sharded over ``axis`` along the batch.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> mesh = jax.make_mesh((1,), ("data",))  # one device here; the same code on many
+      >>> p = jaxlinear.Params(jnp.ones((3, 2)), jnp.zeros(2))
+      >>> jaxlinear.data_parallel_linear(p, jnp.ones((4, 3)), mesh=mesh).shape
+      (4, 2)
+    """
+    fn = "data_parallel_linear"
+    _, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
+    _check_batch(fn, x, axis, _axis_size(fn, mesh, axis))
+    layer = linear if layer is None else layer
+    kw = dict(precision=precision, compute_dtype=compute_dtype)
+    spec = _spec(x.ndim, axis)
+    return _shard_map(lambda p, x: layer(p, x, **kw), mesh, (P(), spec), spec, params, x)
+
+
+def column_parallel_linear(
+    params,
+    x,
+    *,
+    mesh=None,
+    axis="model",
+    batch_axis=None,
+    layer: Callable | None = None,
+    precision=None,
+    compute_dtype=None,
+):
+    r"""Column-parallel ``Y = X W + b``: ``W``, ``b`` and ``Y`` sharded over ``d_out``.
+
+    Device ``k`` holds the columns ``W_k: (d_in, d_out/n)``, ``b_k`` and the whole ``x``,
+    and computes its columns ``Y_k = X W_k + b_k``.
+
+    Collectives: none in the forward pass. In the backward pass, ``psum`` over ``axis``
+    of ``dX = Σ_k G_k W_kᵀ``, done by the layer's pullback rule: ``x`` is *replicated*
+    over ``axis``, so its cotangent is the *sum* of every device's contribution
+    (Megatron's ``f``: identity forward, all-reduce backward). ``dW_k``, ``db_k`` stay
+    local, sharded like ``W`` and ``b``. With ``batch_axis``, ``x`` is also sharded over
+    the batch, and ``dW``, ``db`` are summed over ``batch_axis`` as in
+    ``data_parallel_linear``.
+
+    Args:
+      params: ``Params(W, b)`` or ``{"W", "b"}``; ``d_out`` divisible by the size of ``axis``.
+      x: ``(..., d_in)``, replicated over ``axis``.
+      mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
+      axis: the mesh axis ``W``'s columns are sharded over.
+      batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
+      layer: ``linear`` (default) or ``dual_linear``.
+      precision, compute_dtype: passed to the layer.
+
+    Returns:
+      ``Y: (..., d_out)``, sharded over ``axis`` along ``d_out`` (and over ``batch_axis``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> p = jaxlinear.Params(jnp.ones((3, 2)), jnp.zeros(2))
+      >>> jaxlinear.column_parallel_linear(p, jnp.ones((4, 3)), mesh=mesh).shape
+      (4, 2)
+    """
+    fn = "column_parallel_linear"
+    layout, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
+    W = params.W if layout.kind == "params" else params["W"]
+    n = _axis_size(fn, mesh, axis)
+    _check_divides(fn, f"d_out of `W` (shape {W.shape})", W.shape[1], axis, n)
+    if batch_axis is not None:
+        _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))
+    layer = linear if layer is None else layer
+    kw = dict(precision=precision, compute_dtype=compute_dtype)
+    in_specs = (_param_specs(params, layout, P(None, axis), axis), _spec(x.ndim, batch_axis))
+    out_specs = _spec(x.ndim, batch_axis, axis)
+    return _shard_map(lambda p, x: layer(p, x, **kw), mesh, in_specs, out_specs, params, x)
+
+
+def row_parallel_linear(
+    params,
+    x,
+    *,
+    mesh=None,
+    axis="model",
+    batch_axis=None,
+    layer: Callable | None = None,
+    precision=None,
+    compute_dtype=None,
+):
+    r"""Row-parallel ``Y = X W + b``: ``W`` sharded over ``d_in``, ``x`` over its last axis.
+
+    Device ``k`` holds the rows ``W_k: (d_in/n, d_out)`` and the matching slice
+    ``X_k: (..., d_in/n)``; ``X W = Σ_k X_k W_k`` is a sum of per-device partial products.
+
+    Collectives: in the forward pass, ``psum`` over ``axis`` of the partial products
+    ``X_k W_k`` (then ``b``, replicated, is added once). In the backward pass, none: the
+    adjoint of *summing across devices* is *replicating*, so every device receives the
+    same ``G`` and computes ``dX_k = G W_kᵀ``, ``dW_k = X_kᵀ G`` locally (Megatron's
+    ``g``: all-reduce forward, identity backward). With ``batch_axis``, ``dW`` and ``db``
+    are summed over ``batch_axis`` as in ``data_parallel_linear``. With ``compute_dtype``
+    (e.g. bfloat16) the partial products are rounded to it before they are summed.
+
+    Args:
+      params: ``Params(W, b)`` or ``{"W", "b"}``; ``d_in`` divisible by the size of ``axis``.
+      x: ``(..., d_in)``, sharded over ``axis`` along ``d_in``.
+      mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
+      axis: the mesh axis ``W``'s rows (and ``x``'s last axis) are sharded over.
+      batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
+      layer: ``linear`` (default) or ``dual_linear``.
+      precision, compute_dtype: passed to the layer.
+
+    Returns:
+      ``Y: (..., d_out)``, replicated over ``axis`` (sharded over ``batch_axis``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> p = jaxlinear.Params(jnp.ones((3, 2)), jnp.zeros(2))
+      >>> jaxlinear.row_parallel_linear(p, jnp.ones((4, 3)), mesh=mesh).shape
+      (4, 2)
+    """
+    fn = "row_parallel_linear"
+    layout, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
+    W = params.W if layout.kind == "params" else params["W"]
+    n = _axis_size(fn, mesh, axis)
+    _check_divides(fn, f"d_in of `W` (shape {W.shape})", W.shape[0], axis, n)
+    if batch_axis is not None:
+        _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))
+    layer = linear if layer is None else layer
+    kw = dict(precision=precision, compute_dtype=compute_dtype)
+    in_specs = (_param_specs(params, layout, P(axis, None), None), _spec(x.ndim, batch_axis, axis))
+    body = functools.partial(_row_local, axis=axis, layer=layer, kw=kw)
+    return _shard_map(body, mesh, in_specs, _spec(x.ndim, batch_axis), params, x)
+
+
+def tensor_parallel_mlp(
+    layers: Sequence,
+    x,
+    *,
+    mesh=None,
+    axis="model",
+    batch_axis=None,
+    activation: Callable = jax.nn.relu,
+    layer: Callable | None = None,
+    precision=None,
+    compute_dtype=None,
+):
+    r"""A Megatron-style MLP block: column-parallel layer, activation, row-parallel layer.
+
+    ``Y = act(X W_1 + b_1) W_2 + b_2``, equal to ``mlp(layers, x, activation=...)``. The
+    hidden width ``h`` is sharded over ``axis``: device ``k`` holds the columns ``W_1k``,
+    ``b_1k`` and the matching rows ``W_2k``, and the hidden activations never leave it
+    (no all-gather): the column-parallel output is exactly the sharded input the
+    row-parallel layer needs.
+
+    Collectives: one ``psum`` over ``axis`` in the forward pass (the row-parallel sum of
+    partial products) and one in the backward pass (``dX`` of the column-parallel layer,
+    whose ``x`` is replicated): each is the adjoint of the other's forward, as in
+    ``row_parallel_linear`` and ``column_parallel_linear``. With ``batch_axis``, the
+    parameter cotangents are also summed over ``batch_axis`` (data parallel).
+
+    Args:
+      layers: two layers' params ``[p1, p2]``, e.g. ``init_mlp(key, [d, h, d])``;
+        ``p1.W: (d_in, h)``, ``p2.W: (h, d_out)``, ``h`` divisible by the size of ``axis``.
+      x: ``(..., d_in)``, replicated over ``axis``.
+      mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
+      axis: the mesh axis the hidden width is sharded over.
+      batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
+      activation: elementwise function between the two layers.
+      layer: ``linear`` (default) or ``dual_linear``.
+      precision, compute_dtype: passed to both layers.
+
+    Returns:
+      ``Y: (..., d_out)``, replicated over ``axis`` (sharded over ``batch_axis``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> mesh = jax.make_mesh((1,), ("model",))
+      >>> layers = jaxlinear.init_mlp(jax.random.key(0), [3, 8, 3])
+      >>> jaxlinear.tensor_parallel_mlp(layers, jnp.ones((4, 3), jnp.float32), mesh=mesh).shape
+      (4, 3)
+    """
+    fn = "tensor_parallel_mlp"
+    layers = list(layers)
+    if len(layers) != 2:
+        raise ValueError(f"{fn}: `layers` must hold two layers' params, got {len(layers)}")
+    p1, p2 = layers
+    layout1, precision, compute_dtype = _prepare(fn, p1, x, precision, compute_dtype)
+    W1 = p1.W if layout1.kind == "params" else p1["W"]
+    hidden = jax.ShapeDtypeStruct(
+        (*x.shape[:-1], W1.shape[1]), formulas.output_dtype(x.dtype, compute_dtype)
+    )
+    layout2, _, _ = _prepare(fn, p2, hidden, precision, compute_dtype)
+    n = _axis_size(fn, mesh, axis)
+    _check_divides(fn, f"the hidden width (`W` of layer 1: {W1.shape})", W1.shape[1], axis, n)
+    if batch_axis is not None:
+        _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))
+    layer = linear if layer is None else layer
+    kw = dict(precision=precision, compute_dtype=compute_dtype)
+
+    def block(p1, p2, x):
+        h = activation(layer(p1, x, **kw))  # (..., h/n): this device's hidden columns
+        return _row_local(p2, h, axis=axis, layer=layer, kw=kw)
+
+    in_specs = (
+        _param_specs(p1, layout1, P(None, axis), axis),
+        _param_specs(p2, layout2, P(axis, None), None),
+        _spec(x.ndim, batch_axis),
+    )
+    return _shard_map(block, mesh, in_specs, _spec(x.ndim, batch_axis), p1, p2, x)

@@ -1,0 +1,420 @@
+"""Sharded checks: every sharded layout, on every device there is, against plain ``x @ W + b``.
+
+Run as a script (``tests/test_sharded.py`` runs it on 8 simulated CPU devices)::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+        python tests/sharded_checks.py --expect-devices 8
+    python tests/sharded_checks.py            # the real devices, e.g. one GPU: 1-device meshes
+
+Prints one line per check and the collectives found in each compiled HLO; exits 1 if any
+check fails. Importing this module does nothing (pytest's doctest collection imports it).
+
+The reference is the plain affine map under JAX's own autodiff, on one device, in float64;
+the sharded runs are float32 (float32 tolerance). All-reduce payloads are checked only where
+a mesh axis has more than one device (over one device XLA may keep or drop them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import re
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxlinear
+from jaxlinear import Params
+from jaxlinear._src import vma
+
+BATCH, D_IN, HIDDEN, D_OUT = 16, 8, 16, 8
+TOL = 2e-5  # float32, relative to max(1, |reference|)
+# An HLO instruction's opcode: "= f32[8,8]{1,0} all-reduce(", "= (f32[..], ..) all-reduce-start(".
+COLLECTIVE = re.compile(
+    r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
+LAYERS = {"linear": jaxlinear.linear, "dual_linear": jaxlinear.dual_linear}
+
+
+# --------------------------------------------------------------------------------------
+# The independent reference (no jaxlinear code) and small utilities.
+
+
+def ref_affine(params, x):
+    """Plain ``x @ W + b``; ``b`` broadcast explicitly (rank promotion is an error)."""
+    y = x @ params.W
+    return y if params.b is None else y + params.b[(None,) * (y.ndim - 1)]
+
+
+def ref_mlp(layers, x):
+    return ref_affine(layers[1], jax.nn.relu(ref_affine(layers[0], x)))
+
+
+def loss_of(f):
+    """A non-quadratic scalar loss, so the cotangent ``G`` is not a constant."""
+    return lambda *args: jnp.sum(jnp.sin(f(*args)))
+
+
+def f64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def collectives(fn, *args) -> list[tuple[str, tuple[int, ...]]]:
+    """The collectives in the compiled (optimized) HLO of ``jax.jit(fn)(*args)``.
+
+    One ``(opcode, payload)`` per instruction; ``payload`` lists the element counts of the
+    arrays it carries (a combined all-reduce of ``dW`` and ``db`` carries two).
+    """
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    ops = []
+    for line in text.splitlines():
+        line = line.split("metadata=")[0]
+        m = COLLECTIVE.search(line)
+        if m and "=" in line[: m.start()]:
+            result_type = line[line.index("=") + 1 : m.start()]
+            sizes = tuple(
+                math.prod(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", result_type)
+            )
+            ops.append((m.group(1), sizes))
+    return ops
+
+
+class Checker:
+    def __init__(self):
+        self.results: list[tuple[str, bool, float]] = []
+
+    def record(self, name: str, passed: bool, residual: float = 0.0, note: str = ""):
+        self.results.append((name, bool(passed), float(residual)))
+        mark = "ok  " if passed else "FAIL"
+        print(f"[{mark}] {name}  (residual {residual:.1e}){'  ' + note if note else ''}")
+
+    def close(self, name: str, actual, expected, tol: float = TOL):
+        a_leaves, e_leaves = jax.tree.leaves(f64(actual)), jax.tree.leaves(f64(expected))
+        if jax.tree.structure(actual) != jax.tree.structure(expected) or any(
+            a.shape != e.shape for a, e in zip(a_leaves, e_leaves, strict=True)
+        ):
+            self.record(name + " [structure/shape mismatch]", False, np.inf)
+            return
+        worst = max(
+            (
+                np.max(np.abs(a - e)) / max(1.0, np.max(np.abs(e)))
+                for a, e in zip(a_leaves, e_leaves, strict=True)
+            )
+        )
+        self.record(name, worst <= tol, worst)
+
+    def hlo(self, name, ops, payload, *, big_axis=True):
+        """Check one program's collectives: all-reduces of exactly ``payload``, nothing else.
+
+        ``payload``: the element counts of every array all-reduced, in any grouping (XLA may
+        combine independent all-reduces into one instruction).
+        """
+        others = [op for op, _ in ops if op != "all-reduce"]
+        carried = sorted(n for op, sizes in ops if op == "all-reduce" for n in sizes)
+        note = f"HLO: {ops}"
+        if not big_axis:  # one device per axis: XLA may keep or drop the trivial all-reduces
+            self.record(f"{name}: no all-gather/other (1-device axes)", not others, 0.0, note)
+            return
+        ok = not others and carried == sorted(payload)
+        want = f"all-reduce of {sorted(payload)} elements" if payload else "no collectives"
+        self.record(f"{name}: {want}, no all-gather/other", ok, 0.0, note)
+
+    def run(self, name, fn, *args):
+        try:
+            fn(self, *args)
+        except Exception:
+            traceback.print_exc()
+            self.record(f"{name} [raised]", False, np.inf)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def data(key, sizes=(D_IN, D_OUT)):
+    kx, kw, kb = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (BATCH, sizes[0]), jnp.float32)
+    layers = [
+        Params(
+            jax.random.normal(jax.random.fold_in(kw, i), (a, b), jnp.float32) / a**0.5,
+            jax.random.normal(jax.random.fold_in(kb, i), (b,), jnp.float32),
+        )
+        for i, (a, b) in enumerate(itertools.pairwise(sizes))
+    ]
+    return layers, x
+
+
+def check_layouts(c: Checker, mesh, mesh2d, name: str, layer):
+    """The four sharded layouts of ``jaxlinear`` against the single-device reference.
+
+    ``mesh`` puts every device on ``"model"``; ``mesh2d`` splits them over
+    ``("data", "model")`` for the data x tensor parallel MLP.
+    """
+    big = mesh.shape["model"] > 1
+    (p,), x = data(jax.random.key(0))
+    ref_y = ref_affine(f64(p), f64(x))
+    ref_g = jax.grad(loss_of(ref_affine), argnums=(0, 1))(f64(p), f64(x))
+
+    layouts = {
+        "data parallel": lambda p, x: jaxlinear.data_parallel_linear(
+            p, x, mesh=mesh, axis="model", layer=layer
+        ),
+        "column parallel": lambda p, x: jaxlinear.column_parallel_linear(
+            p, x, mesh=mesh, axis="model", layer=layer
+        ),
+        "row parallel": lambda p, x: jaxlinear.row_parallel_linear(
+            p, x, mesh=mesh, axis="model", layer=layer
+        ),
+    }
+    d_in, d_out = D_IN, D_OUT
+    # Elements all-reduced (forward, forward + backward): DP dW, db; column dX; row Y.
+    expect = {
+        "data parallel": ([], [d_in * d_out, d_out]),
+        "column parallel": ([], [BATCH * d_in]),
+        "row parallel": ([BATCH * d_out], [BATCH * d_out]),
+    }
+    for layout, f in layouts.items():
+        tag = f"{name} {layout}"
+        c.close(f"{tag}: forward == single device", jax.jit(f)(p, x), ref_y)
+        grad = jax.grad(loss_of(f), argnums=(0, 1))
+        c.close(f"{tag}: grad (params, x) == single device", jax.jit(grad)(p, x), ref_g)
+        fwd, bwd = expect[layout]
+        c.hlo(f"{tag} forward", collectives(f, p, x), fwd, big_axis=big)
+        c.hlo(f"{tag} grad", collectives(grad, p, x), bwd, big_axis=big)
+
+    layers, x = data(jax.random.key(1), (D_IN, HIDDEN, D_OUT))
+    ref_y = ref_mlp(f64(layers), f64(x))
+    ref_g = jax.grad(loss_of(ref_mlp), argnums=(0, 1))(f64(layers), f64(x))
+
+    def block(layers, x):
+        return jaxlinear.tensor_parallel_mlp(layers, x, mesh=mesh, axis="model", layer=layer)
+
+    tag = f"{name} 2-layer tensor-parallel MLP"
+    c.close(f"{tag}: forward == single device", jax.jit(block)(layers, x), ref_y)
+    grad = jax.grad(loss_of(block), argnums=(0, 1))
+    c.close(f"{tag}: grad (params, x) == single device", jax.jit(grad)(layers, x), ref_g)
+    # Forward: Y (row-parallel sum); backward: dX (column-parallel x is replicated).
+    c.hlo(f"{tag} forward", collectives(block, layers, x), [BATCH * d_out], big_axis=big)
+    payload = [BATCH * d_out, BATCH * d_in]
+    c.hlo(f"{tag} grad", collectives(grad, layers, x), payload, big_axis=big)
+
+    # Data parallel x tensor parallel on a 2-D mesh: batch over "data", hidden over "model".
+    def block2d(layers, x):
+        return jaxlinear.tensor_parallel_mlp(
+            layers, x, mesh=mesh2d, axis="model", batch_axis="data", layer=layer
+        )
+
+    tag = f"{name} MLP, data x tensor parallel"
+    c.close(f"{tag}: forward == single device", jax.jit(block2d)(layers, x), ref_y)
+    grad = jax.grad(loss_of(block2d), argnums=(0, 1))
+    c.close(f"{tag}: grad (params, x) == single device", jax.jit(grad)(layers, x), ref_g)
+    n_data, n_model = mesh2d.shape["data"], mesh2d.shape["model"]
+    local, h = BATCH // n_data, HIDDEN // n_model
+    # Y and dX over "model" (this device's batch rows); dW1, db1, dW2, db2 over "data".
+    payload = [local * d_out, local * d_in, d_in * h, h, h * d_out, d_out]
+    c.hlo(f"{tag} grad", collectives(grad, layers, x), payload, big_axis=n_data * n_model > 1)
+
+
+def check_grad_inside_shard_map(c: Checker, mesh, name: str, layer, check_vma=True):
+    """``jax.grad`` inside ``shard_map``: replicated params, batch-sharded x, vs JAX's own AD."""
+    (p,), x = data(jax.random.key(2))
+    axes = tuple(mesh.axis_names)
+
+    def per_device_grad(f):
+        def body(p, x):  # p replicated, x: this device's slice of the batch
+            return jax.grad(loss_of(f), argnums=(0, 1))(p, x)
+
+        return jax.jit(
+            jax.shard_map(
+                body,
+                mesh=mesh,
+                in_specs=(P(), P(axes)),
+                out_specs=(P(), P(axes)),
+                check_vma=check_vma,
+            )
+        )
+
+    put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+    p_, x_ = put(p, P()), put(x, P(axes))
+    ours = per_device_grad(layer)(p_, x_)
+    jaxs = per_device_grad(ref_affine)(p_, x_)
+    tag = f"{name} grad inside shard_map (check_vma={check_vma})"
+    c.close(f"{tag} == JAX's AD of plain x @ W + b", ours, jaxs, tol=1e-6)
+    if check_vma:  # with check_vma=False JAX itself returns per-device partial sums
+        ref_g = jax.grad(loss_of(ref_affine), argnums=(0, 1))(f64(p), f64(x))
+        c.close(f"{tag} == single-device gradient", ours, ref_g)
+
+
+def check_jvp(c: Checker, mesh):
+    """Forward mode through ``dual_linear`` under ``shard_map`` (outside and inside the body)."""
+    layers, x = data(jax.random.key(3), (D_IN, HIDDEN, D_OUT))
+    tangents, dx = data(jax.random.key(4), (D_IN, HIDDEN, D_OUT))
+
+    def block(layers, x):
+        return jaxlinear.tensor_parallel_mlp(
+            layers, x, mesh=mesh, axis="model", layer=jaxlinear.dual_linear
+        )
+
+    ours = jax.jit(lambda *a: jax.jvp(block, a[:2], a[2:]))(layers, x, tangents, dx)
+    ref = jax.jvp(ref_mlp, (f64(layers), f64(x)), (f64(tangents), f64(dx)))
+    c.close("dual_linear: jvp of the tensor-parallel MLP == single device", ours, ref)
+
+    (p,), x = data(jax.random.key(5))
+    (dp,), dx = data(jax.random.key(6))
+    axes = tuple(mesh.axis_names)
+
+    def body(p, x, dp, dx):  # jvp of every device's own layer, inside the body
+        return jax.jvp(jaxlinear.dual_linear, (p, x), (dp, dx))
+
+    spec = (P(), P(axes), P(), P(axes))
+    f = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=(P(axes), P(axes)))
+    put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+    ours = jax.jit(f)(*(put(a, s) for a, s in zip((p, x, dp, dx), spec, strict=True)))
+    ref = jax.jvp(ref_affine, (f64(p), f64(x)), (f64(dp), f64(dx)))
+    c.close("dual_linear: jvp inside shard_map (data parallel) == single device", ours, ref)
+
+    # Column-parallel jvp with respect to the sharded W only: the tangent varies like W.
+    def col(p, x):
+        return jaxlinear.column_parallel_linear(
+            p, x, mesh=mesh, axis="model", layer=jaxlinear.dual_linear
+        )
+
+    ours = jax.jit(lambda p, x, dp: jax.jvp(lambda p: col(p, x), (p,), (dp,)))(p, x, dp)
+    ref = jax.jvp(lambda p: ref_affine(p, f64(x)), (f64(p),), (f64(dp),))
+    c.close("dual_linear: jvp w.r.t. column-sharded params == single device", ours, ref)
+
+
+def check_jit_named_sharding(c: Checker, mesh, name: str, layer):
+    """Plain ``jax.jit`` (no shard_map) with ``NamedSharding`` inputs, on Auto- and
+    Explicit-axes meshes (on the latter shardings are types: formulas states them)."""
+    (p,), x = data(jax.random.key(7))
+    (dp,), dx = data(jax.random.key(10))
+    ref_y = ref_affine(f64(p), f64(x))
+    ref_g = jax.grad(loss_of(ref_affine), argnums=(0, 1))(f64(p), f64(x))
+    ref_t = jax.jvp(ref_affine, (f64(p), f64(x)), (f64(dp), f64(dx)))
+    cases = {
+        "x batch-sharded, params replicated": (P(), P(), P("data")),
+        "x batch-sharded, W column-sharded": (P(None, "model"), P("model"), P("data")),
+        "x and W sharded over d_in": (P("model", None), P(), P("data", "model")),
+    }
+    kind = "Explicit" if AxisType.Explicit in tuple(mesh.axis_types) else "Auto"
+    with jax.set_mesh(mesh):
+        for case, (w_spec, b_spec, x_spec) in cases.items():
+            put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+            p_ = Params(put(p.W, w_spec), put(p.b, b_spec))
+            x_ = put(x, x_spec)
+            tag = f"{name} jit + NamedSharding, {kind} axes ({case})"
+            y = jax.jit(layer)(p_, x_)
+            c.close(f"{tag}: forward", y, ref_y)
+            g = jax.jit(jax.grad(loss_of(layer), argnums=(0, 1)))(p_, x_)
+            c.close(f"{tag}: grad", g, ref_g)
+            if layer is jaxlinear.dual_linear:
+                dp_ = Params(put(dp.W, w_spec), put(dp.b, b_spec))
+                t = jax.jit(lambda *a: jax.jvp(layer, a[:2], a[2:]))(p_, x_, dp_, put(dx, x_spec))
+                c.close(f"{tag}: jvp", t, ref_t)
+            dW = g[0].W
+            print(
+                f"    shardings: W {w_spec}, x {x_spec} -> Y {y.sharding.spec},"
+                f" dW {dW.sharding.spec}"
+            )
+
+
+def check_reads_varying_axes(c: Checker, mesh):
+    """The canary for new JAX versions: jaxlinear must see which manual axes a value varies on.
+
+    If JAX renames the attribute again, ``varying_axes`` reads nothing, no ``psum`` is
+    inserted, and the gradient checks fail with JAX's cotangent type error.
+    """
+    seen = []
+
+    def body(x):
+        seen.append((vma.varying_axes(x), vma.varying_axes(jnp.sum(x))))
+        return x
+
+    x = jax.device_put(jnp.ones((mesh.shape["model"], 2)), NamedSharding(mesh, P("model")))
+    jax.shard_map(body, mesh=mesh, in_specs=P("model"), out_specs=P("model"))(x)
+    aval = jax.typeof(x)
+    api = "manual_axis_type.varying" if hasattr(aval, "manual_axis_type") else "vma"
+    want = [(frozenset({"model"}),) * 2]
+    if mesh.shape["model"] == 1:  # JAX may drop 1-device axes from types
+        want.append((frozenset(),) * 2)
+    c.record(
+        f"varying manual axes read through jax.typeof(x).{api}",
+        seen[:1] in [[w] for w in want],
+        0.0,
+        f"{seen}",
+    )
+
+
+def check_b_unlike_W(c: Checker, mesh):
+    """``b`` replicated while ``W`` varies: ``linear``'s zero-size residual carries b's type."""
+    (p,), x = data(jax.random.key(8))
+    n = mesh.shape["model"]
+
+    def body(p, x):  # every device adds the whole b: Y = X W + n b
+        return jax.lax.psum(jaxlinear.linear(p, x), "model")
+
+    specs = (Params(P("model", None), P()), P(None, "model"))
+    f = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P())
+    put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+    p_ = Params(put(p.W, specs[0].W), put(p.b, specs[0].b))
+    g = jax.jit(jax.grad(loss_of(f), argnums=(0, 1)))(p_, put(x, specs[1]))
+
+    def ref(p, x):
+        return ref_affine(Params(p.W, n * p.b), x)
+
+    ref_g = jax.grad(loss_of(ref), argnums=(0, 1))(f64(p), f64(x))
+    c.close("linear: grad with b replicated unlike W", g, ref_g)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--expect-devices", type=int, default=None)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)  # float64 references (as tests/conftest.py)
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 on GPUs
+
+    devices = jax.devices()
+    n = len(devices)
+    print(f"jax {jax.__version__}, {n} device(s): {devices[0].platform} {devices[0].device_kind}")
+    c = Checker()
+    if args.expect_devices is not None and n != args.expect_devices:
+        c.record(f"expected {args.expect_devices} devices, found {n}", False, np.inf)
+        return 1
+    shape = (n // 2, 2) if n % 2 == 0 else (n, 1)
+    explicit = jax.make_mesh(shape, ("data", "model"))  # jax's default axis types
+    auto = jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    model_only = jax.make_mesh((n, 1), ("model", "data"))  # every device on "model"
+    print(f"meshes: {dict(explicit.shape)} {explicit.axis_types}, {dict(model_only.shape)}")
+
+    c.run("varying axes", check_reads_varying_axes, model_only)
+    for name, layer in LAYERS.items():
+        c.run(f"{name} layouts", check_layouts, model_only, explicit, name, layer)
+        for check_vma in (True, False):
+            c.run(
+                f"{name} grad in shard_map",
+                check_grad_inside_shard_map,
+                explicit,
+                name,
+                layer,
+                check_vma,
+            )
+        c.run(f"{name} jit", check_jit_named_sharding, auto, name, layer)
+        c.run(f"{name} jit explicit", check_jit_named_sharding, explicit, name, layer)
+    c.run("jvp", check_jvp, model_only)
+    c.run("b unlike W", check_b_unlike_W, model_only)
+
+    failed = [name for name, passed, _ in c.results if not passed]
+    print(f"{len(c.results) - len(failed)}/{len(c.results)} checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

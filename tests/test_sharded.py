@@ -1,0 +1,123 @@
+"""Sharded layers: the 8-device checks (in a subprocess) and the API's errors (here).
+
+JAX fixes its device count when it starts, and this process already runs on one CPU
+device, so the multi-device checks run ``tests/sharded_checks.py`` in a fresh Python with
+``--xla_force_host_platform_device_count=8``: forward and gradients of every layout
+(data parallel, column, row, the 2-layer block, data x tensor parallel) for ``linear`` and
+``dual_linear`` against plain ``x @ W + b`` on one device, the all-reduces in the compiled
+HLO, ``jvp`` under ``shard_map``, and ``jax.grad`` inside ``shard_map`` against JAX's AD.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxlinear
+from tests.helpers import assert_trees_close, make_layer, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_eight_simulated_devices():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharded_checks.py"), "--expect-devices", "8"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "checks passed" in out
+
+
+def _mesh(*names):
+    return jax.make_mesh((1,) * len(names), names)
+
+
+@pytest.mark.parametrize("layer", [jaxlinear.linear, jaxlinear.dual_linear])
+def test_one_device_mesh_matches_reference(layer):
+    # The same code on a 1-device mesh (this process): values and gradients.
+    layers = [
+        make_layer(jax.random.key(i), (4,), d_in, d_out)[0]
+        for i, (d_in, d_out) in enumerate([(3, 6), (6, 2)])
+    ]
+    x = jax.random.normal(jax.random.key(9), (4, 3), jnp.float64)
+    mesh = _mesh("data", "model")
+
+    def ref(layers, x):
+        return reference(layers[1], jax.nn.relu(reference(layers[0], x)))
+
+    def ours(layers, x):
+        return jaxlinear.tensor_parallel_mlp(layers, x, mesh=mesh, batch_axis="data", layer=layer)
+
+    assert_trees_close(ours(layers, x), ref(layers, x))
+    grad = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), argnums=(0, 1))
+    ref_grad = jax.grad(lambda *a: jnp.sum(jnp.sin(ref(*a))), argnums=(0, 1))
+    assert_trees_close(grad(layers, x), ref_grad(layers, x))
+    p = layers[0]
+    for f in (
+        jaxlinear.data_parallel_linear,
+        jaxlinear.column_parallel_linear,
+        jaxlinear.row_parallel_linear,
+    ):
+        axis = "data" if f is jaxlinear.data_parallel_linear else "model"
+        assert_trees_close(f(p, x, mesh=mesh, axis=axis, layer=layer), reference(p, x))
+
+
+def test_dict_params_and_no_bias():
+    params, x = make_layer(jax.random.key(0), (4,), 3, 2, kind="dict", bias="none")
+    mesh = _mesh("model")
+    for f in (jaxlinear.column_parallel_linear, jaxlinear.row_parallel_linear):
+        assert_trees_close(f(params, x, mesh=mesh), reference(params, x))
+    params, x = make_layer(jax.random.key(1), (4,), 3, 2, kind="dict", bias="row")
+    g = jax.grad(lambda p: jaxlinear.row_parallel_linear(p, x, mesh=mesh).sum())(params)
+    assert set(g) == {"W", "b"} and g["b"].shape == (1, 2)
+
+
+def test_grad_inside_shard_map_sums_replicated_cotangents():
+    # The pullback of a replicated W/b is a psum: the cotangent comes back invariant.
+    params, x = make_layer(jax.random.key(0), (4,), 3, 2)
+    mesh = _mesh("data")
+
+    def body(p, x):
+        return jax.grad(lambda p: jnp.sum(jaxlinear.linear(p, x) ** 2))(p)
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+    expected = jax.grad(lambda p: jnp.sum(reference(p, x) ** 2))(params)
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))  # as in_specs (Explicit mesh axes)
+    assert_trees_close(jax.jit(f)(params, x), expected)
+
+
+def test_errors():
+    params, x = make_layer(jax.random.key(0), (4,), 3, 6)
+    mesh = jax.sharding.AbstractMesh((4,), ("model",))
+    with pytest.raises(ValueError, match=r"mesh has no axis 'data'"):
+        jaxlinear.data_parallel_linear(params, x, mesh=mesh)
+    with pytest.raises(
+        ValueError, match=r"row_parallel_linear: d_in of `W` \(shape \(3, 6\)\) is 3"
+    ):
+        jaxlinear.row_parallel_linear(params, x, mesh=mesh)
+    with pytest.raises(ValueError, match=r"data_parallel_linear: the batch size of `x`"):
+        jaxlinear.data_parallel_linear(params, x[:3], mesh=mesh, axis="model")
+    with pytest.raises(ValueError, match=r"must have a leading batch axis"):
+        jaxlinear.data_parallel_linear(params, x[0], mesh=mesh, axis="model")
+    with pytest.raises(ValueError, match=r"tensor_parallel_mlp: `layers` must hold two"):
+        jaxlinear.tensor_parallel_mlp([params], x, mesh=mesh)
+    with pytest.raises(ValueError, match=r"column_parallel_linear: `x` has last dim 2"):
+        jaxlinear.column_parallel_linear(params, x[:, :2], mesh=mesh)
