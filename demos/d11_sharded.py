@@ -238,7 +238,9 @@ def _collectives(ctx: Context, title: str, fn, mesh, *args):
         if not (m and "=" in line[: m.start()]):
             continue
         shapes = re.findall(r"[a-z]+\d*\[[\d,]*\]", line[line.index("=") + 1 : m.start()])
-        groups = re.search(r"replica_groups=(\{[\d,{}]*\}|\[[^ ]*)", line)
+        groups = re.search(
+            r"replica_groups=(mesh\[[^\]]*\]\s*\{[^}]*\}|\{[\d,{}]*\}|\[[^ ]*)", line
+        )
         ops.append((m.group(1), shapes, _axis_of(groups.group(1) if groups else "", mesh)))
     ctx.say(f"  HLO collectives, {title}:" + ("" if ops else " none"))
     for op, shapes, axis in ops:
@@ -249,8 +251,12 @@ def _collectives(ctx: Context, title: str, fn, mesh, *args):
 def _axis_of(groups: str, mesh) -> str:
     """The mesh axis a collective's replica groups run along (by their size).
 
-    ``groups`` is HLO's ``{{0,1},{2,3},...}`` or its iota form ``[4,2]<=[8]``.
+    ``groups`` is HLO's ``{{0,1},{2,3},...}``, its iota form ``[4,2]<=[8]``, or (newer XLA)
+    the axes by name: ``mesh['data'=4,'model'=2] {'model'}``.
     """
+    named = re.match(r"mesh\[[^\]]*\]\s*\{([^}]*)\}", groups)
+    if named:
+        return ",".join(re.findall(r"'([^']+)'", named.group(1)))
     listed = re.search(r"\{([\d,]+)\}", groups)
     iota = re.match(r"\[([\d,]+)\]<=", groups)
     if listed:
