@@ -84,6 +84,21 @@ def _check_batch(fn: str, x, axis, n: int) -> None:
     _check_divides(fn, f"the batch size of `x` (shape {x.shape})", x.shape[0], axis, n)
 
 
+def _tensor_parallel_setup(
+    fn, params, x, mesh, axis, batch_axis, layer, w_axis, precision, compute_dtype
+):
+    """Validate a tensor-parallel layer: ``W``'s ``w_axis`` (0: d_in, 1: d_out) and the batch
+    must divide over their mesh axes. Returns ``(layout, layer, layer keyword arguments)``."""
+    layout, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
+    W = params.W if layout.kind == "params" else params["W"]
+    what = f"{('d_in', 'd_out')[w_axis]} of `W` (shape {W.shape})"
+    _check_divides(fn, what, W.shape[w_axis], axis, _axis_size(fn, mesh, axis))
+    if batch_axis is not None:
+        _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))
+    layer = linear if layer is None else layer
+    return layout, layer, dict(precision=precision, compute_dtype=compute_dtype)
+
+
 def _shard_map(body, mesh, in_specs, out_specs, *args):
     """``jax.shard_map(body)(*args)``, first putting ``args`` where ``in_specs`` say.
 
@@ -202,15 +217,18 @@ def column_parallel_linear(
       >>> jaxlinear.column_parallel_linear(p, jnp.ones((4, 3)), mesh=mesh).shape
       (4, 2)
     """
-    fn = "column_parallel_linear"
-    layout, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
-    W = params.W if layout.kind == "params" else params["W"]
-    n = _axis_size(fn, mesh, axis)
-    _check_divides(fn, f"d_out of `W` (shape {W.shape})", W.shape[1], axis, n)
-    if batch_axis is not None:
-        _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))
-    layer = linear if layer is None else layer
-    kw = dict(precision=precision, compute_dtype=compute_dtype)
+    layout, layer, kw = _tensor_parallel_setup(
+        "column_parallel_linear",
+        params,
+        x,
+        mesh,
+        axis,
+        batch_axis,
+        layer,
+        1,
+        precision,
+        compute_dtype,
+    )
     in_specs = (_param_specs(params, layout, P(None, axis), axis), _spec(x.ndim, batch_axis))
     out_specs = _spec(x.ndim, batch_axis, axis)
     return _shard_map(lambda p, x: layer(p, x, **kw), mesh, in_specs, out_specs, params, x)
@@ -259,15 +277,9 @@ def row_parallel_linear(
       >>> jaxlinear.row_parallel_linear(p, jnp.ones((4, 3)), mesh=mesh).shape
       (4, 2)
     """
-    fn = "row_parallel_linear"
-    layout, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
-    W = params.W if layout.kind == "params" else params["W"]
-    n = _axis_size(fn, mesh, axis)
-    _check_divides(fn, f"d_in of `W` (shape {W.shape})", W.shape[0], axis, n)
-    if batch_axis is not None:
-        _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))
-    layer = linear if layer is None else layer
-    kw = dict(precision=precision, compute_dtype=compute_dtype)
+    layout, layer, kw = _tensor_parallel_setup(
+        "row_parallel_linear", params, x, mesh, axis, batch_axis, layer, 0, precision, compute_dtype
+    )
     in_specs = (_param_specs(params, layout, P(axis, None), None), _spec(x.ndim, batch_axis, axis))
     body = functools.partial(_row_local, axis=axis, layer=layer, kw=kw)
     return _shard_map(body, mesh, in_specs, _spec(x.ndim, batch_axis), params, x)
