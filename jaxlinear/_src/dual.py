@@ -62,6 +62,16 @@ def _batch_size(args, dims):
     return next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
 
 
+def _register(prim, impl, abstract_eval, jvp, transpose, batch):
+    """Register a primitive's rules: evaluation and lowering are the formula itself."""
+    prim.def_impl(impl)
+    prim.def_abstract_eval(abstract_eval)
+    ad.primitive_jvps[prim] = jvp
+    ad.primitive_transposes[prim] = transpose
+    batching.primitive_batchers[prim] = batch
+    mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+
+
 # --------------------------------------------------------------------------------------
 # affine_p: the forward map.
 
@@ -131,12 +141,9 @@ def _affine_batch(args, dims, *, precision, compute_dtype):
     return fn(*args), 0
 
 
-affine_p.def_impl(_affine_impl)
-affine_p.def_abstract_eval(_affine_abstract_eval)
-ad.primitive_jvps[affine_p] = _affine_jvp
-ad.primitive_transposes[affine_p] = _affine_transpose
-batching.primitive_batchers[affine_p] = _affine_batch
-mlir.register_lowering(affine_p, mlir.lower_fun(_affine_impl, multiple_results=False))
+_register(
+    affine_p, _affine_impl, _affine_abstract_eval, _affine_jvp, _affine_transpose, _affine_batch
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -242,12 +249,14 @@ def _pushforward_batch(args, dims, *, mask, precision, compute_dtype):
     return fn(*args), 0
 
 
-pushforward_p.def_impl(_pushforward_impl)
-pushforward_p.def_abstract_eval(_pushforward_abstract_eval)
-ad.primitive_jvps[pushforward_p] = _pushforward_jvp
-ad.primitive_transposes[pushforward_p] = _pushforward_transpose
-batching.primitive_batchers[pushforward_p] = _pushforward_batch
-mlir.register_lowering(pushforward_p, mlir.lower_fun(_pushforward_impl, multiple_results=False))
+_register(
+    pushforward_p,
+    _pushforward_impl,
+    _pushforward_abstract_eval,
+    _pushforward_jvp,
+    _pushforward_transpose,
+    _pushforward_batch,
+)
 
 
 # --------------------------------------------------------------------------------------
