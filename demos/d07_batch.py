@@ -50,13 +50,22 @@ def run(ctx: Context):
     def loss_sum(params, X):
         return 0.5 * jnp.sum((jaxlinear.linear(params, X) - T) ** 2)
 
+    # Every check below compares jaxlinear with the plain map under JAX's AD (the reference),
+    # never with another jaxlinear result.
+    def ref_grad(loss_ref, X, T):
+        return jaxlinear.Params(*jax.grad(loss_ref, argnums=(0, 1))(W, b, X, T))
+
+    def loss_sum_ref(W, b, X, T):
+        return 0.5 * jnp.sum((affine(X, W, b) - T) ** 2)
+
+    def loss_mean_ref(W, b, X, T):
+        return 0.5 * jnp.mean(jnp.sum((affine(X, W, b) - T) ** 2, axis=-1))
+
     batch = jax.grad(loss_sum)(params, X)
     summed = jax.tree.map(lambda g: g.sum(axis=0), per_example)
-    ref_batch = jax.grad(lambda W, b: 0.5 * jnp.sum((affine(X, W, b) - T) ** 2), argnums=(0, 1))(
-        W, b
-    )
-    ctx.close("Σ_i per-example gradients = the batch gradient", summed, batch)
-    ctx.close("  and the batch gradient equals the reference", batch, jaxlinear.Params(*ref_batch))
+    ref_batch = ref_grad(loss_sum_ref, X, T)
+    ctx.close("Σ_i per-example gradients = the batch gradient of the reference", summed, ref_batch)
+    ctx.close("  and jaxlinear's batch gradient equals it", batch, ref_batch)
     # In particular db = Σ_i g_i: the bias is broadcast to every row, so its gradient
     # sums over the rows.
     ctx.close("batch db = Σ G over the examples", batch.b, G.sum(axis=0))
@@ -69,23 +78,28 @@ def run(ctx: Context):
 
     mean_grad = jax.grad(loss_mean)(params, X, T)
     ctx.close(
-        "mean loss: the gradient is the batch gradient / n",
+        "mean loss: jaxlinear's gradient equals the reference's",
         mean_grad,
-        jax.tree.map(lambda g: g / n, batch),
+        ref_grad(loss_mean_ref, X, T),
+    )
+    ctx.close(
+        "  which is the reference batch gradient / n",
+        mean_grad,
+        jax.tree.map(lambda g: g / n, ref_batch),
     )
 
     # Check that claim on a batch twice as large: the same examples, each twice.
     X2, T2 = jnp.concatenate([X, X]), jnp.concatenate([T, T])
     sum_twice = jax.grad(lambda p: 0.5 * jnp.sum((jaxlinear.linear(p, X2) - T2) ** 2))(params)
     ctx.close(
-        "duplicated batch, summed loss: the gradient doubles",
+        "duplicated batch, summed loss: the gradient doubles (2 × the reference batch gradient)",
         sum_twice,
-        jax.tree.map(lambda g: 2 * g, batch),
+        jax.tree.map(lambda g: 2 * g, ref_batch),
     )
     ctx.close(
-        "duplicated batch, mean loss: the gradient is unchanged",
+        "duplicated batch, mean loss: the gradient is unchanged (the reference mean gradient)",
         jax.grad(loss_mean)(params, X2, T2),
-        mean_grad,
+        ref_grad(loss_mean_ref, X, T),
     )
 
     if ctx.plots:

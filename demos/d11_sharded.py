@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlinear
-from demos._common import Check, Context, affine, normal_like
+from demos._common import Check, Context, affine
 
 NAME = "sharded"
 N_DEVICES = 8
@@ -45,15 +48,18 @@ def _demo(ctx: Context):
     ctx.say("  device ids:\n    " + str(mesh.device_ids).replace("\n", "\n    "))
 
     n, d_in, h, d_out = 8, 4, 6, 2
-    k1, k2, k3 = jax.random.split(jax.random.key(11), 3)
+    rng = np.random.default_rng(11)  # NumPy draws: no compilation per shape
+
+    def normal_like(tree):
+        return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), tree)
+
     p1, p2 = normal_like(
-        k1,
         [
             jaxlinear.Params(jnp.zeros((d_in, h)), jnp.zeros(h)),
             jaxlinear.Params(jnp.zeros((h, d_out)), jnp.zeros(d_out)),
         ],
     )
-    X, T = normal_like(k2, (jnp.zeros((n, d_in)), jnp.zeros((n, h))))
+    X, T = normal_like((jnp.zeros((n, d_in)), jnp.zeros((n, h))))
 
     def put(a, spec):
         """Lay ``a`` out on the mesh as ``spec`` says (a spec, or a pytree of them)."""
@@ -186,7 +192,7 @@ def _demo(ctx: Context):
         jax.jit(grad)(layers, x_data),
         jax.grad(mlp_loss(block_ref), argnums=(0, 1))(layers, X),
     )
-    dl, dx = normal_like(k3, (layers, X))
+    dl, dx = normal_like((layers, X))
     ctx.close(
         "MLP block: jvp (dual_linear's pushforward) equals the single-device jvp",
         jax.jit(lambda *a: jax.jvp(block, a[:2], a[2:]))(layers, x_data, dl, dx),
@@ -241,28 +247,47 @@ def _collectives(ctx: Context, title: str, fn, mesh, *args):
         groups = re.search(
             r"replica_groups=(mesh\[[^\]]*\]\s*\{[^}]*\}|\{[\d,{}]*\}|\[[^ ]*)", line
         )
-        ops.append((m.group(1), shapes, _axis_of(groups.group(1) if groups else "", mesh)))
+        groups = groups.group(1) if groups else ""
+        ops.append(
+            Collective(m.group(1), shapes, _axis_of(groups, mesh), _group_size(groups, mesh))
+        )
     ctx.say(f"  HLO collectives, {title}:" + ("" if ops else " none"))
-    for op, shapes, axis in ops:
+    for op, shapes, axis, _ in ops:
         ctx.say(f"    {op} over {axis!r}: {', '.join(shapes)}")
     return ops
 
 
-def _axis_of(groups: str, mesh) -> str:
-    """The mesh axis a collective's replica groups run along (by their size).
+class Collective(NamedTuple):
+    """One collective of a compiled program: opcode, result shapes, mesh axis, group size."""
+
+    op: str
+    shapes: list[str]
+    axis: str
+    devices: int
+
+
+def _group_size(groups: str, mesh) -> int:
+    """How many devices each of a collective's replica groups holds.
 
     ``groups`` is HLO's ``{{0,1},{2,3},...}``, its iota form ``[4,2]<=[8]``, or (newer XLA)
     the axes by name: ``mesh['data'=4,'model'=2] {'model'}``.
     """
     named = re.match(r"mesh\[[^\]]*\]\s*\{([^}]*)\}", groups)
     if named:
-        return ",".join(re.findall(r"'([^']+)'", named.group(1)))
+        return math.prod(mesh.shape[a] for a in re.findall(r"'([^']+)'", named.group(1)))
     listed = re.search(r"\{([\d,]+)\}", groups)
-    iota = re.match(r"\[([\d,]+)\]<=", groups)
     if listed:
-        size = len(listed.group(1).split(","))
-    else:
-        size = int(iota.group(1).split(",")[-1]) if iota else 0
+        return len(listed.group(1).split(","))
+    iota = re.match(r"\[([\d,]+)\]<=", groups)
+    return int(iota.group(1).split(",")[-1]) if iota else 0
+
+
+def _axis_of(groups: str, mesh) -> str:
+    """The mesh axis a collective's replica groups run along (by their size; see above)."""
+    named = re.match(r"mesh\[[^\]]*\]\s*\{([^}]*)\}", groups)
+    if named:
+        return ",".join(re.findall(r"'([^']+)'", named.group(1)))
+    size = _group_size(groups, mesh)
     names = [name for name, n in mesh.shape.items() if n == size]
     return names[0] if len(names) == 1 else f"{size} devices"
 
@@ -277,14 +302,14 @@ def _summary(ops):
             out *= int(d)
         return out
 
-    return sorted((op, axis, sorted(count(s) for s in shapes)) for op, shapes, axis in ops)
+    return sorted((op, axis, sorted(count(s) for s in shapes)) for op, shapes, axis, _ in ops)
 
 
 # --------------------------------------------------------------------------------------
 # Running with 8 simulated devices.
 
 
-def _rerun_with_simulated_devices(ctx: Context):
+def _rerun_with_simulated_devices(ctx: Context, module: str = "demos.d11_sharded"):
     ctx.say(
         f"  (this Python has {len(jax.devices())} device(s): running the demo again in a"
         f" fresh Python with {N_DEVICES} simulated CPU devices)"
@@ -295,7 +320,7 @@ def _rerun_with_simulated_devices(ctx: Context):
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "demos.d11_sharded", "--child"]
+    cmd = [sys.executable, "-m", module, "--child", *(["--small"] if ctx.small else [])]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     records = None
     for line in proc.stdout.splitlines():
@@ -311,12 +336,12 @@ def _rerun_with_simulated_devices(ctx: Context):
     return ctx.checks
 
 
-def _child() -> int:
-    ctx = Context(out_dir=None)
+def _child(demo=None) -> int:
+    ctx = Context(out_dir=None, small="--small" in sys.argv)
     if len(jax.devices()) < N_DEVICES:
         ctx.check(f"{N_DEVICES} devices (found {len(jax.devices())})", False)
     else:
-        _demo(ctx)
+        (demo or _demo)(ctx)
     print(_MARK + json.dumps([dataclasses.asdict(c) for c in ctx.checks]))
     return 0 if all(c.passed for c in ctx.checks) else 1
 

@@ -29,12 +29,13 @@ def reference(params, x):
 
 def make_layer(key, lead, d_in, d_out, *, bias="vector", kind="params", dtype=jnp.float64):
     """Random ``(params, x)`` with ``x: (*lead, d_in)``; ``bias`` in {"vector", "row", "none"}."""
-    kx, kw, kb = jax.random.split(key, 3)
-    x = jax.random.normal(kx, (*lead, d_in), dtype)
-    W = jax.random.normal(kw, (d_in, d_out), dtype)
+    # NumPy draws seeded by the key: jax.random would compile its sampler for every new shape.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
+    x = jnp.asarray(rng.standard_normal((*lead, d_in)), dtype)
+    W = jnp.asarray(rng.standard_normal((d_in, d_out)), dtype)
     b = {
-        "vector": jax.random.normal(kb, (d_out,), dtype),
-        "row": jax.random.normal(kb, (1, d_out), dtype),
+        "vector": jnp.asarray(rng.standard_normal((d_out,)), dtype),
+        "row": jnp.asarray(rng.standard_normal((1, d_out)), dtype),
         "none": None,
     }[bias]
     params = jaxlinear.Params(W, b) if kind == "params" else {"W": W, "b": b}

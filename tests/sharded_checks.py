@@ -26,6 +26,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -373,6 +374,243 @@ def check_b_unlike_W(c: Checker, mesh):
     c.close("linear: grad with b replicated unlike W", g, ref_g)
 
 
+# --------------------------------------------------------------------------------------
+# FSDP and sequence parallelism: the all-gather / reduce-scatter adjoint pair.
+
+
+def run_and_collectives(fn, *args):
+    """``(jax.jit(fn)(*args), collectives)`` from one compilation; ``collectives`` flattened
+    to sorted ``(opcode, element count)`` pairs (XLA may combine independent ops)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    ops = []
+    for line in compiled.as_text().splitlines():
+        line = line.split("metadata=")[0]
+        m = COLLECTIVE.search(line)
+        if m and "=" in line[: m.start()]:
+            result_type = line[line.index("=") + 1 : m.start()]
+            for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", result_type):
+                ops.append((m.group(1), math.prod(int(d) for d in dims.split(",") if d)))
+    return compiled(*args), sorted(ops)
+
+
+def check_ops(c: Checker, name: str, ops, expected):
+    """The compiled program runs exactly the collectives ``expected`` (opcode, result size)."""
+    c.record(f"{name}: collectives {sorted(expected)}", ops == sorted(expected), 0.0, f"HLO: {ops}")
+
+
+def check_fsdp_and_sequence(c: Checker, mesh2d, name: str, layer):
+    """``fsdp_linear``, sequence-parallel and FSDP ``tensor_parallel_mlp`` against one device.
+
+    Values and gradients equal single-device AD of plain ``x @ W + b`` (float64); ``dW``
+    comes back sharded like ``W``; the forward HLO all-gathers and the backward adds the
+    reduce-scatter (its adjoint), with no all-reduce of a ``W``-sized array.
+    """
+    n = mesh2d.size
+    data_only = jax.make_mesh((n, 1), ("data", "model"), axis_types=mesh2d.axis_types)
+    model_only = jax.make_mesh((n, 1), ("model", "data"), axis_types=mesh2d.axis_types)
+    (p,), x = data(jax.random.key(20))
+
+    def fsdp(p, x):
+        return jaxlinear.fsdp_linear(p, x, mesh=data_only, axis="data", layer=layer)
+
+    tag = f"{name} FSDP linear ({n} devices)"
+    y, ops = run_and_collectives(fsdp, p, x)
+    c.close(f"{tag}: forward == single device", y, ref_affine(f64(p), f64(x)))
+    check_ops(c, f"{tag} forward: all-gather of W", ops, [("all-gather", D_IN * D_OUT)])
+    grad = jax.grad(loss_of(fsdp), argnums=(0, 1))
+    g, ops = run_and_collectives(grad, p, x)
+    ref_g = jax.grad(loss_of(ref_affine), argnums=(0, 1))(f64(p), f64(x))
+    c.close(f"{tag}: grad == single device", g, ref_g)
+    c.record(
+        f"{tag}: dW sharded like W",
+        g[0].W.sharding.spec == P("data", None),
+        0.0,
+        f"{g[0].W.sharding.spec}",
+    )
+    expected = [("all-gather", D_IN * D_OUT), ("reduce-scatter", D_IN * D_OUT // n)]
+    check_ops(
+        c,
+        f"{tag} grad: + reduce-scatter of dW, psum of db only",
+        ops,
+        [*expected, ("all-reduce", D_OUT)],
+    )
+
+    layers, x = data(jax.random.key(21), (D_IN, HIDDEN, D_OUT))
+    ref_g = jax.grad(loss_of(ref_mlp), argnums=(0, 1))
+
+    def sp(layers, x):  # x: (tokens, d_in), the tokens sharded over all n devices
+        return jaxlinear.tensor_parallel_mlp(
+            layers, x, mesh=model_only, axis="model", sequence_dim=0, layer=layer
+        )
+
+    tag = f"{name} sequence-parallel MLP ({n} devices)"
+    y, ops = run_and_collectives(sp, layers, x)
+    c.close(f"{tag}: forward == single device", y, ref_mlp(f64(layers), f64(x)))
+    fwd = [("all-gather", BATCH * D_IN), ("reduce-scatter", BATCH // n * D_OUT)]
+    check_ops(c, f"{tag} forward: all-gather x, reduce-scatter Y", ops, fwd)
+    g, ops = run_and_collectives(jax.grad(loss_of(sp), argnums=(0, 1)), layers, x)
+    c.close(f"{tag}: grad == single device", g, ref_g(f64(layers), f64(x)))
+    bwd = [("all-gather", BATCH * D_OUT), ("reduce-scatter", BATCH // n * D_IN)]
+    bwd.append(("all-reduce", D_OUT))
+    check_ops(c, f"{tag} grad: + all-gather G, reduce-scatter dX, psum db2", ops, fwd + bwd)
+
+    n_data, n_model = mesh2d.shape["data"], mesh2d.shape["model"]
+    x3 = jax.random.normal(jax.random.key(22), (n_data, 2 * n_model, D_IN), jnp.float32)
+
+    def sp_fsdp(layers, x):  # x: (batch, seq, d_in); batch over "data", seq over "model"
+        return jaxlinear.tensor_parallel_mlp(
+            layers,
+            x,
+            mesh=mesh2d,
+            axis="model",
+            batch_axis="data",
+            sequence_dim=1,
+            fsdp=True,
+            layer=layer,
+        )
+
+    tag = f"{name} sequence-parallel + FSDP MLP ({n_data}x{n_model})"
+    y, _ = run_and_collectives(sp_fsdp, layers, x3)
+    c.close(f"{tag}: forward == single device", y, ref_mlp(f64(layers), f64(x3)))
+    g, ops = run_and_collectives(jax.grad(loss_of(sp_fsdp), argnums=(0, 1)), layers, x3)
+    c.close(f"{tag}: grad == single device", g, ref_g(f64(layers), f64(x3)))
+    specs = [(q.W.sharding.spec, q.b.sharding.spec) for q in g[0]]
+    want = [(P("data", "model"), P("model")), (P(("model", "data"), None), P(None))]
+    c.record(f"{tag}: dW1, dW2 sharded like W1, W2", specs == want, 0.0, f"{specs}")
+    w_size = min(D_IN * HIDDEN, HIDDEN * D_OUT) // n_model
+    big = [size for op, size in ops if op == "all-reduce" and size >= w_size]
+    scatters = sorted(size for op, size in ops if op == "reduce-scatter")
+    c.record(
+        f"{tag} grad: dW1, dW2 reduce-scattered, no W-sized all-reduce",
+        not big and w_size // n_data in scatters,
+        0.0,
+        f"HLO: {ops}",
+    )
+
+
+def check_fsdp_jvp_and_adjoint(c: Checker, mesh2d):
+    """Forward mode through ``dual_linear`` in FSDP and sequence-parallel layouts, and the
+    mesh-wide dot-product test: ``⟨u, J v⟩ = ⟨Jᵀ u, v⟩`` on sharded global arrays."""
+    n = mesh2d.size
+    data_only = jax.make_mesh((n, 1), ("data", "model"), axis_types=mesh2d.axis_types)
+    (p,), x = data(jax.random.key(23))
+    (dp,), dx = data(jax.random.key(24))
+
+    def fsdp(p, x, layer=jaxlinear.dual_linear):
+        return jaxlinear.fsdp_linear(p, x, mesh=data_only, axis="data", layer=layer)
+
+    ours = jax.jit(lambda *a: jax.jvp(fsdp, a[:2], a[2:]))(p, x, dp, dx)
+    ref = jax.jvp(ref_affine, (f64(p), f64(x)), (f64(dp), f64(dx)))
+    c.close("dual_linear: jvp of fsdp_linear == single device", ours, ref)
+
+    layers, x3 = data(jax.random.key(25), (D_IN, HIDDEN, D_OUT))
+    dl, dx3 = data(jax.random.key(26), (D_IN, HIDDEN, D_OUT))
+    x3, dx3 = (a.reshape(mesh2d.shape["data"], -1, D_IN) for a in (x3, dx3))
+
+    def sp(layers, x):
+        return jaxlinear.tensor_parallel_mlp(
+            layers,
+            x,
+            mesh=mesh2d,
+            batch_axis="data",
+            sequence_dim=1,
+            fsdp=True,
+            layer=jaxlinear.dual_linear,
+        )
+
+    ours = jax.jit(lambda *a: jax.jvp(sp, a[:2], a[2:]))(layers, x3, dl, dx3)
+    ref = jax.jvp(ref_mlp, (f64(layers), f64(x3)), (f64(dl), f64(dx3)))
+    c.close("dual_linear: jvp of the sequence-parallel FSDP MLP == single device", ours, ref)
+
+    # Dot-product test of the sharded layer's derivative at (p, x), run as is on global
+    # arrays laid out on the mesh: J v by dual_linear's pushforward, Jᵀ u by linear's
+    # pullback (the other binding), u = G sharded like Y.
+    put = lambda a, s: jax.device_put(a, NamedSharding(data_only, s))  # noqa: E731
+    specs = (Params(P("data", None), P()), P("data"))
+    args = (Params(put(p.W, specs[0].W), put(p.b, specs[0].b)), put(x, specs[1]))
+    v = (Params(put(dp.W, specs[0].W), put(dp.b, specs[0].b)), put(dx, specs[1]))
+    u = put(jax.random.normal(jax.random.key(27), (BATCH, D_OUT), jnp.float32), P("data"))
+    _, pull = jax.vjp(lambda *a: fsdp(*a, layer=jaxlinear.linear), *args)
+    t = jaxlinear.adjoint_test(lambda v: jax.jvp(fsdp, args, v)[1], pull, v, u)
+    c.record(
+        "adjoint_test of fsdp_linear on sharded global arrays",
+        float(t.residual) < 1e-5,
+        float(t.residual),
+        f"<u, Jv> = {float(t.lhs):.6g}, <Jᵀu, v> = {float(t.rhs):.6g}",
+    )
+
+
+def check_grad_values_float64(c: Checker, mesh, name: str, layer):
+    """``jax.grad`` inside ``shard_map`` with replicated params *equals* JAX's AD, in value.
+
+    Float64, params replicated and ``x`` sharded over every device: the gradient must be
+    the one-device gradient of the plain map to rounding (1e-12), not just of the right
+    type. Then the teeth: a backward rule whose cross-device sum is wrong is caught by
+    value. (a) ``psum`` replaced by ``pmean`` (well typed, off by the device count);
+    (b) no sum at all: with ``check_vma=False`` nothing is typed, so no rule sums and each
+    device returns its partial gradient; it differs from the true one, and the partials
+    summed over the devices are it; (c) with ``check_vma=True`` a rule that skips the psum
+    is refused by JAX's type check, the only line of defence before this check.
+    """
+    (p,), x = data(jax.random.key(9))
+    p, x = jax.tree.map(lambda a: a.astype(jnp.float64), (p, x))
+    axes = tuple(mesh.axis_names)
+    put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+    p_, x_ = put(p, P()), put(x, P(axes))
+    expected = jax.grad(loss_of(ref_affine), argnums=(0, 1))(p, x)  # one device, float64
+
+    def grad_in_shard_map(check_vma=True, stack_params=False):
+        def body(p, x):  # p replicated, x: this device's slice of the batch
+            dp, dx = jax.grad(loss_of(layer), argnums=(0, 1))(p, x)
+            return (jax.tree.map(lambda a: a[None], dp) if stack_params else dp), dx
+
+        specs = (P(axes) if stack_params else P(), P(axes))
+        return jax.jit(
+            jax.shard_map(
+                body, mesh=mesh, in_specs=(P(), P(axes)), out_specs=specs, check_vma=check_vma
+            )
+        )(p_, x_)
+
+    def worst(actual, reference):  # the residual of Checker.close
+        pairs = zip(jax.tree.leaves(f64(actual)), jax.tree.leaves(f64(reference)), strict=True)
+        return max(np.max(np.abs(a - e)) / max(1.0, np.max(np.abs(e))) for a, e in pairs)
+
+    tag = f"{name} float64 grad in shard_map"
+    c.close(
+        f"{tag} == one-device AD of plain x @ W + b (value)", grad_in_shard_map(), expected, 1e-12
+    )
+
+    original = vma.psum_to
+
+    def pmean_to(ct, primal):  # the mutant of (a): the mean where the sum belongs
+        axes_ = vma.varying_axes(ct) - vma.varying_axes(primal) if ct is not None else ()
+        return lax.pmean(ct, tuple(sorted(axes_, key=str))) if axes_ else ct
+
+    try:
+        vma.psum_to = pmean_to
+        r = worst(grad_in_shard_map(), expected)
+        c.record(f"{tag}: a rule with pmean instead of psum is caught by value", r > 0.1, r)
+        vma.psum_to = lambda ct, primal: ct  # (c): no sum at all, check_vma=True
+        refused, note = False, "it ran"
+        try:
+            grad_in_shard_map()
+        except Exception as e:  # JAX's type error for a cotangent of the wrong type
+            refused, note = True, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        c.record(f"{tag}: a rule without psum is refused by JAX's type check", refused, 0, note)
+    finally:
+        vma.psum_to = original
+    partial = grad_in_shard_map(check_vma=False)  # (b): device 0's partial dW, db
+    r = worst(partial[0], expected[0])
+    c.record(f"{tag}: the per-device partial gradient (no psum) is caught by value", r > 0.1, r)
+    stacked = grad_in_shard_map(check_vma=False, stack_params=True)[0]
+    c.close(
+        f"{tag}: the partials summed over devices == the gradient",
+        jax.tree.map(lambda a: a.sum(0), stacked),
+        expected[0],
+        1e-12,
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expect-devices", type=int, default=None)
@@ -408,8 +646,13 @@ def main(argv=None) -> int:
             )
         c.run(f"{name} jit", check_jit_named_sharding, auto, name, layer)
         c.run(f"{name} jit explicit", check_jit_named_sharding, explicit, name, layer)
+    for name, layer in LAYERS.items():
+        c.run(f"{name} fsdp/sequence", check_fsdp_and_sequence, explicit, name, layer)
+    c.run("fsdp jvp, adjoint", check_fsdp_jvp_and_adjoint, explicit)
     c.run("jvp", check_jvp, model_only)
     c.run("b unlike W", check_b_unlike_W, model_only)
+    for name, layer in LAYERS.items():
+        c.run(f"{name} grad values", check_grad_values_float64, explicit, name, layer)
 
     failed = [name for name, passed, _ in c.results if not passed]
     print(f"{len(c.results) - len(failed)}/{len(c.results)} checks passed")

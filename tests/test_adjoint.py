@@ -32,9 +32,10 @@ def _pull(params, x):
     return lambda u: jaxlinear.pullback(params, x, u)
 
 
+@pytest.mark.parametrize(("d_in", "d_out"), [(4, 3), (3, 3)], ids=["4x3", "square"])
 @pytest.mark.parametrize(("dtype", "tol"), [(jnp.float64, 1e-13), (jnp.float32, 1e-5)])
-def test_layer_pullback_passes(dtype, tol):
-    params, x, v, u = _layer(dtype=dtype)
+def test_layer_pullback_passes(dtype, tol, d_in, d_out):
+    params, x, v, u = _layer(dtype=dtype, d_in=d_in, d_out=d_out)
     t = jaxlinear.adjoint_test(_push(params, x), _pull(params, x), v, u)
     assert isinstance(t, jaxlinear.AdjointTestResult)
     assert t.lhs.shape == t.rhs.shape == t.residual.shape == ()
@@ -61,6 +62,17 @@ def test_wrong_pullbacks_fail(wrong):
     params, x, v, u = _layer()
     t = jaxlinear.adjoint_test(_push(params, x), lambda u: wrong(params, x, u), v, u)
     assert float(t.residual) > 1e-3
+
+
+def test_square_W_missing_transpose_fails():
+    # dX = G W instead of G Wᵀ: the same shape when W is square, so only values catch it.
+    params, x, v, u = _layer(d_in=3, d_out=3)
+    right = jaxlinear.adjoint_test(_push(params, x), _pull(params, x), v, u)
+    wrong = jaxlinear.adjoint_test(
+        _push(params, x), lambda u: (params._replace(W=x.T @ u, b=u.sum(0)), u @ params.W), v, u
+    )
+    assert float(right.residual) <= 1e-13
+    assert float(wrong.residual) > 1e-3
 
 
 def test_complex_uses_the_bilinear_pairing():

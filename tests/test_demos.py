@@ -3,13 +3,19 @@
 Each demo's checks compare against independent references (hand-worked numbers, plain
 ``x @ W + b`` under JAX's autodiff in float64, finite differences), so a demo passing
 here is a test of the library, not only of the demo.
+
+Every demo runs once: ``python -m demos --small --out figures`` in a subprocess (a fresh
+interpreter, as a reader runs it), started in the background when the session begins
+(``tests/demo_run.py``) and shared by all the tests below through a session-scoped
+fixture. The per-demo tests read its output: one section per demo (``=== N. name: ...``,
+one ``[ok  ]`` or ``[FAIL]`` line per check, ``figure: path`` lines), then the summary.
 """
 
 import os
-import subprocess
-import sys
+import re
 from pathlib import Path
 
+import demo_run as _demo_run
 import jax.numpy as jnp
 import pytest
 
@@ -24,6 +30,13 @@ FIGURES = {
     "d07_batch": ["batch.png"],
     "d08_training": ["training.png"],
     "d09_forward_vs_reverse": ["forward_vs_reverse.png"],
+    "d12_conv": ["conv_jacobian.png"],
+    "d13_embedding": ["embedding.png"],
+    "d14_attention": ["softmax_jacobian.png"],
+    "d15_rnn_bptt": ["rnn_gradient_norms.png"],
+    "d17_finite_differences": ["finite_differences.png"],
+    "d19_loss_scaling": ["loss_scaling.png"],
+    "d20_init_gradient_flow": ["init_gradient_flow.png"],
 }
 
 
@@ -31,19 +44,64 @@ def _quiet(*_):
     pass
 
 
+@pytest.fixture(scope="session")
+def demo_run():
+    """``python -m demos --small --out figures``, run once: ``(process, cwd, sections)``.
+
+    The run starts in the background as the session begins (``tests/demo_run.py``);
+    ``sections`` maps each demo's short name to the lines of its part of the output.
+    """
+    proc = _demo_run.result()
+    cwd = Path(os.environ[_demo_run.ENV]) / "cwd"
+    sections, name = {}, None
+    for line in proc.stdout.splitlines():
+        header = re.match(r"=== (?:\d+\. (\w+): |summary)", line)
+        if header:
+            name = header.group(1)  # None for the summary
+            if name is not None:
+                sections[name] = []
+        elif name is not None:
+            sections[name].append(line)
+    return proc, cwd, sections
+
+
 @pytest.mark.parametrize("module_name", _runner.DEMOS)
-def test_demo_checks_pass(module_name, tmp_path):
-    ctx = Context(out_dir=tmp_path, small=True, log=_quiet)
-    checks = _runner.load(module_name).run(ctx)
-    assert checks is ctx.checks
-    assert len(checks) >= 3, "a demo must check its claims"
-    failed = [c.claim for c in checks if not c.passed]
+def test_demo_checks_pass(demo_run, module_name):
+    proc, cwd, sections = demo_run
+    short = module_name.split("_", 1)[1]
+    assert short in sections, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = sections[short]
+    text = "\n".join(lines)
+    assert "Traceback (most recent call last)" not in text, text[-4000:]
+    passed = [line for line in lines if line.startswith("  [ok  ] ")]
+    failed = [line.strip() for line in lines if line.startswith("  [FAIL] ")]
     assert not failed, f"{module_name}: failed checks {failed}"
-    expected = FIGURES.get(module_name, [])
-    assert sorted(p.name for p in ctx.figures) == sorted(expected)
-    for path in ctx.figures:
-        assert path.parent == tmp_path
+    assert len(passed) >= 3, "a demo must check its claims"
+    row = re.search(
+        rf"^\s*{_runner.number(module_name)}\s+{short}\s+(\d+)/(\d+)\s", proc.stdout, re.M
+    )
+    assert row and row.groups() == (str(len(passed)),) * 2, "the summary row counts the same checks"
+    figures = [line.split("figure: ", 1)[1] for line in lines if line.startswith("  figure: ")]
+    assert sorted(Path(f).name for f in figures) == sorted(FIGURES.get(module_name, []))
+    for figure in figures:
+        path = cwd / figure
+        assert path.parent == cwd / "figures"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_python_m_demos(demo_run):
+    """The one command a reader runs: it ends with the table, exits 0, writes only figures."""
+    proc, cwd, sections = demo_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = proc.stdout.split("=== summary", 1)[1]
+    for module_name in _runner.DEMOS:
+        assert module_name.split("_", 1)[1] in summary
+    assert "all checks passed" in proc.stdout
+    assert "[FAIL]" not in proc.stdout and "FAIL" not in summary  # (narration may say FAIL)
+    assert sorted(sections) == sorted(m.split("_", 1)[1] for m in _runner.DEMOS)  # each once
+    assert [p.name for p in cwd.iterdir()] == ["figures"]
+    expected = sorted(name for names in FIGURES.values() for name in names)
+    assert sorted(p.name for p in (cwd / "figures").iterdir()) == expected
 
 
 # -- the check helpers must be able to fail --------------------------------------------
@@ -105,7 +163,10 @@ def test_resolve_unknown():
 def test_main_exit_status_on_failure(monkeypatch, capsys):
     module = _runner.load("d01_worked_example")
 
+    out_dirs = []
+
     def failing(ctx):
+        out_dirs.append(ctx.out_dir)
         ctx.check("a claim that is false", False)
         return ctx.checks
 
@@ -113,6 +174,7 @@ def test_main_exit_status_on_failure(monkeypatch, capsys):
     assert _runner.main(["1", "--no-plots"]) == 1
     out = capsys.readouterr()
     assert "FAIL" in out.out and "FAILED: worked_example" in out.err
+    assert out_dirs == [None]  # --no-plots: the demo gets no folder, so it makes no figures
 
 
 def test_main_exception_is_a_failure_and_later_demos_still_run(monkeypatch, capsys):
@@ -121,7 +183,12 @@ def test_main_exception_is_a_failure_and_later_demos_still_run(monkeypatch, caps
     def crashing(ctx):
         raise RuntimeError("demo crashed")
 
+    def passing(ctx):  # a stand-in for demo 7: every demo runs only once, in demo_run
+        ctx.check("a true claim", True)
+        return ctx.checks
+
     monkeypatch.setattr(module, "run", crashing)
+    monkeypatch.setattr(_runner.load("d07_batch"), "run", passing)
     assert _runner.main(["1", "7", "--no-plots"]) == 1
     out = capsys.readouterr().out
     assert "RuntimeError: demo crashed" in out
@@ -142,27 +209,3 @@ def test_main_unknown_name_exits_2(capsys):
         _runner.main(["nope"])
     assert info.value.code == 2
     assert "unknown demo 'nope'" in capsys.readouterr().err
-
-
-def test_python_m_demos_no_plots(tmp_path):
-    """The one command a reader runs; it must end with the table, exit 0, write nothing."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "demos", "--no-plots"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = proc.stdout.split("=== summary", 1)[1]
-    for module_name in _runner.DEMOS:
-        assert module_name.split("_", 1)[1] in summary
-    assert "all checks passed" in proc.stdout
-    assert "FAIL" not in proc.stdout
-    assert list(tmp_path.iterdir()) == []  # --no-plots: no figures folder

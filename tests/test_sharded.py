@@ -5,7 +5,10 @@ device, so the multi-device checks run ``tests/sharded_checks.py`` in a fresh Py
 ``--xla_force_host_platform_device_count=8``: forward and gradients of every layout
 (data parallel, column, row, the 2-layer block, data x tensor parallel) for ``linear`` and
 ``dual_linear`` against plain ``x @ W + b`` on one device, the all-reduces in the compiled
-HLO, ``jvp`` under ``shard_map``, and ``jax.grad`` inside ``shard_map`` against JAX's AD.
+HLO, ``jvp`` under ``shard_map``, and ``jax.grad`` inside ``shard_map`` against JAX's AD;
+FSDP and sequence parallelism (values, gradients, ``dW`` sharded like ``W``, the
+all-gather forward and reduce-scatter backward in the HLO, ``jvp``, the mesh-wide
+``adjoint_test``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ def test_eight_simulated_devices():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "checks passed" in out
+    # The value-level check of grad inside shard_map (float64, 8 devices), and its teeth:
+    # a wrong cross-device sum is caught by value (see check_grad_values_float64).
+    for name in ("linear", "dual_linear"):
+        tag = f"[ok  ] {name} float64 grad in shard_map"
+        for claim in (
+            " == one-device AD of plain x @ W + b (value)",
+            ": a rule with pmean instead of psum is caught by value",
+            ": the per-device partial gradient (no psum) is caught by value",
+        ):
+            assert tag + claim in out, out
 
 
 def _mesh(*names):
@@ -121,3 +134,39 @@ def test_errors():
         jaxlinear.tensor_parallel_mlp([params], x, mesh=mesh)
     with pytest.raises(ValueError, match=r"column_parallel_linear: `x` has last dim 2"):
         jaxlinear.column_parallel_linear(params, x[:, :2], mesh=mesh)
+
+
+def test_fsdp_and_sequence_parallel_one_device_and_errors():
+    # The 8-device values, gradients and HLO are in sharded_checks.py; here: 1 device, errors.
+    layers = [
+        make_layer(jax.random.key(i), (4,), d_in, d_out)[0]
+        for i, (d_in, d_out) in enumerate([(3, 6), (6, 2)])
+    ]
+    x = jax.random.normal(jax.random.key(9), (4, 3), jnp.float64)
+    mesh = _mesh("data", "model")
+    assert_trees_close(jaxlinear.fsdp_linear(layers[0], x, mesh=mesh), reference(layers[0], x))
+    x3 = x.reshape(2, 2, 3)
+    y = jax.jit(
+        lambda layers, x: jaxlinear.tensor_parallel_mlp(
+            layers, x, mesh=mesh, batch_axis="data", sequence_dim=1, fsdp=True
+        )
+    )(layers, x3)
+    assert_trees_close(y, reference(layers[1], jax.nn.relu(reference(layers[0], x3))))
+
+    # Errors are raised at trace time, from shapes alone.
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
+    with pytest.raises(ValueError, match=r"fsdp_linear: d_in of `W` \(shape \(3, 6\)\) is 3"):
+        jaxlinear.fsdp_linear(layers[0], x, mesh=mesh)
+    layers = [jaxlinear.Params(jnp.zeros((4, 8)), None), jaxlinear.Params(jnp.zeros((8, 4)), None)]
+    x = jnp.zeros((8, 4))
+    with pytest.raises(ValueError, match=r"tensor_parallel_mlp: `sequence_dim` must be an axis"):
+        jaxlinear.tensor_parallel_mlp(layers, x, mesh=mesh, sequence_dim=-1)
+    with pytest.raises(ValueError, match=r"other than the last and the batch axis 0; got 0"):
+        jaxlinear.tensor_parallel_mlp(layers, x, mesh=mesh, batch_axis="data", sequence_dim=0)
+    with pytest.raises(ValueError, match=r"the sequence length of `x` \(shape \(8, 3, 4\)\) is 3"):
+        jaxlinear.tensor_parallel_mlp(layers, jnp.zeros((8, 3, 4)), mesh=mesh, sequence_dim=1)
+    with pytest.raises(ValueError, match=r"`fsdp=True` shards the weights over `batch_axis`"):
+        jaxlinear.tensor_parallel_mlp(layers, x, mesh=mesh, fsdp=True)
+    narrow = [jaxlinear.Params(jnp.zeros((4, 4)), None)] * 2
+    with pytest.raises(ValueError, match=r"not divisible by the 8 devices of \('model', 'data'\)"):
+        jaxlinear.tensor_parallel_mlp(narrow, x, mesh=mesh, batch_axis="data", fsdp=True)

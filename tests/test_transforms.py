@@ -18,12 +18,16 @@ from tests.helpers import assert_trees_close, eqns, make_layer, reference
 
 LEAD = (2, 3)  # x with two leading axes
 D_IN, D_OUT = 4, 3
+# (d_in, d_out). With a square W, W and Wᵀ have the same shape: only values can tell a
+# missing transpose (test_square_W_catches_a_missing_transpose).
+DIMS = {"4x3": (D_IN, D_OUT), "3x3": (D_OUT, D_OUT)}
 
 
-def _setup():
-    params, x = make_layer(jax.random.key(0), LEAD, D_IN, D_OUT)
-    dparams, dx = make_layer(jax.random.key(1), LEAD, D_IN, D_OUT)
-    g = jax.random.normal(jax.random.key(2), (*LEAD, D_OUT), jnp.float64)
+def _setup(dims="4x3"):
+    d_in, d_out = DIMS[dims]
+    params, x = make_layer(jax.random.key(0), LEAD, d_in, d_out)
+    dparams, dx = make_layer(jax.random.key(1), LEAD, d_in, d_out)
+    g = jax.random.normal(jax.random.key(2), (*LEAD, d_out), jnp.float64)
     return params, x, dparams, dx, g
 
 
@@ -85,7 +89,8 @@ def _row_checkpoint_grad(f, p, x, dp, dx, g):
 
 
 def _row_scan_grad(f, p, x, dp, dx, g):
-    square = jaxlinear.Params(jnp.tile(p.W, (1, 2))[:, :D_IN], p.b[:1].repeat(D_IN))
+    d_in = p.W.shape[0]
+    square = jaxlinear.Params(jnp.tile(p.W, (1, 2))[:, :d_in], p.b[:1].repeat(d_in))
 
     def loss(q, x):
         body = lambda c, _: (jnp.tanh(f(q, c)), None)  # noqa: E731
@@ -167,36 +172,58 @@ def _ids(row):
     return row.__name__.removeprefix("_row_")
 
 
+def _mixed_cast(p, x, compute_dtype):
+    """The policy under JAX's AD: operands cast to ``compute_dtype``, float32 accumulation,
+    ``b`` added in float32, one rounding. Forward mode rounds tangents as the pushforward
+    does (the JVP of a cast is the cast of the tangent)."""
+    W, b = p.W.astype(compute_dtype), p.b
+    y = jnp.matmul(x.astype(compute_dtype), W, preferred_element_type=jnp.float32)
+    return (y + jnp.broadcast_to(b, y.shape)).astype(compute_dtype)
+
+
+def _mixed_straight_through(p, x, compute_dtype):
+    """The same values, but each operand's rounding is invisible to AD (straight-through),
+    so reverse mode returns the float32 accumulation of the (rounded) cotangent against the
+    rounded operands, unrounded, in the params' dtype: the documented policy. (JAX's AD of
+    ``_mixed_cast`` rounds those cotangents to ``compute_dtype`` once more.)"""
+
+    def rounded(a):  # value of fl(a), derivative 1; exact in float32 products and sums
+        return a + jax.lax.stop_gradient(a.astype(compute_dtype).astype(a.dtype) - a)
+
+    y = jnp.matmul(rounded(x), rounded(p.W), precision="highest")
+    return (y + jnp.broadcast_to(p.b, y.shape)).astype(compute_dtype)
+
+
 def _reference_result(row, args):
-    if row in MIXED:  # reference: the same bf16 matmuls with f32 accumulation, plain AD
-
-        def ref(p, x, compute_dtype):
-            W, b = p.W.astype(compute_dtype), p.b
-            y = jnp.matmul(x.astype(compute_dtype), W, preferred_element_type=jnp.float32)
-            return (y + jnp.broadcast_to(b, y.shape)).astype(compute_dtype)
-
-        return row(ref, *args)
+    if row is _row_mixed_grad:
+        return row(_mixed_straight_through, *args)
+    if row is _row_mixed_jvp:
+        return row(_mixed_cast, *args)
     return row(reference, *args)
 
 
 def _tolerance(row):
-    return dict(atol=2e-2, rtol=2e-2) if row in MIXED else dict(atol=1e-12, rtol=1e-12)
+    # Mixed precision: bit for bit. The references round where the policy does and
+    # accumulate bf16 products (exact in float32) in float32, so there is nothing to allow.
+    return dict(atol=0, rtol=0) if row in MIXED else dict(atol=1e-12, rtol=1e-12)
 
 
 ALL_ROWS = REVERSE_ROWS + FORWARD_OVER_REVERSE_ROWS + FORWARD_ROWS + TRANSPOSE_ROWS
 
 
+@pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("row", ALL_ROWS, ids=_ids)
-def test_dual_linear(row):
-    args = _setup()
+def test_dual_linear(row, dims):
+    args = _setup(dims)
     assert_trees_close(
         row(jaxlinear.dual_linear, *args), _reference_result(row, args), **_tolerance(row)
     )
 
 
+@pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("row", REVERSE_ROWS + FORWARD_OVER_REVERSE_ROWS, ids=_ids)
-def test_linear_reverse_mode(row):
-    args = _setup()
+def test_linear_reverse_mode(row, dims):
+    args = _setup(dims)
     assert_trees_close(
         row(jaxlinear.linear, *args), _reference_result(row, args), **_tolerance(row)
     )
@@ -263,6 +290,36 @@ def test_linear_transpose_runs_our_transpose(counted):
     counted.clear()
     jax.linear_transpose(lambda p: jaxlinear.dual_linear(p, x), params)(g)
     assert counted == [("pullback", ("W", "b"))]
+
+
+def _pullback_without_transpose(original):
+    """A wrong rule (the mutant): ``dX = G W`` instead of ``G Wᵀ``; it has the right shape
+    exactly when ``W`` is square, so only values can catch it there."""
+
+    def pullback(x, W, g, **kwargs):
+        dx, dW, db = original(x, W, g, **kwargs)
+        if dx is not None:
+            dx = jnp.matmul(g, W).astype(dx.dtype)  # (..., d_out) @ (d_in, d_out): d_in == d_out
+        return dx, dW, db
+
+    return pullback
+
+
+@pytest.mark.parametrize("f", [jaxlinear.linear, jaxlinear.dual_linear], ids=lambda f: f.__name__)
+def test_square_W_catches_a_missing_transpose(monkeypatch, f):
+    monkeypatch.setattr(formulas, "pullback", _pullback_without_transpose(formulas.pullback))
+    rows = [_row_grad, _row_vjp, _row_jacrev, _row_vmap_grad, _row_checkpoint_grad]
+    rows += [_row_linear_transpose_x] if f is jaxlinear.dual_linear else []
+    args = _setup("3x3")
+    caught = []
+    for row in rows:
+        try:
+            assert_trees_close(row(f, *args), _reference_result(row, args))
+        except AssertionError:
+            caught.append(_ids(row))
+    assert caught == [_ids(row) for row in rows]
+    with pytest.raises(TypeError, match="dot_general requires contracting dimensions"):
+        _row_grad(f, *_setup("4x3"))  # non-square: the mutant cannot even run
 
 
 def test_grad_jaxpr_has_no_transposed_dot_from_jax():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxlinear
@@ -44,6 +45,15 @@ CASES = [
      r"`b` has dtype float64 but `W` has dtype float32"),
     (jaxlinear.Params(W, B), jnp.ones((4, 2), jnp.float64), {}, TypeError,
      r"`x` has dtype float64 but `W` has dtype float32; cast one, or pass compute_dtype="),
+    # NumPy float64 is float64 here (x64 on): refused as above. With x64 off it computes in
+    # float32 and is accepted (tests/default_config_checks.py).
+    (jaxlinear.Params(W, B), np.ones((4, 2)), {}, TypeError,
+     r"`x` has dtype float64 but `W` has dtype float32"),
+    (jaxlinear.Params(W, B), [[1.0, 2.0]], {}, TypeError,
+     r"`x` must be an array \(a jax.Array or numpy.ndarray\), got list"),
+    (jaxlinear.Params(W, B), "x", {}, TypeError, r"`x` must be an array .* got str"),
+    (jaxlinear.Params(W, B), None, {}, TypeError, r"`x` must be an array .* got NoneType"),
+    (jaxlinear.Params([[1.0] * 5] * 2, B), X, {}, TypeError, r"`W` must be an array .* got list"),
     (jaxlinear.Params(W, B), jnp.ones((4, 2), jnp.bfloat16), {}, TypeError,
      r"`x` has dtype bfloat16 but `W` has dtype float32"),
     ({"b": B}, X, {}, TypeError, r"`params` must be Params\(W, b\) or a dict with key 'W'"),
@@ -98,3 +108,29 @@ def test_init_errors():
         jaxlinear.init(jax.random.key(0), 2, 2.5)
     with pytest.raises(ValueError, match=r"init_mlp: `sizes` needs at least 2 entries"):
         jaxlinear.init_mlp(jax.random.key(0), [3])
+
+
+@pytest.mark.parametrize("f", BINDINGS, ids=_name)
+def test_weak_types_take_the_strong_dtype(f):
+    # A weakly typed array (made from a Python float) is float64 here, but next to a
+    # float32 W it computes in float32, as in x @ W + b; so it is accepted, not refused.
+    x_weak, b_weak = jnp.full((4, 2), 0.5), jnp.full((5,), -1.0)
+    assert x_weak.weak_type and x_weak.dtype == b_weak.dtype == jnp.float64
+    for params, x in ((jaxlinear.Params(W, B), x_weak), (jaxlinear.Params(W, b_weak), X)):
+        y = f(params, x)
+        expected = x @ params.W + params.b[None]  # explicit: rank promotion is an error here
+        assert y.dtype == expected.dtype == F32
+        assert jnp.array_equal(y, expected)
+
+
+def test_numpy_inputs_compute_in_their_own_dtype_with_x64_on():
+    # NumPy float32 everywhere: float32 (no canonicalization needed); float64 everywhere: float64.
+    for dtype in (np.float32, np.float64):
+        params = jaxlinear.Params(np.ones((2, 5), dtype), np.zeros(5, dtype))
+        y = jaxlinear.linear(params, np.ones((4, 2), dtype))
+        assert isinstance(y, jax.Array) and y.dtype == dtype
+        assert jnp.array_equal(y, jnp.full((4, 5), 2.0, dtype))
+    dparams, dx = jaxlinear.pullback(params, np.ones((4, 2)), np.ones((4, 5)))
+    assert dx.dtype == dparams.W.dtype == np.float64
+    with pytest.raises(TypeError, match=r"^pullback: `g` has dtype float32 but `Y = "):
+        jaxlinear.pullback(params, np.ones((4, 2)), np.ones((4, 5), np.float32))

@@ -1,8 +1,11 @@
 r"""The affine map ``Y = X W + b``, its pushforward and its pullback.
 
-This module is the only place where the math is written. Every binding
-(``linear``'s ``custom_vjp``, ``dual_linear``'s primitives, the public
-``pushforward``/``pullback``, the demos) calls these three functions.
+This module is the only place where the math is written: ``matmul`` and its two
+transposes (``matmul_transpose_x``, ``matmul_transpose_W``) are the dense layer's three
+functions for the rule builder (``jaxlinear._src.bilinear``), and ``forward``,
+``pushforward``, ``pullback`` are those functions under the builder's mixed-precision
+policy. Every binding (``linear``'s ``custom_vjp``, ``dual_linear``'s primitives, the
+public ``pushforward``/``pullback``, the demos) calls these.
 
 Shapes: ``x: (..., d_in)``, ``W: (d_in, d_out)``, ``b: (d_out,)``, ``g: (..., d_out)``.
 
@@ -24,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxlinear._src import bilinear
+from jaxlinear._src.bilinear import accumulation_dtype as accumulation_dtype
 from jaxlinear._src.vma import typed_2d
 
 # Contraction patterns for lax.dot_general, as ((lhs_contract, rhs_contract), (batch, batch)).
@@ -32,26 +37,22 @@ _LAST_LAST = (((1,), (1,)), ((), ()))  # (n, d_out) @ (d_in, d_out)ᵀ
 _FIRST_FIRST = (((0,), (0,)), ((), ()))  # (n, d_in)ᵀ @ (n, d_out)
 
 
-def accumulation_dtype(dtype) -> np.dtype:
-    """float32 for 16-bit floats (bfloat16, float16); the dtype itself otherwise."""
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
-        return jnp.dtype(jnp.float32)
-    return dtype
-
-
-def _dot(a, b, dims, precision, compute_dtype, sharding=None):
-    """``dot_general`` in ``compute_dtype`` (if given) with wide accumulation.
+def _dot(a, b, dims, precision, preferred_element_type, sharding=None):
+    """``lax.dot_general`` accumulating in ``preferred_element_type``.
 
     ``sharding``: where the result lives, on meshes whose shardings are types (else None).
     """
-    if compute_dtype is not None:
-        a, b = a.astype(compute_dtype), b.astype(compute_dtype)
-    acc = accumulation_dtype(a.dtype)
     if sharding is None:  # keep the call plain where sharding is not part of the types
-        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=acc)
+        return lax.dot_general(
+            a, b, dims, precision=precision, preferred_element_type=preferred_element_type
+        )
     return lax.dot_general(
-        a, b, dims, precision=precision, preferred_element_type=acc, out_sharding=sharding
+        a,
+        b,
+        dims,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=sharding,
     )
 
 
@@ -65,18 +66,44 @@ def output_dtype(x_dtype, compute_dtype) -> np.dtype:
     return jnp.dtype(x_dtype if compute_dtype is None else compute_dtype)
 
 
+# --------------------------------------------------------------------------------------
+# The three functions of the builder (jaxlinear._src.bilinear): B(x, W) = X W and its two
+# transposes. Operands arrive in the compute dtype; products accumulate in
+# ``preferred_element_type``. Every leading axis of x is collapsed into one, so each is a
+# single 2-D contraction (dW = Xᵀ G writes no transposed copy of G).
+
+
+def matmul(x, W, *, precision=None, preferred_element_type=None):
+    """``B(x, W) = X W``: ``(..., d_in) @ (d_in, d_out) -> (..., d_out)``."""
+    y_sharding = typed_2d(x, "rows", W, 1)
+    y = _dot(_rows(x), W, _LAST_FIRST, precision, preferred_element_type, y_sharding)
+    return y.reshape(*x.shape[:-1], W.shape[1])  # (n, d_out) -> (..., d_out)
+
+
+def matmul_transpose_x(g, W, x_aval, *, precision=None, preferred_element_type=None):
+    """``dX = G Wᵀ``: ``(..., d_out) @ (d_in, d_out)ᵀ -> (..., d_in)``, laid out like ``x``."""
+    x_sharding = typed_2d(x_aval, "rows", x_aval, -1)
+    dx = _dot(_rows(g), W, _LAST_LAST, precision, preferred_element_type, x_sharding)
+    return dx.reshape(x_aval.shape)
+
+
+def matmul_transpose_W(g, x, W_aval, *, precision=None, preferred_element_type=None):
+    """``dW = Xᵀ G``: ``(n, d_in)ᵀ @ (n, d_out) -> (d_in, d_out)``, laid out like ``W``."""
+    W_sharding = typed_2d(W_aval, 0, W_aval, 1)
+    return _dot(_rows(x), _rows(g), _FIRST_FIRST, precision, preferred_element_type, W_sharding)
+
+
+# --------------------------------------------------------------------------------------
+# The layer's formulas: the three functions under the builder's mixed-precision policy.
+
+
 def forward(x, W, b, *, precision=None, compute_dtype=None):
     """``Y = X W + b``: ``(..., d_in) @ (d_in, d_out) + (d_out,) -> (..., d_out)``.
 
     ``b`` may be ``None`` (no bias). The bias is added in the accumulation dtype,
     then the result is rounded once to ``output_dtype``.
     """
-    y_sharding = typed_2d(x, "rows", W, 1)
-    y = _dot(_rows(x), W, _LAST_FIRST, precision, compute_dtype, y_sharding)  # (n, d_out)
-    if b is not None:
-        y = y + b.astype(y.dtype)[None, :]  # (n, d_out) + (1, d_out)
-    out = y.astype(output_dtype(x.dtype, compute_dtype))
-    return out.reshape(*x.shape[:-1], W.shape[1])
+    return bilinear.apply_forward(matmul, x, W, b, compute_dtype=compute_dtype, precision=precision)
 
 
 def pushforward(x, W, dx, dW, db, *, precision=None, compute_dtype=None):
@@ -85,21 +112,9 @@ def pushforward(x, W, dx, dW, db, *, precision=None, compute_dtype=None):
     Any of ``dx: (..., d_in)``, ``dW: (d_in, d_out)``, ``db: (d_out,)`` may be
     ``None`` (a zero tangent); its term is then skipped, not computed with zeros.
     """
-    dy = None
-    sharding = typed_2d(x, "rows", W, 1)  # dY lives where Y does
-    if dx is not None:  # (n, d_in) @ (d_in, d_out)
-        dy = _dot(_rows(dx), W, _LAST_FIRST, precision, compute_dtype, sharding)
-    if dW is not None:  # (n, d_in) @ (d_in, d_out)
-        term = _dot(_rows(x), dW, _LAST_FIRST, precision, compute_dtype, sharding)
-        dy = term if dy is None else dy + term
-    n = math.prod(x.shape[:-1])
-    acc = accumulation_dtype(output_dtype(x.dtype, compute_dtype))
-    if dy is None:
-        dy = jnp.zeros((n, W.shape[1]), acc)
-    if db is not None:
-        dy = dy + db.astype(dy.dtype)[None, :]  # (n, d_out) + (1, d_out)
-    out = dy.astype(output_dtype(x.dtype, compute_dtype))
-    return out.reshape(*x.shape[:-1], W.shape[1])
+    return bilinear.apply_pushforward(
+        matmul, x, W, dx, dW, db, compute_dtype=compute_dtype, precision=precision
+    )
 
 
 def pullback(x, W, g, *, precision=None, compute_dtype=None, wrt=("x", "W", "b")):
@@ -114,14 +129,13 @@ def pullback(x, W, g, *, precision=None, compute_dtype=None, wrt=("x", "W", "b")
     ``dW``); otherwise anything with ``.shape`` and ``.dtype`` will do, e.g. the
     abstract value of an operand that a transpose rule is solving for.
     """
-    g2 = _rows(g)  # (n, d_out)
-    dx = dW = db = None
-    if "x" in wrt:  # (n, d_out) @ (d_out, d_in), laid out like x
-        dx = _dot(g2, W, _LAST_LAST, precision, compute_dtype, typed_2d(x, "rows", x, -1))
-        dx = dx.astype(x.dtype).reshape(x.shape)
-    if "W" in wrt:  # (d_in, n) @ (n, d_out), laid out like W
-        dW = _dot(_rows(x), g2, _FIRST_FIRST, precision, compute_dtype, typed_2d(W, 0, W, 1))
-        dW = dW.astype(W.dtype)
-    if "b" in wrt:
-        db = jnp.sum(g2.astype(accumulation_dtype(g2.dtype)), axis=0).astype(W.dtype)  # (d_out,)
-    return dx, dW, db
+    return bilinear.apply_pullback(
+        matmul_transpose_x,
+        matmul_transpose_W,
+        x,
+        W,
+        g,
+        wrt=tuple("w" if n == "W" else n for n in wrt),  # the builder calls W `w`
+        compute_dtype=compute_dtype,
+        precision=precision,
+    )

@@ -6,19 +6,21 @@ wrappers of ``formulas``) and ``mlp``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-from jaxlinear._src import formulas, vma
+from jaxlinear._src import formulas, per_example, vma
+from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.params import Layout
 from jaxlinear._src.validation import (
     canonical_compute_dtype,
     canonical_precision,
     check_layer,
     check_same,
+    layer_inputs,
+    like_inputs,
 )
 
 
@@ -53,6 +55,8 @@ def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
       >>> jaxlinear.pushforward(p, jnp.ones(2), dp, None).tolist()
       [2.0, 2.0]
     """
+    params, x = layer_inputs(params, x)  # NumPy/weakly typed -> the arrays JAX computes on
+    dparams, dx = like_inputs(dparams, params), like_inputs(dx, x)
     layout, precision, compute_dtype = _prepare("pushforward", params, x, precision, compute_dtype)
     W, b = layout.unpack(params)
     dW = db = None
@@ -98,54 +102,69 @@ def pullback(params, x, g, *, precision=None, compute_dtype=None):
       >>> dp.W.tolist(), dp.b.tolist()
       ([[2.0, 2.0], [2.0, 2.0]], [3.0, 3.0])
     """
+    params, x = layer_inputs(params, x)  # NumPy/weakly typed -> the arrays JAX computes on
     layout, precision, compute_dtype = _prepare("pullback", params, x, precision, compute_dtype)
     W, _ = layout.unpack(params)
     y_shape = (*np.shape(x)[:-1], W.shape[1])
     y = jax.ShapeDtypeStruct(y_shape, formulas.output_dtype(x.dtype, compute_dtype))
+    g = like_inputs(g, y)
     check_same("pullback", "g", g, "Y = linear(params, x)", y)
     return _pullback(layout, precision, compute_dtype, x, W, g)
 
 
-def _pullback(layout: Layout, precision, compute_dtype, x, W, g, b_type=None):
-    """``formulas.pullback``, packed into ``layout``: the backward rule of ``linear``.
+def _pullback(layout: Layout, precision, compute_dtype, x, W, g):
+    """``formulas.pullback``, packed into ``layout`` (the public ``pullback``).
 
     Inside ``shard_map`` each cotangent is then summed (``psum``) over the manual axes
     along which it varies but its primal is replicated: the adjoint of replication.
-    ``b_type`` is anything with ``b``'s type (``W`` when not given).
     """
     wrt = ("x", "W") if layout.bias == "none" else ("x", "W", "b")
     dx, dW, db = formulas.pullback(
         x, W, g, precision=precision, compute_dtype=compute_dtype, wrt=wrt
     )
-    dx, dW = vma.psum_to(dx, x), vma.psum_to(dW, W)
-    db = vma.psum_to(db, W if b_type is None else b_type)
+    dx, dW, db = vma.psum_to(dx, x), vma.psum_to(dW, W), vma.psum_to(db, W)
     return layout.pack(dW, db), dx
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _linear(layout: Layout, precision, compute_dtype, params, x):
-    W, b = layout.unpack(params)
-    return formulas.forward(x, W, b, precision=precision, compute_dtype=compute_dtype)
+# --------------------------------------------------------------------------------------
+# The dense layer as one instance of the rule builder. Its three functions are
+# formulas.matmul and its two transposes; its fused pullback and pushforward are
+# formulas.pullback / formulas.pushforward (one call per backward / forward-mode pass).
+# AFFINE.custom_vjp is linear's binding (fwd/bwd: BilinearOp._vjp_fwd / _vjp_bwd),
+# AFFINE.dual is dual_linear's (primitives "jaxlinear_affine", "jaxlinear_affine_pushforward").
 
 
-def _linear_fwd(layout: Layout, precision, compute_dtype, params, x):
-    W, b = layout.unpack(params)
-    y = formulas.forward(x, W, b, precision=precision, compute_dtype=compute_dtype)
-    if b is not None and vma.varying_axes(b) != vma.varying_axes(W):
-        # Inside shard_map, a b replicated unlike W: keep its type in a zero-size slice.
-        return y, (x, W, b[:0])
-    return y, (x, W)  # residuals: exactly x and W (never Y, never b)
+def _affine_pullback(x, W, g, *, wrt, compute_dtype, out_dtype, precision):
+    del out_dtype  # always None: Y is in the compute dtype
+    wrt = tuple("W" if n == "w" else n for n in wrt)
+    return formulas.pullback(x, W, g, precision=precision, compute_dtype=compute_dtype, wrt=wrt)
 
 
-def _linear_bwd(layout: Layout, precision, compute_dtype, residuals, g):
-    x, W, *b_type = residuals
-    return _pullback(layout, precision, compute_dtype, x, W, g, *b_type)
+def _affine_pushforward(x, W, dx, dW, db, *, compute_dtype, out_dtype, precision):
+    del out_dtype  # always None: Y is in the compute dtype
+    return formulas.pushforward(x, W, dx, dW, db, precision=precision, compute_dtype=compute_dtype)
 
 
-_linear.defvjp(_linear_fwd, _linear_bwd)
+def _affine_batch(x_ndim, W_ndim, x_batched, W_batched, **params):
+    """vmap with ``W`` unbatched: the vmapped axis is one more leading axis of ``x`` and ``Y``."""
+    del x_ndim, W_ndim, x_batched, params
+    return None if W_batched else ({}, 0)
 
 
-def linear(params, x, *, precision=None, compute_dtype=None):
+AFFINE = bilinear_op(
+    "affine",
+    formulas.matmul,
+    formulas.matmul_transpose_x,
+    formulas.matmul_transpose_W,
+    batch=_affine_batch,
+    out_sharding=vma.typed_output,
+    pullback=_affine_pullback,
+    pushforward=_affine_pushforward,
+)
+
+
+@per_example.hooked  # visible to per_example_grad_norms / clipped_grad
+def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
     r"""The affine layer ``Y = X W + b`` with an explicit backward rule (``pullback``).
 
     .. math:: Y = X W + b, \qquad \bar X = G W^\top,\; \bar W = X^\top G,\; \bar b = \sum G
@@ -164,6 +183,11 @@ def linear(params, x, *, precision=None, compute_dtype=None):
       compute_dtype: e.g. ``jnp.bfloat16``: run forward and backward matmuls in this
         dtype with float32 accumulation. ``Y`` comes out in ``compute_dtype``;
         gradients come back in the dtypes of ``params`` and ``x``.
+      residuals: what the forward pass saves for the backward pass. ``"exact"``
+        (default): ``x`` and ``W`` as given. ``"compute"``: with ``compute_dtype``, their
+        copies cast to it (the casts the forward pass makes anyway), so the backward
+        pass does not cast again; the same gradients, bit for bit. Which one pays is
+        measured in ``benchmarks/bench_memory.py`` (see ``benchmarks/RESULTS.md``).
 
     Returns:
       ``Y: (..., d_out)``, in ``compute_dtype`` if given, else in ``x.dtype``.
@@ -172,7 +196,7 @@ def linear(params, x, *, precision=None, compute_dtype=None):
       TypeError: bad params structure, integer/bool dtypes, ``x`` and ``W`` of
         different dtypes without ``compute_dtype``.
       ValueError: ``W`` not 2-D, ``x`` 0-d or of the wrong width, ``b`` not
-        ``(d_out,)``/``(1, d_out)``.
+        ``(d_out,)``/``(1, d_out)``, ``residuals`` not ``"exact"``/``"compute"``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
@@ -182,15 +206,21 @@ def linear(params, x, *, precision=None, compute_dtype=None):
       >>> jax.grad(lambda p: jaxlinear.linear(p, jnp.ones((3, 2))).sum())(p).b.tolist()
       [3.0, 3.0]
     """
+    if residuals not in ("exact", "compute"):
+        raise ValueError(f"linear: `residuals` must be 'exact' or 'compute', got {residuals!r}")
+    params, x = layer_inputs(params, x)  # NumPy/weakly typed -> the arrays JAX computes on
     layout, precision, compute_dtype = _prepare("linear", params, x, precision, compute_dtype)
-    return _linear(layout, precision, compute_dtype, params, x)
+    W, b = layout.unpack(params)
+    return AFFINE.custom_vjp(
+        x, W, b, precision=precision, compute_dtype=compute_dtype, residuals=residuals
+    )
 
 
 def mlp(
     layers: Sequence,
     x,
     *,
-    activation: Callable = jax.nn.relu,
+    activation: Callable | None = jax.nn.relu,
     layer: Callable | None = None,
     precision=None,
     compute_dtype=None,
@@ -198,27 +228,49 @@ def mlp(
     """A chain of affine layers with ``activation`` between them (not after the last).
 
     Args:
-      layers: a non-empty sequence of ``Params`` (or dicts), e.g. from ``init_mlp``.
+      layers: a non-empty sequence of ``Params`` (or dicts), e.g. from ``init_mlp``;
+        ``layers[i].W: (d_i, d_{i+1})``.
       x: ``(..., d_0)``.
-      activation: elementwise function applied after every layer but the last.
+      activation: elementwise function applied after every layer but the last;
+        ``None`` is the identity (a chain of affine maps).
       layer: the binding to use for each layer: ``linear`` (default) or ``dual_linear``.
       precision, compute_dtype: passed to every layer.
 
     Returns:
       ``(..., d_L)``.
 
+    Raises:
+      ValueError, TypeError: ``layers`` empty, ``activation`` or ``layer`` not callable;
+        a layer's own error, prefixed with the layer it came from:
+        ``mlp: layer 1 (5 → 2): linear: `x` has last dim 4 ...`` (``layers[1]``).
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> layers = jaxlinear.init_mlp(jax.random.key(0), [3, 8, 2])
       >>> jaxlinear.mlp(layers, jnp.ones((5, 3), jnp.float32)).shape
       (5, 2)
+      >>> p = jaxlinear.Params(jnp.array([[2.0]]), jnp.array([-1.0]))
+      >>> jaxlinear.mlp([p, p], jnp.array([1.0]), activation=None).tolist()  # 2(2·1 − 1) − 1
+      [1.0]
     """
     layer = linear if layer is None else layer
+    activation = (lambda h: h) if activation is None else activation
+    for name, f in (("activation", activation), ("layer", layer)):
+        if not callable(f):
+            raise TypeError(f"mlp: `{name}` must be callable or None, got {type(f).__name__}")
     layers = list(layers)
     if not layers:
         raise ValueError("mlp: `layers` is empty; expected at least one layer's params")
     for i, params in enumerate(layers):
-        x = layer(params, x, precision=precision, compute_dtype=compute_dtype)
+        try:
+            x = layer(params, x, precision=precision, compute_dtype=compute_dtype)
+        except (ValueError, TypeError) as e:
+            if type(e) not in (ValueError, TypeError):  # JAX's own subclasses: unchanged
+                raise
+            W = params.get("W") if isinstance(params, dict) else getattr(params, "W", None)
+            shape = tuple(getattr(W, "shape", ()))
+            widths = f" ({shape[0]} → {shape[1]})" if len(shape) == 2 else ""
+            raise type(e)(f"mlp: layer {i}{widths}: {e}") from e
         if i < len(layers) - 1:
             x = activation(x)
     return x

@@ -17,6 +17,19 @@ backward pass. The backward ``psum``\ s of replicated operands are done by the l
 own pullback rules (``jaxlinear._src.vma.psum_to``), which read the varying manual axes
 that ``shard_map`` records in each value's type.
 
+FSDP and sequence parallelism use the second adjoint pair, *gather* and *scatter-sum*:
+
+.. math::
+
+    \text{all\_gather}: (v_1, \dots, v_n) \mapsto [v_1; \dots; v_n] \text{ on every device},
+    \qquad \text{all\_gather}^\top = \text{reduce\_scatter}:
+    (u^{(1)}, \dots, u^{(n)}) \mapsto \bigl(\textstyle\sum_k u^{(k)}_j\bigr)_j,
+
+device ``j`` keeping the ``j``-th block of the sum. JAX registers exactly this pair as
+each other's transpose (``lax.all_gather``'s transpose rule is ``lax.psum_scatter`` and
+``psum_scatter``'s is ``all_gather``, in ``jax/_src/lax/parallel.py``), so the layers
+below write only the forward collective and autodiff inserts its adjoint.
+
 Shapes are global: ``x: (batch, ..., d_in)``, ``W: (d_in, d_out)``, ``b: (d_out,)``;
 each function shards them over ``mesh`` itself (``in_specs`` below) and returns a global
 ``Y`` sharded as stated. Call them inside or outside ``jax.jit``.
@@ -114,15 +127,34 @@ def _shard_map(body, mesh, in_specs, out_specs, *args):
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
-def _row_local(params, x, *, axis, layer, kw):
-    """One device's row-parallel layer: ``Y = psum_k(x_k W_k) + b``."""
+def _row_local(params, x, *, axis, layer, kw, scatter_dim=None):
+    """One device's row-parallel layer: ``Y = psum_k(x_k W_k) + b``.
+
+    With ``scatter_dim``, the sum is a reduce-scatter: this device keeps its block of
+    ``Y`` along ``scatter_dim`` (sequence parallelism).
+    """
     W = params.W if isinstance(params, Params) else params["W"]
     b = params.b if isinstance(params, Params) else params.get("b")
     # (..., d_in/n) @ (d_in/n, d_out) -> (..., d_out): this device's partial sum of X W.
-    y = lax.psum(layer(Params(W, None), x, **kw), axis)
+    y = layer(Params(W, None), x, **kw)
+    if scatter_dim is None:
+        y = lax.psum(y, axis)
+    else:  # (..., s, ..., d_out) -> (..., s/n, ..., d_out): the sum, this device's block
+        y = lax.psum_scatter(y, axis, scatter_dimension=scatter_dim, tiled=True)
     if b is None:
         return y
     return y + b.reshape(-1).astype(y.dtype)[(None,) * (y.ndim - 1)]  # b added once, after
+
+
+def _gather_rows(params, axis):
+    """FSDP: ``W``'s rows all-gathered over ``axis``; ``b`` untouched.
+
+    ``(d_in/n, d_out) -> (d_in, d_out)``. The adjoint (JAX's transpose of ``all_gather``)
+    reduce-scatters ``dW`` back to this device's rows.
+    """
+    if isinstance(params, Params):
+        return params._replace(W=lax.all_gather(params.W, axis, axis=0, tiled=True))
+    return {**params, "W": lax.all_gather(params["W"], axis, axis=0, tiled=True)}
 
 
 def data_parallel_linear(
@@ -172,6 +204,66 @@ def data_parallel_linear(
     kw = dict(precision=precision, compute_dtype=compute_dtype)
     spec = _spec(x.ndim, axis)
     return _shard_map(lambda p, x: layer(p, x, **kw), mesh, (P(), spec), spec, params, x)
+
+
+def fsdp_linear(
+    params,
+    x,
+    *,
+    mesh=None,
+    axis="data",
+    layer: Callable | None = None,
+    precision=None,
+    compute_dtype=None,
+):
+    r"""Fully sharded data parallel (FSDP, ZeRO-3) ``Y = X W + b``: ``x`` and ``W`` sharded.
+
+    ``x`` is sharded over the batch and ``W`` is *stored* sharded over its rows
+    (``d_in``) along the same mesh ``axis``: device ``k`` holds ``X_k`` and ``W[k-th
+    block of rows]``. ``b`` is replicated.
+
+    Collectives: in the forward pass, ``all_gather`` of ``W``'s rows over ``axis`` (every
+    device then computes ``Y_k = X_k W + b``). In the backward pass, the adjoint of that
+    gather, ``psum_scatter`` (reduce-scatter) of ``dW = Σ_k X_kᵀ G_k``: each device
+    receives only the sum of *its* rows, so ``dW`` comes back sharded like ``W``.
+    ``db`` (``b`` replicated) is ``psum``\ med. Per step each device sends
+    ``(n-1)/n·|W|`` for the gather and as much for the reduce-scatter: the
+    ``2(n-1)/n·|W|`` of ``data_parallel_linear``'s all-reduce (which is a reduce-scatter
+    followed by an all-gather), while storing ``1/n`` of ``W`` and of ``dW``.
+    JAX transposes ``all_gather`` into ``psum_scatter`` itself; the layer's pullback
+    rule leaves the gathered ``W``'s cotangent unsummed because that ``W`` varies over
+    ``axis`` (``all_gather``'s output type). The gathered ``W`` is one of the layer's
+    residuals (held until the backward pass).
+
+    Args:
+      params: ``Params(W, b)`` or ``{"W", "b"}``: ``W: (d_in, d_out)`` with ``d_in``
+        divisible by the size of ``axis``; ``b: (d_out,)``, ``(1, d_out)`` or ``None``.
+      x: ``(batch, ..., d_in)``; ``batch`` divisible by the size of ``axis``.
+      mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
+      axis: the mesh axis (or tuple of axes) ``x``'s batch and ``W``'s rows are sharded over.
+      layer: ``linear`` (default) or ``dual_linear``.
+      precision, compute_dtype: passed to the layer.
+
+    Returns:
+      ``Y: (batch, ..., d_out)``, sharded over ``axis`` along the batch. Gradients come
+      back laid out as the inputs: ``dW`` over ``axis`` along ``d_in``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> mesh = jax.make_mesh((1,), ("data",))
+      >>> p = jaxlinear.Params(jnp.ones((3, 2)), jnp.zeros(2))
+      >>> jaxlinear.fsdp_linear(p, jnp.ones((4, 3)), mesh=mesh).tolist()[0]
+      [3.0, 3.0]
+    """
+    layout, layer, kw = _tensor_parallel_setup(
+        "fsdp_linear", params, x, mesh, axis, axis, layer, 0, precision, compute_dtype
+    )
+    in_specs = (_param_specs(params, layout, P(axis, None), None), _spec(x.ndim, axis))
+
+    def body(p, x):  # p.W: (d_in/n, d_out) -> gathered (d_in, d_out); x: (batch/n, ..., d_in)
+        return layer(_gather_rows(p, axis), x, **kw)
+
+    return _shard_map(body, mesh, in_specs, _spec(x.ndim, axis), params, x)
 
 
 def column_parallel_linear(
@@ -292,6 +384,8 @@ def tensor_parallel_mlp(
     mesh=None,
     axis="model",
     batch_axis=None,
+    sequence_dim: int | None = None,
+    fsdp: bool = False,
     activation: Callable = jax.nn.relu,
     layer: Callable | None = None,
     precision=None,
@@ -311,19 +405,39 @@ def tensor_parallel_mlp(
     ``row_parallel_linear`` and ``column_parallel_linear``. With ``batch_axis``, the
     parameter cotangents are also summed over ``batch_axis`` (data parallel).
 
+    **Sequence parallelism** (Megatron-SP, ``sequence_dim``): ``x`` and ``Y`` are sharded
+    over ``axis`` along the sequence axis ``sequence_dim`` of ``x``. The block starts with
+    an ``all_gather`` of ``x`` over the sequence (in place of the replicated input) and
+    ends with a ``psum_scatter`` (reduce-scatter) of the partial products over the
+    sequence (in place of the ``psum``). The backward pass runs their adjoints: an
+    all-gather of ``G`` and a reduce-scatter of ``dX``. Same bytes as the ``psum`` pair
+    (an all-reduce is a reduce-scatter plus an all-gather), but activations outside the
+    block are ``1/n`` the size; ``db_2`` (``b_2`` replicated) is ``psum``\ med.
+
+    **FSDP** (``fsdp=True``, needs ``batch_axis``): both weights are also stored sharded
+    over ``batch_axis`` along their rows (``W_1: P(batch_axis, axis)``, ``W_2: P((axis,
+    batch_axis), None)``) and all-gathered over ``batch_axis`` before use; their
+    gradients come back reduce-scattered, sharded like the weights (see ``fsdp_linear``).
+
     Args:
       layers: two layers' params ``[p1, p2]``, e.g. ``init_mlp(key, [d, h, d])``;
-        ``p1.W: (d_in, h)``, ``p2.W: (h, d_out)``, ``h`` divisible by the size of ``axis``.
-      x: ``(..., d_in)``, replicated over ``axis``.
+        ``p1.W: (d_in, h)``, ``p2.W: (h, d_out)``, ``h`` divisible by the size of ``axis``
+        (times that of ``batch_axis`` with ``fsdp``).
+      x: ``(..., d_in)``, replicated over ``axis`` (sharded along ``sequence_dim`` if given).
       mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
-      axis: the mesh axis the hidden width is sharded over.
+      axis: the mesh axis the hidden width (and the sequence, with ``sequence_dim``) is
+        sharded over.
       batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
+      sequence_dim: optional axis of ``x`` (not the last; not 0 with ``batch_axis``), e.g.
+        ``1`` for ``x: (batch, seq, d_in)``, whose length must divide over ``axis``.
+      fsdp: store the weights sharded over ``batch_axis`` too (ZeRO-3).
       activation: elementwise function between the two layers.
       layer: ``linear`` (default) or ``dual_linear``.
       precision, compute_dtype: passed to both layers.
 
     Returns:
-      ``Y: (..., d_out)``, replicated over ``axis`` (sharded over ``batch_axis``).
+      ``Y: (..., d_out)``, replicated over ``axis`` (sharded over it along
+      ``sequence_dim`` if given; over ``batch_axis`` along the batch).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
@@ -344,19 +458,50 @@ def tensor_parallel_mlp(
     )
     layout2, _, _ = _prepare(fn, p2, hidden, precision, compute_dtype)
     n = _axis_size(fn, mesh, axis)
-    _check_divides(fn, f"the hidden width (`W` of layer 1: {W1.shape})", W1.shape[1], axis, n)
     if batch_axis is not None:
         _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))
+    seq = _check_sequence(fn, x, sequence_dim, batch_axis, axis, n)
+    w_rows, h_axes = None, axis  # the mesh axes W_1's rows and the hidden width are over
+    if fsdp:
+        if batch_axis is None:
+            raise ValueError(f"{fn}: `fsdp=True` shards the weights over `batch_axis`; got None")
+        n_batch = _axis_size(fn, mesh, batch_axis)
+        what = f"d_in of `W` of layer 1 (shape {W1.shape})"
+        _check_divides(fn, what, W1.shape[0], batch_axis, n_batch)
+        w_rows, h_axes, n = batch_axis, (axis, batch_axis), n * n_batch
+    _check_divides(fn, f"the hidden width (`W` of layer 1: {W1.shape})", W1.shape[1], h_axes, n)
     layer = linear if layer is None else layer
     kw = dict(precision=precision, compute_dtype=compute_dtype)
 
     def block(p1, p2, x):
+        if fsdp:  # this device's rows of W_1 and W_2, gathered over batch_axis
+            p1, p2 = _gather_rows(p1, batch_axis), _gather_rows(p2, batch_axis)
+        if seq is not None:  # (..., s/n, ..., d_in) -> (..., s, ..., d_in): the whole sequence
+            x = lax.all_gather(x, axis, axis=seq, tiled=True)
         h = activation(layer(p1, x, **kw))  # (..., h/n): this device's hidden columns
-        return _row_local(p2, h, axis=axis, layer=layer, kw=kw)
+        return _row_local(p2, h, axis=axis, layer=layer, kw=kw, scatter_dim=seq)
 
+    x_spec = _spec(x.ndim, batch_axis)
+    if seq is not None:
+        x_spec = P(*(axis if i == seq else e for i, e in enumerate(x_spec)))
     in_specs = (
-        _param_specs(p1, layout1, P(None, axis), axis),
-        _param_specs(p2, layout2, P(axis, None), None),
-        _spec(x.ndim, batch_axis),
+        _param_specs(p1, layout1, P(w_rows, axis), axis),
+        _param_specs(p2, layout2, P(h_axes, None), None),
+        x_spec,
     )
-    return _shard_map(block, mesh, in_specs, _spec(x.ndim, batch_axis), p1, p2, x)
+    return _shard_map(block, mesh, in_specs, x_spec, p1, p2, x)
+
+
+def _check_sequence(fn, x, sequence_dim, batch_axis, axis, n):
+    """``sequence_dim`` as a non-negative axis of ``x`` (or ``None``), after checking it."""
+    if sequence_dim is None:
+        return None
+    seq = sequence_dim % x.ndim if -x.ndim <= sequence_dim < x.ndim else None
+    if seq is None or seq == x.ndim - 1 or (seq == 0 and batch_axis is not None):
+        raise ValueError(
+            f"{fn}: `sequence_dim` must be an axis of `x` (shape {x.shape}) other than the"
+            f" last{' and the batch axis 0' if batch_axis is not None else ''};"
+            f" got {sequence_dim}"
+        )
+    _check_divides(fn, f"the sequence length of `x` (shape {x.shape})", x.shape[seq], axis, n)
+    return seq

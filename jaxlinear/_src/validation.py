@@ -1,14 +1,21 @@
 """Trace-time checks, one per kind of mistake, with messages naming the function and argument.
 
 Everything here runs on shapes and dtypes only, so it costs nothing inside ``jit``.
+
+Dtypes are compared as JAX computes in them, not as NumPy stores them: canonicalized
+under the current ``jax_enable_x64`` setting (with it off, a NumPy float64 array computes
+in float32, as in ``x @ W + b``), and a weakly typed value (a Python scalar, or an array
+made from one) takes the dtype of the strongly typed operands it meets.
+``layer_inputs`` / ``like_inputs`` make the inputs such arrays at the public boundary.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlinear._src.params import Layout, layout_of
+from jaxlinear._src.params import Layout, Params, layout_of
 
 
 def canonical_compute_dtype(fn: str, compute_dtype) -> np.dtype | None:
@@ -36,21 +43,123 @@ def canonical_precision(precision):
     return precision
 
 
+_PY_SCALARS = (bool, int, float, complex)  # what jnp takes besides arrays (weakly typed)
+
+
+def _as_array(a):
+    """A NumPy floating array or scalar (or a Python one) as a ``jax.Array``, canonicalized
+    as ``jnp.asarray`` does; anything else unchanged, for the checks to accept or refuse."""
+    if isinstance(a, (np.ndarray, np.generic, *_PY_SCALARS)) and jnp.issubdtype(
+        np.result_type(a), jnp.inexact
+    ):
+        return jnp.asarray(a)
+    return a
+
+
+def _meet(a, other):
+    """A weakly typed ``a`` in the dtype it computes in next to a strongly typed ``other``
+    (a Python float times a float32 array is float32); anything else unchanged."""
+    if (
+        isinstance(a, jax.Array)
+        and a.weak_type
+        and hasattr(other, "dtype")
+        and not getattr(other, "weak_type", False)
+    ):
+        return a.astype(jnp.result_type(a, other.dtype))
+    return a
+
+
+def _pack_like(params, W, b):
+    """``params`` (``Params`` or a dict) with ``W`` and ``b`` replaced; ``b`` only if present."""
+    if isinstance(params, dict):
+        return {**params, "W": W, **({"b": b} if "b" in params else {})}
+    return params._replace(W=W, b=b)
+
+
+def _unpack(params):
+    """``(W, b)`` of a ``Params`` or a dict; ``None`` for anything else."""
+    if isinstance(params, Params):
+        return params.W, params.b
+    if isinstance(params, dict) and "W" in params:
+        return params["W"], params.get("b")
+    return None
+
+
+def layer_inputs(params, x):
+    """``(params, x)`` with ``W``, ``b`` and ``x`` as the arrays JAX computes ``x @ W + b`` on.
+
+    NumPy arrays become ``jax.Array`` values canonicalized under the x64 setting (float64 ->
+    float32 with x64 off), and a weakly typed ``x`` or ``b`` takes ``W``'s dtype (a weak
+    ``W`` takes ``x``'s); the structure of ``params`` is kept. Non-arrays are left as they
+    are, for ``check_layer`` to refuse with its message. Call it first in a public function.
+    """
+    x = _as_array(x)
+    Wb = _unpack(params)
+    if Wb is None:
+        return params, x
+    W, b = (_as_array(a) for a in Wb)
+    W = _meet(W, x)
+    x, b = _meet(x, W), _meet(b, W)
+    return _pack_like(params, W, b), x
+
+
+def like_inputs(value, like):
+    """``value`` (an array, a params pytree like ``like``, or ``None``) as JAX arrays; a
+    weakly typed leaf takes the dtype of its counterpart in ``like``. For tangents and
+    cotangents, before ``check_same``."""
+    if value is None:
+        return None
+    pair = _unpack(value)
+    if pair is None:
+        return _meet(_as_array(value), like)
+    likes = _unpack(like) or (None, None)
+    W, b = (None if a is None else _meet(_as_array(a), l) for a, l in zip(pair, likes, strict=True))
+    return _pack_like(value, W, b)
+
+
 def _shape(a):
     return tuple(getattr(a, "shape", np.shape(a)))
 
 
-def _dtype(fn: str, name: str, a) -> np.dtype:
-    dtype = getattr(a, "dtype", None)
-    if dtype is None:
-        raise TypeError(f"{fn}: `{name}` must be an array, got {type(a).__name__}")
-    dtype = jnp.dtype(dtype)
+def _dtype_and_weak(fn: str, name: str, a) -> tuple[np.dtype, bool]:
+    """The dtype JAX computes ``a`` in, and whether ``a`` is weakly typed.
+
+    Raises ``TypeError`` for a non-array (a list, a string, ``None``: ``jnp`` refuses them
+    too) and for a dtype that is not floating or complex.
+    """
+    if isinstance(a, _PY_SCALARS):
+        dtype, weak = jnp.dtype(jnp.result_type(a)), True
+    elif hasattr(a, "dtype") and hasattr(a, "shape"):
+        dtype = jax.dtypes.canonicalize_dtype(jnp.dtype(a.dtype))
+        weak = bool(getattr(a, "weak_type", False))
+    else:
+        raise TypeError(
+            f"{fn}: `{name}` must be an array (a jax.Array or numpy.ndarray),"
+            f" got {type(a).__name__}"
+        )
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"{fn}: `{name}` has dtype {dtype}; expected a floating (or complex) dtype"
             f" (shape {_shape(a)})"
         )
-    return dtype
+    return dtype, weak
+
+
+def _dtype(fn: str, name: str, a) -> np.dtype:
+    return _dtype_and_weak(fn, name, a)[0]
+
+
+def _computed_dtypes(operands: dict) -> dict:
+    """``{name: (dtype, weak)}`` -> ``{name: dtype}``: what each operand computes in once
+    they meet, as in ``x @ W + b``: a weakly typed one takes the dtype of the strongly
+    typed ones (a Python float next to bfloat16 is bfloat16); the others keep theirs."""
+    strong = [dtype for dtype, weak in operands.values() if not weak]
+    return {
+        name: jnp.dtype(jnp.result_type(dtype.type(0).item(), *strong))
+        if weak and strong
+        else dtype
+        for name, (dtype, weak) in operands.items()
+    }
 
 
 def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
@@ -66,8 +175,7 @@ def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
     b = params.b if layout.kind == "params" else params.get("b")
     w_shape, x_shape = _shape(W), _shape(x)
 
-    w_dtype = _dtype(fn, "W", W)
-    x_dtype = _dtype(fn, "x", x)
+    operands = {"W": _dtype_and_weak(fn, "W", W), "x": _dtype_and_weak(fn, "x", x)}
     if len(w_shape) != 2:
         raise ValueError(f"{fn}: `W` must be 2-D (d_in, d_out), got shape {w_shape}")
     d_in, d_out = w_shape
@@ -87,11 +195,13 @@ def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
                 f"{fn}: `b` has shape {b_shape} but must be ({d_out},) or the row vector"
                 f" (1, {d_out}) for W of shape {w_shape}; a per-example bias is not broadcast"
             )
-        b_dtype = _dtype(fn, "b", b)
-        if b_dtype != w_dtype:
-            raise TypeError(
-                f"{fn}: `b` has dtype {b_dtype} but `W` has dtype {w_dtype}; they must match"
-            )
+        operands["b"] = _dtype_and_weak(fn, "b", b)
+    dtypes = _computed_dtypes(operands)  # as JAX computes x @ W + b
+    w_dtype, x_dtype = dtypes["W"], dtypes["x"]
+    if b is not None and dtypes["b"] != w_dtype:
+        raise TypeError(
+            f"{fn}: `b` has dtype {dtypes['b']} but `W` has dtype {w_dtype}; they must match"
+        )
 
     is_complex = jnp.issubdtype(x_dtype, jnp.complexfloating) or jnp.issubdtype(
         w_dtype, jnp.complexfloating
@@ -117,9 +227,11 @@ def check_same(fn: str, name: str, value, like_name: str, like) -> None:
             f"{fn}: `{name}` has shape {_shape(value)} but `{like_name}` has shape {_shape(like)};"
             " they must match"
         )
-    dtype = _dtype(fn, name, value)
-    if dtype != jnp.dtype(like.dtype):
+    dtypes = _computed_dtypes(
+        {"value": _dtype_and_weak(fn, name, value), "like": _dtype_and_weak(fn, like_name, like)}
+    )
+    if dtypes["value"] != dtypes["like"]:
         raise TypeError(
-            f"{fn}: `{name}` has dtype {dtype} but `{like_name}` has dtype {jnp.dtype(like.dtype)};"
-            " they must match"
+            f"{fn}: `{name}` has dtype {dtypes['value']} but `{like_name}` has dtype"
+            f" {dtypes['like']}; they must match"
         )

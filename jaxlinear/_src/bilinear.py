@@ -1,0 +1,637 @@
+r"""The rule builder: both bindings of a bilinear map ``y = B(x, w) (+ b)`` from three functions.
+
+Every layer that is bilinear in its input and its weights (dense, ``dot_general``,
+``einsum``, convolutions, embeddings) has the same derivative story:
+
+.. math::
+
+     \dot y = B(\dot x, w) + B(x, \dot w) + \dot b, \qquad
+     \bar x = B_x^\top(g; w), \quad \bar w = B_w^\top(g; x), \quad
+     \bar b = \textstyle\sum_{\text{all but the last axis}} g.
+
+So an op author writes three plain ``jnp``/``lax`` functions, once:
+
+``forward(x, w, *, preferred_element_type, **params) -> y``
+``transpose_x(g, w, x_aval, *, preferred_element_type, **params) -> x̄``
+``transpose_w(g, x, w_aval, *, preferred_element_type, **params) -> w̄``
+
+and ``bilinear_op`` turns them into a ``BilinearOp`` with two bindings:
+
+``op.custom_vjp(x, w, b=None, **kw)``
+    a ``jax.custom_vjp`` whose forward pass saves exactly ``(x, w)`` and whose backward
+    pass calls the two transposes (and sums ``g`` for the bias). Reverse mode only.
+``op.dual(x, w, b=None, **kw)``
+    a primitive (``jaxlinear_<name>``) whose JVP binds a second primitive, the
+    pushforward ``B(dx, w) + B(x, dw) + db`` (``jaxlinear_<name>_pushforward``); both
+    are transposed by the same two transposes. Every transform composes: ``jvp``,
+    ``jacfwd``, ``hessian``, ``linear_transpose`` in either operand, ``grad``, ``vmap``,
+    ``jit``, ``shard_map``.
+
+The builder owns the mixed-precision policy, so every op gets it: operands cast to
+``compute_dtype`` (default: the promoted dtype of ``x`` and ``w``), products accumulated
+in ``accumulation_dtype`` (float32 for 16-bit floats; passed to the author's functions
+as ``preferred_element_type``), the bias added in that dtype, one final rounding to the
+output dtype (``out_dtype``, default the compute dtype); cotangents come back in each
+primal's dtype. Inside ``shard_map`` each cotangent is summed over the manual axes along
+which it varies but its primal does not (``vma.psum_to``): the adjoint of replication.
+
+The builder validates nothing: a layer function checks shapes and dtypes first and
+passes hashable static parameters (tuples, not lists).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jaxlinear._src import vma
+
+_NAMES = ("x", "w", "b")  # the operands, in order; also the names used in `wrt`
+_RESERVED = ("compute_dtype", "out_dtype", "preferred_element_type", "mask")
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """float32 for 16-bit floats (bfloat16, float16); the dtype itself otherwise."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def policy(x_dtype, w_dtype, compute_dtype=None, out_dtype=None):
+    """``(compute, accumulation, output)`` dtypes of ``B(x, w)`` under the precision policy."""
+    cd = jnp.result_type(x_dtype, w_dtype) if compute_dtype is None else jnp.dtype(compute_dtype)
+    acc = accumulation_dtype(cd)
+    if out_dtype is None:
+        return cd, acc, cd
+    out = jnp.dtype(out_dtype)
+    return cd, jnp.promote_types(acc, out), out
+
+
+def _add_bias(y, b):
+    """``y + b`` with ``b: (d,)`` on ``y``'s last axis, in ``y``'s dtype."""
+    return y + lax.expand_dims(b.astype(y.dtype), tuple(range(y.ndim - 1)))
+
+
+def apply_forward(forward, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
+    """``B(x, w) + b`` under the policy: cast, accumulate wide, add ``b``, round once."""
+    cd, acc, out = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
+    y = forward(x.astype(cd), w.astype(cd), preferred_element_type=acc, **params).astype(acc)
+    if b is not None:
+        y = _add_bias(y, b)
+    return y.astype(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _out_shape(forward, x_shape, w_shape, cd, acc, params):
+    """The shape of ``forward``'s result (traced once per signature, on shapes only)."""
+    fn = functools.partial(forward, preferred_element_type=acc, **dict(params))
+    S = jax.ShapeDtypeStruct
+    return tuple(jax.eval_shape(fn, S(x_shape, cd), S(w_shape, cd)).shape)
+
+
+def out_shape(forward, x, w, *, compute_dtype=None, out_dtype=None, **params):
+    """The shape of ``B(x, w)``; ``x`` and ``w`` need only ``.shape`` and ``.dtype``."""
+    cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
+    items = tuple(sorted(params.items()))
+    return _out_shape(forward, tuple(x.shape), tuple(w.shape), cd, acc, items)
+
+
+def apply_pushforward(
+    forward, x, w, dx=None, dw=None, db=None, *, compute_dtype=None, out_dtype=None, **params
+):
+    """The JVP ``B(dx, w) + B(x, dw) + db``, summed wide, rounded once; ``None`` = zero tangent."""
+    cd, acc, out = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
+    terms = []
+    if dx is not None:
+        terms.append(forward(dx.astype(cd), w.astype(cd), preferred_element_type=acc, **params))
+    if dw is not None:
+        terms.append(forward(x.astype(cd), dw.astype(cd), preferred_element_type=acc, **params))
+    if terms:
+        dy = functools.reduce(lambda a, t: a + t.astype(acc), terms[1:], terms[0].astype(acc))
+    else:
+        shape = out_shape(forward, x, w, compute_dtype=compute_dtype, out_dtype=out_dtype, **params)
+        dy = jnp.zeros(shape, acc)
+    if db is not None:
+        dy = _add_bias(dy, db)
+    return dy.astype(out)
+
+
+def apply_pullback(
+    transpose_x,
+    transpose_w,
+    x,
+    w,
+    g,
+    *,
+    wrt=_NAMES,
+    compute_dtype=None,
+    out_dtype=None,
+    **params,
+):
+    """The VJP ``(x̄, w̄, b̄)``; an entry not named in ``wrt`` is ``None`` and is not computed.
+
+    ``x̄`` comes back in ``x``'s dtype, ``w̄`` and ``b̄`` in ``w``'s. The operand being
+    solved for needs only ``.shape`` and ``.dtype`` (an aval will do).
+    """
+    cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
+    gc = g.astype(cd)
+    dx = dw = db = None
+    if "x" in wrt:
+        dx = transpose_x(gc, w.astype(cd), x, preferred_element_type=acc, **params)
+        dx = dx.astype(x.dtype)
+    if "w" in wrt:
+        dw = transpose_w(gc, x.astype(cd), w, preferred_element_type=acc, **params)
+        dw = dw.astype(w.dtype)
+    if "b" in wrt:
+        db = bias_cotangent(g, w.dtype)
+    return dx, dw, db
+
+
+def bias_cotangent(g, dtype):
+    """``b̄ = Σ g`` over every axis but the last (the adjoint of broadcasting ``b``), summed wide."""
+    lead = tuple(range(g.ndim - 1))
+    return jnp.sum(g.astype(accumulation_dtype(g.dtype)), axis=lead).astype(dtype)
+
+
+def _exact_cast(a, dtype):
+    """``a`` cast to ``dtype`` where ``a``'s own dtype holds every value of ``dtype`` (bfloat16
+    in float32: the cast back is exact), else ``a`` unchanged (a "compute" residual)."""
+    if dtype is None or jnp.promote_types(dtype, a.dtype) != a.dtype:
+        return a
+    return a.astype(dtype)
+
+
+class _Static(NamedTuple):
+    """The static (hashable) part of a ``custom_vjp`` call."""
+
+    kw: tuple  # sorted (name, value) pairs: compute_dtype, out_dtype and the op's params
+    b_dtype: np.dtype | None  # None: no bias
+    residuals: str  # "exact" | "compute"
+    x_dtype: np.dtype
+    w_dtype: np.dtype
+
+
+def _aval(a):
+    """The abstract value of an operand (``UndefinedPrimal``, tracer or array)."""
+    return a.aval if ad.is_undefined_primal(a) else vma._aval(a)
+
+
+def _zeros_to_none(tangents):
+    return [None if (t is None or type(t) is ad.Zero) else t for t in tangents]
+
+
+def _moved(a, axis, size):
+    """``a`` with its vmapped axis at 0: moved there, or broadcast if it has none."""
+    if axis is None:
+        return jnp.broadcast_to(a, (size, *a.shape))
+    return jnp.moveaxis(a, axis, 0)
+
+
+class BilinearOp:
+    """Both bindings of one bilinear op; made by ``bilinear_op`` (see there)."""
+
+    def __init__(
+        self,
+        name: str,
+        forward: Callable,
+        transpose_x: Callable,
+        transpose_w: Callable,
+        *,
+        batch: Callable | None = None,
+        out_sharding: Callable | None = None,
+        pullback: Callable | None = None,
+        pushforward: Callable | None = None,
+    ):
+        self.name = name
+        self.forward_fn, self.transpose_x, self.transpose_w = forward, transpose_x, transpose_w
+        self._batch_hook, self._out_sharding = batch, out_sharding
+        self._pullback_fn = pullback or self._composed_pullback
+        self._pushforward_fn = pushforward or self._composed_pushforward
+        self.primitive = Primitive(f"jaxlinear_{name}")
+        self.pushforward_primitive = Primitive(f"jaxlinear_{name}_pushforward")
+        self._register()
+        self._custom_vjp = self._make_custom_vjp()
+
+    def __repr__(self):
+        return f"BilinearOp({self.name!r})"
+
+    # ---------------------------------------------------------------------------------
+    # The formulas under the policy (plain functions; every binding calls these).
+
+    # The author's functions are looked up on the instance at call time, so a test can
+    # wrap them (count calls, inject a wrong rule) and see what each transform runs.
+    def _composed_pullback(self, x, w, g, **kw):
+        return apply_pullback(self.transpose_x, self.transpose_w, x, w, g, **kw)
+
+    def _composed_pushforward(self, x, w, dx, dw, db, **kw):
+        return apply_pushforward(self.forward_fn, x, w, dx, dw, db, **kw)
+
+    def forward(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
+        """``y = B(x, w) + b``, policy applied: cast, accumulate wide, add ``b``, round once."""
+        return apply_forward(
+            self.forward_fn, x, w, b, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
+        )
+
+    def pushforward(self, x, w, dx=None, dw=None, db=None, **kw):
+        """``dy = B(dx, w) + B(x, dw) + db``; a ``None`` tangent is zero and its term skipped."""
+        return self._pushforward_fn(x, w, dx, dw, db, **kw)
+
+    def pullback(self, x, w, g, *, wrt=_NAMES, b=None, **kw):
+        """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype."""
+        dx, dw, db = self._pullback_fn(x, w, g, wrt=tuple(wrt), **kw)
+        if db is not None and b is not None:
+            db = db.astype(b.dtype)
+        return dx, dw, db
+
+    def _out_aval(self, x, w, *operands, compute_dtype, out_dtype, **params):
+        """``y``'s abstract value; varying along every manual axis any operand varies along."""
+        shape = out_shape(
+            self.forward_fn, x, w, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
+        )
+        _, _, out = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
+        sharding = None if self._out_sharding is None else self._out_sharding(x, w)
+        if sharding is not None:
+            aval = x.update(shape=shape, dtype=out, weak_type=False, sharding=sharding)
+        else:
+            aval = x.update(shape=shape, dtype=out, weak_type=False)
+        axes = frozenset().union(*(vma.varying_axes(a) for a in (x, w, *operands)))
+        return vma.with_varying(aval, axes)
+
+    # ---------------------------------------------------------------------------------
+    # Binding 1: jax.custom_vjp. fwd saves exactly (x, w); bwd = the two transposes.
+
+    def _make_custom_vjp(self):
+        @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+        def call(static, x, w, b):
+            return self.forward(x, w, b, **dict(static.kw))
+
+        call.defvjp(self._vjp_fwd, self._vjp_bwd)
+        return call
+
+    def _vjp_fwd(self, static: _Static, x, w, b):
+        kw = dict(static.kw)
+        if static.residuals == "compute":
+            # Save the operands as the forward pass casts them (the casts are reused).
+            x, w = _exact_cast(x, kw["compute_dtype"]), _exact_cast(w, kw["compute_dtype"])
+        y = self.forward(x, w, b, **kw)
+        if b is not None and vma.varying_axes(b) != vma.varying_axes(w):
+            # Inside shard_map, a b replicated unlike w: keep its type in a zero-size slice.
+            return y, (x, w, b[:0])
+        return y, (x, w)  # residuals: exactly x and w (never y, never b)
+
+    def _vjp_bwd(self, static: _Static, residuals, g):
+        kw = dict(static.kw)
+        x, w, *b_type = residuals
+        # "compute" residuals back in the primals' dtypes: exact (see _exact_cast), and XLA
+        # folds the round trip into the backward products' own cast to compute_dtype; so
+        # each cotangent is rounded once, from the accumulator to its primal's dtype.
+        x, w = x.astype(static.x_dtype), w.astype(static.w_dtype)
+        b_like = b_type[0] if b_type else jax.ShapeDtypeStruct((0,), static.b_dtype or w.dtype)
+        wrt = _NAMES if static.b_dtype is not None else _NAMES[:2]
+        dx, dw, db = self.pullback(x, w, g, wrt=wrt, b=b_like, **kw)
+        # Inside shard_map: sum over the manual axes along which each primal is replicated.
+        db = vma.psum_to(db, b_type[0] if b_type else w)
+        return vma.psum_to(dx, x), vma.psum_to(dw, w), db
+
+    def custom_vjp(
+        self, x, w, b=None, *, compute_dtype=None, out_dtype=None, residuals="exact", **params
+    ):
+        r"""``y = B(x, w) + b`` as a ``jax.custom_vjp``: reverse mode through the transposes.
+
+        Works under ``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jit``, ``checkpoint``,
+        ``scan`` and ``shard_map``; forward mode raises JAX's ``TypeError`` (use ``dual``).
+
+        Args:
+          x, w: the operands (validated by the caller).
+          b: ``(y.shape[-1],)`` bias on the output's last axis, or ``None``.
+          compute_dtype: cast ``x`` and ``w`` to this dtype (accumulation stays wide).
+          out_dtype: dtype of ``y`` (default: the compute dtype).
+          residuals: ``"exact"`` (default): the forward pass saves ``x`` and ``w`` as
+            given; ``"compute"``: it saves them cast to ``compute_dtype`` (less memory,
+            no recast in the backward pass; the same cotangents, in the primals' dtypes).
+          **params: the op's static (hashable) parameters, passed to its three functions.
+
+        Returns:
+          ``y`` in ``out_dtype``.
+        """
+        if residuals not in ("exact", "compute"):
+            raise ValueError(
+                f"{self.name}: `residuals` must be 'exact' or 'compute', got {residuals!r}"
+            )
+        static = _Static(
+            self._static(compute_dtype, out_dtype, params),
+            None if b is None else jnp.dtype(b.dtype),
+            residuals,
+            jnp.dtype(x.dtype),
+            jnp.dtype(w.dtype),
+        )
+        return self._custom_vjp(static, x, w, b)
+
+    def _static(self, compute_dtype, out_dtype, params):
+        for k in _RESERVED[2:]:
+            if k in params:
+                raise TypeError(f"{self.name}: `{k}` is set by the builder, not an op parameter")
+        kw = dict(
+            compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype),
+            out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
+            **params,
+        )
+        for k, v in kw.items():
+            try:
+                hash(v)
+            except TypeError:
+                raise TypeError(
+                    f"{self.name}: parameter `{k}` must be hashable (static), got"
+                    f" {type(v).__name__} {v!r}; use tuples, not lists"
+                ) from None
+        return tuple(sorted(kw.items()))
+
+    # ---------------------------------------------------------------------------------
+    # Binding 2: the dual primitives (explicit JVP and explicit transposes).
+
+    def dual(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
+        r"""``y = B(x, w) + b`` as a primitive with an explicit JVP *and* explicit transposes.
+
+        Same arguments as ``custom_vjp``. Supports every transform: ``jvp``, ``jacfwd``,
+        ``hessian``, ``linearize``, ``linear_transpose`` in ``x`` or in ``(w, b)``,
+        ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``.
+        """
+        kw = dict(self._static(compute_dtype, out_dtype, params))
+        operands = (x, w) if b is None else (x, w, b)
+        return self.primitive.bind(*operands, **kw)
+
+    def _bind_pushforward(self, x, w, dx, dw, db, **kw):
+        """Bind the pushforward primitive on the non-zero tangents; ``None`` if all are zero."""
+        tangents = _zeros_to_none((dx, dw, db))
+        mask = tuple(t is not None for t in tangents)
+        if not any(mask):
+            return None
+        present = (t for t in tangents if t is not None)
+        return self.pushforward_primitive.bind(x, w, *present, mask=mask, **kw)
+
+    @staticmethod
+    def _split(args, mask):
+        """``(x, w, dx|None, dw|None, db|None)`` from the pushforward operands and the mask."""
+        x, w, *tangents = args
+        it = iter(tangents)
+        return (x, w, *(next(it) if m else None for m in mask))
+
+    # forward primitive ------------------------------------------------------------------
+
+    def _fwd_impl(self, x, w, *b, **kw):
+        return self.forward(x, w, *b or [None], **kw)
+
+    def _fwd_abstract_eval(self, x, w, *b, **kw):
+        return self._out_aval(x, w, *b, **kw)
+
+    def _fwd_jvp(self, primals, tangents, **kw):
+        x, w, *_ = primals
+        y = self.primitive.bind(*primals, **kw)
+        dy = self._bind_pushforward(x, w, *tangents, *[None] * (3 - len(tangents)), **kw)
+        return y, jnp.zeros_like(y) if dy is None else dy
+
+    def _fwd_transpose(self, ct, x, w, *b, **kw):
+        """Transpose in ``x`` (``w``, ``b`` fixed) or in ``(w, b)`` (``x`` fixed)."""
+        operands = (x, w, *b)
+        undefined = [ad.is_undefined_primal(a) for a in operands]
+        if undefined[0] and undefined[1]:
+            raise ValueError(
+                f"jaxlinear_{self.name}: cannot transpose with respect to both `x` and `w`:"
+                " the map is bilinear, not linear, in (x, w)"
+            )
+        if type(ct) is ad.Zero:
+            return [None] * len(operands)
+        wrt = tuple(n for n, u in zip(_NAMES, undefined, strict=False) if u)
+        x_, w_, *b_ = (_aval(a) if u else a for a, u in zip(operands, undefined, strict=True))
+        cts = self.pullback(x_, w_, ct, wrt=wrt, b=b_[0] if b_ else None, **kw)
+        # Inside shard_map: sum over the manual axes along which the operand is replicated.
+        return [
+            vma.psum_to(c, _aval(a)) if u else None
+            for c, a, u in zip(cts, operands, undefined, strict=False)
+        ]
+
+    def _fwd_batch(self, args, dims, **kw):
+        x, w, *b = args
+        x_dim, w_dim, *b_dim = dims
+        if all(d is None for d in b_dim):
+            got = self._batched_bind(x, w, None, None, x_dim, w_dim, None, None, b, kw)
+            if got is not None:
+                return got
+        fn = jax.vmap(lambda *a: self._fwd_impl(*a, **kw), in_axes=tuple(dims))
+        return fn(*args), 0
+
+    def _batched_bind(self, x, w, dx, dw, x_dim, w_dim, dx_dim, dw_dim, rest, kw):
+        """Bind the op itself on operands with the vmapped axis at 0, if the hook allows it.
+
+        ``x`` and ``dx`` are batched together (the unbatched one broadcast), as are ``w``
+        and ``dw``; ``rest`` (bias or bias tangent) must be unbatched. ``None`` if the op
+        has no batching hook or the hook declines.
+        """
+        if self._batch_hook is None:
+            return None
+        x_b = x_dim is not None or dx_dim is not None
+        w_b = w_dim is not None or dw_dim is not None
+        size = next(
+            a.shape[d]
+            for a, d in ((x, x_dim), (w, w_dim), (dx, dx_dim), (dw, dw_dim))
+            if d is not None
+        )
+        op_params = {k: v for k, v in kw.items() if k not in _RESERVED}
+        hook = self._batch_hook(
+            x.ndim - (x_dim is not None), w.ndim - (w_dim is not None), x_b, w_b, **op_params
+        )
+        if hook is None:
+            return None
+        new_params, out_dim = hook
+        if x_b:
+            x = _moved(x, x_dim, size)
+            dx = None if dx is None else _moved(dx, dx_dim, size)
+        if w_b:
+            w = _moved(w, w_dim, size)
+            dw = None if dw is None else _moved(dw, dw_dim, size)
+        kw = {**kw, **new_params}
+        if rest:  # a bias must stay on the last axis of the batched output
+            shape = out_shape(self.forward_fn, x, w, **{k: v for k, v in kw.items() if k != "mask"})
+            if out_dim == len(shape) - 1:
+                return None
+        if "mask" in kw:
+            present = [t for t in (dx, dw, *rest) if t is not None]
+            return self.pushforward_primitive.bind(x, w, *present, **kw), out_dim
+        return self.primitive.bind(x, w, *rest, **kw), out_dim
+
+    # pushforward primitive ----------------------------------------------------------------
+
+    def _push_impl(self, *args, mask, **kw):
+        return self.pushforward(*self._split(args, mask), **kw)
+
+    def _push_abstract_eval(self, *args, mask, **kw):
+        del mask
+        return self._out_aval(*args, **kw)
+
+    def _push_jvp(self, primals, tangents, *, mask, **kw):
+        # push(x, w; dx, dw, db) = B(dx, w) + B(x, dw) + db. Differentiating every operand
+        # (dots for the new tangents): [B(ḋx, w) + B(x, ḋw) + ḋb] + [B(dx, ẇ) + B(ẋ, dw)],
+        # and the bracket on the right is push(x=dx, w=dw; dx=ẋ, dw=ẇ): roles swapped.
+        x, w, dx, dw, _ = self._split(primals, mask)
+        x_dot, w_dot, *dots = _zeros_to_none(tangents)
+        _, _, dx_dot, dw_dot, db_dot = self._split((None, None, *dots), mask)
+        out = self.pushforward_primitive.bind(*primals, mask=mask, **kw)
+        terms = [
+            self._bind_pushforward(x, w, dx_dot, dw_dot, db_dot, **kw),
+            self._bind_pushforward(
+                x if dx is None else dx,  # dx is None: its term B(dx, ẇ) is dropped below
+                w if dw is None else dw,  # dw is None: its term B(ẋ, dw) is dropped below
+                None if dw is None else x_dot,
+                None if dx is None else w_dot,
+                None,
+                **kw,
+            ),
+        ]
+        terms = [t for t in terms if t is not None]
+        if not terms:
+            return out, jnp.zeros_like(out)
+        return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    def _push_transpose(self, ct, *args, mask, **kw):
+        x, w, *tangents = args
+        if ad.is_undefined_primal(x) or ad.is_undefined_primal(w):
+            raise ValueError(
+                f"jaxlinear_{self.name}_pushforward: the pushforward is linear in the tangents"
+                " (dx, dw, db) only; it cannot be transposed with respect to the primal `x` or `w`"
+            )
+        if type(ct) is ad.Zero:
+            return [None] * len(args)
+        names = [n for n, m in zip(_NAMES, mask, strict=True) if m]
+        wrt = tuple(n for n, t in zip(names, tangents, strict=True) if ad.is_undefined_primal(t))
+        by_name = dict(zip(_NAMES, self.pullback(x, w, ct, wrt=wrt, **kw), strict=True))
+        out = [None, None]
+        for n, t in zip(names, tangents, strict=True):
+            if not ad.is_undefined_primal(t):
+                out.append(None)
+                continue
+            c = by_name[n]
+            if n == "b":
+                c = c.astype(t.aval.dtype)
+            # Inside shard_map: sum over the manual axes along which this tangent is replicated.
+            out.append(vma.psum_to(c, t.aval))
+        return out
+
+    def _push_batch(self, args, dims, *, mask, **kw):
+        kw = dict(mask=mask, **kw)
+        x, w, dx, dw, db = self._split(args, mask)
+        x_dim, w_dim, dx_dim, dw_dim, db_dim = self._split(dims, mask)
+        if db_dim is None:
+            rest = [] if db is None else [db]
+            got = self._batched_bind(x, w, dx, dw, x_dim, w_dim, dx_dim, dw_dim, rest, kw)
+            if got is not None:
+                return got
+        fn = jax.vmap(lambda *a: self._push_impl(*a, **kw), in_axes=tuple(dims))
+        return fn(*args), 0
+
+    def _register(self):
+        """Register each primitive's rules; evaluation and lowering are the formulas."""
+        rules = (
+            (self.primitive, self._fwd_impl, self._fwd_abstract_eval, self._fwd_jvp,
+             self._fwd_transpose, self._fwd_batch),
+            (self.pushforward_primitive, self._push_impl, self._push_abstract_eval,
+             self._push_jvp, self._push_transpose, self._push_batch),
+        )  # fmt: skip
+        for prim, impl, abstract_eval, jvp, transpose, batch in rules:
+            prim.def_impl(impl)
+            prim.def_abstract_eval(abstract_eval)
+            ad.primitive_jvps[prim] = jvp
+            ad.primitive_transposes[prim] = transpose
+            batching.primitive_batchers[prim] = batch
+            mlir.register_lowering(prim, mlir.lower_fun(impl, multiple_results=False))
+
+
+def bilinear_op(
+    name: str,
+    forward: Callable,
+    transpose_x: Callable,
+    transpose_w: Callable,
+    *,
+    batch: Callable | None = None,
+    out_sharding: Callable | None = None,
+    pullback: Callable | None = None,
+    pushforward: Callable | None = None,
+) -> BilinearOp:
+    r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
+
+    .. math::
+
+         \dot y = B(\dot x, w) + B(x, \dot w) + \dot b, \qquad
+         \bar x = B_x^\top(g; w), \quad \bar w = B_w^\top(g; x), \quad \bar b = \sum g
+
+    The three functions are plain ``jnp``/``lax`` code. They receive the operands already
+    cast to the compute dtype and must pass ``preferred_element_type`` (the accumulation
+    dtype) on to their ``lax``/``jnp`` contraction; the builder adds the bias, rounds once,
+    and returns cotangents in each primal's dtype. ``**params`` are the op's static
+    keyword parameters, exactly as given to ``custom_vjp``/``dual`` (hashable).
+
+    Args:
+      name: the primitives are named ``jaxlinear_<name>`` and ``jaxlinear_<name>_pushforward``.
+      forward: ``forward(x, w, *, preferred_element_type, **params) -> y``.
+      transpose_x: ``transpose_x(g, w, x_aval, *, preferred_element_type, **params) -> x̄``,
+        the linear transpose of ``x -> B(x, w)``; ``x_aval`` has ``x``'s ``.shape``/``.dtype``.
+      transpose_w: ``transpose_w(g, x, w_aval, *, preferred_element_type, **params) -> w̄``,
+        the linear transpose of ``w -> B(x, w)``.
+      batch: optional vmap rule ``batch(x_ndim, w_ndim, x_batched, w_batched, **params)
+        -> (new_params, out_dim) | None``: the params that make the *same* op act on
+        operands with a new leading (vmapped) axis, and where that axis lands in ``y``.
+        Without it (or on ``None``), ``vmap`` runs the formulas under ``jax.vmap``.
+      out_sharding: optional ``(x_aval, w_aval) -> Sharding | None``: ``y``'s sharding
+        on meshes with Explicit axes.
+      pullback: optional fused ``pullback(x, w, g, *, wrt, compute_dtype, out_dtype,
+        **params) -> (x̄, w̄, b̄)`` replacing the composed transposes (the dense layer routes
+        through ``formulas.pullback`` this way).
+      pushforward: optional fused ``pushforward(x, w, dx, dw, db, *, compute_dtype,
+        out_dtype, **params)``.
+
+    Returns:
+      A ``BilinearOp`` ``op``: ``op.custom_vjp(x, w, b=None, *, compute_dtype=None,
+      out_dtype=None, **params)`` and ``op.dual(...)`` (same arguments) are the two
+      bindings; ``op.forward``, ``op.pushforward``, ``op.pullback`` the plain formulas;
+      ``op.primitive`` and ``op.pushforward_primitive`` the primitives.
+
+    Examples:
+      A 1-D cross-correlation ``y[i] = Σ_k x[i + k] w[k]`` ("valid" windows), its
+      transpose in ``x`` (a full convolution of ``g`` with ``w``) and in ``w`` (a
+      correlation of ``x`` with ``g``):
+
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> def corr(x, w, *, preferred_element_type):
+      ...     n = x.shape[0] - w.shape[0] + 1
+      ...     return sum(x[k : k + n] * w[k] for k in range(w.shape[0]))
+      >>> def corr_tx(g, w, x_aval, *, preferred_element_type):
+      ...     return jnp.convolve(g, w, mode="full")
+      >>> def corr_tw(g, x, w_aval, *, preferred_element_type):
+      ...     return jnp.correlate(x, g, mode="valid")
+      >>> op = jaxlinear.bilinear_op("my_corr", corr, corr_tx, corr_tw)
+      >>> x, w = jnp.array([1., 2., 3., 4.]), jnp.array([1., -1.])
+      >>> op.custom_vjp(x, w).tolist()
+      [-1.0, -1.0, -1.0]
+      >>> jax.grad(lambda x: op.custom_vjp(x, w) @ jnp.array([1., 2., 3.]))(x).tolist()
+      [1.0, 1.0, 1.0, -3.0]
+      >>> jax.jvp(lambda w: op.dual(x, w), (w,), (jnp.array([1., 0.]),))[1].tolist()
+      [1.0, 2.0, 3.0]
+    """
+    return BilinearOp(
+        name,
+        forward,
+        transpose_x,
+        transpose_w,
+        batch=batch,
+        out_sharding=out_sharding,
+        pullback=pullback,
+        pushforward=pushforward,
+    )

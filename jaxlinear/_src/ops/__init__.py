@@ -1,0 +1,1 @@
+"""The family of explicit-rule ops, one module each."""

@@ -1,0 +1,45 @@
+"""Trace-time checks shared by the family's ops (shapes and dtypes only; free under ``jit``)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def operand(fn: str, name: str, a):
+    """``a`` as a JAX array of a floating (or complex) dtype; NumPy arrays are converted."""
+    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+        raise TypeError(f"{fn}: `{name}` must be an array, got {type(a).__name__}")
+    dtype = jnp.dtype(a.dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{fn}: `{name}` has dtype {dtype}; expected a floating (or complex) dtype"
+            f" (shape {tuple(a.shape)})"
+        )
+    return jnp.asarray(a) if isinstance(a, np.ndarray) else a
+
+
+def out_dtype(fn: str, preferred_element_type) -> np.dtype | None:
+    """``preferred_element_type`` as ``None`` or a floating ``np.dtype``."""
+    if preferred_element_type is None:
+        return None
+    try:
+        dtype = jnp.dtype(preferred_element_type)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: `preferred_element_type` must be a dtype, got {preferred_element_type!r}"
+        ) from None
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{fn}: `preferred_element_type` must be a floating (or complex) dtype, got {dtype}"
+        )
+    return dtype
+
+
+def no_out_sharding(fn: str, out_sharding) -> None:
+    """Only ``out_sharding=None`` (what Flax passes by default) is accepted."""
+    if out_sharding is not None:
+        raise NotImplementedError(
+            f"{fn}: `out_sharding` must be None, got {out_sharding!r}; jaxlinear places the"
+            " result where its operands' shardings put it (shard the operands instead)"
+        )

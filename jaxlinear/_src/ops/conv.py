@@ -1,0 +1,719 @@
+r"""Convolution ``y = conv(x, w)``: its forward map and its two transposes, written out.
+
+``lax.conv_general_dilated`` is bilinear in ``(x, w)``. Ignoring the spatial axes it
+is a matmul ``[m, j] [j, k] -> [m, k]`` (batch ``m``, in-features ``j``, out-features
+``k``), and its two transposes are convolutions too:
+
+* ``x̄ = conv(G, flip(w)ᵀ)``: the cotangent convolved with the spatially flipped kernel,
+  in/out feature axes swapped; the window strides become input (lhs) dilation, the
+  input dilation becomes the window strides, the kernel dilation stays; the padding
+  before is ``k_dilated − 1 − pad_lo`` (``k_dilated = (k − 1)·rhs_dilation + 1``) and
+  the padding after is what makes the result exactly as long as ``x``.
+* ``w̄ = conv(x, G)``: a correlation of the input with the cotangent, ``x`` and ``G``
+  read with their batch and feature axes swapped (batch becomes the contraction);
+  window strides and kernel (rhs) dilation trade places; feature groups become batch
+  groups and batch groups become feature groups.
+
+``transpose_x`` and ``transpose_w`` below are those two formulas; each is one call of
+``lax.conv_general_dilated`` with rearranged arguments (a transposed convolution *is*
+a convolution). JAX's ``_conv_general_dilated_transpose_lhs`` / ``_rhs``
+(``jax/_src/lax/convolution.py``) state the same rules for JAX's own autodiff.
+
+Shapes follow ``dimension_numbers = (lhs_spec, rhs_spec, out_spec)`` in
+``lax.ConvDimensionNumbers`` form: ``lhs_spec = (batch, feature, *spatial)`` axes of
+``x``, ``rhs_spec = (out_feature, in_feature, *spatial)`` axes of ``w``, ``out_spec``
+likewise for ``y``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlinear._src import vma
+from jaxlinear._src.bilinear import bilinear_op
+from jaxlinear._src.ops._checks import no_out_sharding, out_dtype
+from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, layout_of
+from jaxlinear._src.validation import (
+    _dtype,
+    canonical_compute_dtype,
+    canonical_precision,
+    layer_inputs,
+)
+
+
+class ConvSpec(NamedTuple):
+    """The static arguments of one convolution, canonical (explicit padding, tuples)."""
+
+    window_strides: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    lhs_dilation: tuple[int, ...]
+    rhs_dilation: tuple[int, ...]
+    dimension_numbers: lax.ConvDimensionNumbers
+    feature_group_count: int = 1
+    batch_group_count: int = 1
+
+
+def _dilated(size, dilation):
+    """Length of an axis of ``size`` entries with ``dilation − 1`` zeros between neighbours."""
+    return 0 if size == 0 else (size - 1) * dilation + 1
+
+
+def _swap01(spec):
+    """``(a, b, *rest) -> (b, a, *rest)``: read batch as feature and feature as batch."""
+    return (spec[1], spec[0], *spec[2:])
+
+
+def _split_axis(a, axis, groups):
+    """``a`` with ``axis`` (size ``groups·n``) split into two axes ``(groups, n)``."""
+    shape = list(a.shape)
+    shape[axis : axis + 1] = [groups, shape[axis] // groups]
+    return a.reshape(shape)
+
+
+def _merge_axis(a, src, dst):
+    """Drop axis ``src``, folding it into axis ``dst`` (numbered without it) as the major part."""
+    a = jnp.moveaxis(a, src, dst)  # now src sits just before the axis it joins
+    shape = list(a.shape)
+    shape[dst : dst + 2] = [shape[dst] * shape[dst + 1]]
+    return a.reshape(shape)
+
+
+def _typed(a, *others):
+    """Where ``a`` lives on a mesh whose shardings are types (Explicit axes), else ``None``.
+
+    A transpose contracts the batch (``w̄``) or the output features (``x̄``); on such meshes
+    ``lax`` must be told where the result lives: where the operand solved for does
+    (replicated, if only ``others`` are on the mesh).
+    """
+    if vma._explicit_mesh(a) is not None:
+        return vma._aval(a).sharding
+    mesh = next((m for m in map(vma._explicit_mesh, others) if m is not None), None)
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def forward(x, w, *, spec: ConvSpec, precision=None, preferred_element_type=None):
+    """``y = conv(x, w)``: ``lax.conv_general_dilated`` with the arguments in ``spec``."""
+    return lax.conv_general_dilated(
+        x,
+        w,
+        spec.window_strides,
+        spec.padding,
+        spec.lhs_dilation,
+        spec.rhs_dilation,
+        spec.dimension_numbers,
+        feature_group_count=spec.feature_group_count,
+        batch_group_count=spec.batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def transpose_x(g, w, x_aval, *, spec: ConvSpec, precision=None, preferred_element_type=None):
+    """``x̄ = conv(G, flip(w)ᵀ)``: the transpose of ``x -> conv(x, w)``, shaped like ``x``.
+
+    Args:
+      g: cotangent of ``y``, laid out by ``out_spec``.
+      w: the kernel, laid out by ``rhs_spec``.
+      x_aval: anything with ``x``'s ``.shape`` (its values are not read).
+      spec: the forward convolution's static arguments.
+      precision, preferred_element_type: passed to the convolution.
+
+    Returns:
+      ``x̄`` with ``x``'s shape (dtype: ``preferred_element_type`` or the operands').
+    """
+    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+    sdims = rhs_spec[2:]  # the kernel's spatial axes
+    groups = max(spec.feature_group_count, spec.batch_group_count)  # at most one is > 1
+    if groups > 1:
+        # The group index lives in w's out-feature axis; in the transposed conv the kernel's
+        # roles swap, so move it to the in-feature axis, where the swapped spec reads groups.
+        w = _merge_axis(_split_axis(w, rhs_spec[0], groups), rhs_spec[0], rhs_spec[1])
+    w = lax.rev(w, sdims)  # spatially flipped kernel
+    k = [_dilated(w.shape[d], r) for d, r in zip(sdims, spec.rhs_dilation, strict=True)]
+    n_in = [
+        _dilated(x_aval.shape[d], r) for d, r in zip(lhs_spec[2:], spec.lhs_dilation, strict=True)
+    ]
+    n_out = [
+        _dilated(g.shape[d], s) for d, s in zip(out_spec[2:], spec.window_strides, strict=True)
+    ]
+    before = [kd - 1 - lo for kd, (lo, _) in zip(k, spec.padding, strict=True)]
+    # After-padding: the full correlation of the strided-dilated G with the kernel has
+    # n_out + k − 1 entries; keep exactly n_in of them, starting at `before`.
+    after = [ni + kd - 1 - no - b for ni, kd, no, b in zip(n_in, k, n_out, before, strict=True)]
+    out = lax.conv_general_dilated(
+        g,
+        w,
+        window_strides=spec.lhs_dilation,  # input dilation becomes the stride ...
+        padding=tuple(zip(before, after, strict=True)),
+        lhs_dilation=spec.window_strides,  # ... and the stride becomes input dilation
+        rhs_dilation=spec.rhs_dilation,
+        dimension_numbers=lax.ConvDimensionNumbers(out_spec, _swap01(rhs_spec), lhs_spec),
+        feature_group_count=groups,
+        batch_group_count=1,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=None if spec.batch_group_count > 1 else _typed(x_aval, g, w),
+    )
+    if spec.batch_group_count > 1:
+        # Batch groups came out as feature groups: move them back into x's batch axis.
+        out = _merge_axis(
+            _split_axis(out, lhs_spec[1], spec.batch_group_count), lhs_spec[1], lhs_spec[0]
+        )
+    return out
+
+
+def transpose_w(g, x, w_aval, *, spec: ConvSpec, precision=None, preferred_element_type=None):
+    """``w̄ = conv(x, G)``: the transpose of ``w -> conv(x, w)``, shaped like ``w``.
+
+    Batch and feature axes of ``x``, ``G`` and ``w̄`` are read swapped, so the batch is
+    contracted; strides and kernel dilation trade places; feature groups ↔ batch groups.
+
+    Args:
+      g: cotangent of ``y``, laid out by ``out_spec``.
+      x: the input, laid out by ``lhs_spec``.
+      w_aval: anything with ``w``'s ``.shape`` (its values are not read).
+      spec: the forward convolution's static arguments.
+      precision, preferred_element_type: passed to the convolution.
+
+    Returns:
+      ``w̄`` with ``w``'s shape.
+    """
+    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+    if np.size(g) == 0:  # nothing flows back; avoid a degenerate (zero-size) kernel
+        return jnp.zeros(w_aval.shape, preferred_element_type or jnp.result_type(x, g))
+    n_in = [_dilated(x.shape[d], r) for d, r in zip(lhs_spec[2:], spec.lhs_dilation, strict=True)]
+    k = [_dilated(w_aval.shape[d], r) for d, r in zip(rhs_spec[2:], spec.rhs_dilation, strict=True)]
+    n_out = [
+        _dilated(g.shape[d], s) for d, s in zip(out_spec[2:], spec.window_strides, strict=True)
+    ]
+    lo = [p for p, _ in spec.padding]
+    hi = [no - ni + kd - 1 - p for no, ni, kd, p in zip(n_out, n_in, k, lo, strict=True)]
+    return lax.conv_general_dilated(
+        x,
+        g,
+        window_strides=spec.rhs_dilation,  # kernel dilation becomes the stride ...
+        padding=tuple(zip(lo, hi, strict=True)),
+        lhs_dilation=spec.lhs_dilation,
+        rhs_dilation=spec.window_strides,  # ... and the stride dilates G, now the kernel
+        dimension_numbers=lax.ConvDimensionNumbers(
+            _swap01(lhs_spec), _swap01(out_spec), _swap01(rhs_spec)
+        ),
+        feature_group_count=spec.batch_group_count,  # batch groups ↔ feature groups
+        batch_group_count=spec.feature_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=_typed(w_aval, g, x),
+    )
+
+
+CONV = bilinear_op("conv", forward, transpose_x, transpose_w)
+
+
+# --------------------------------------------------------------------------------------
+# Validation: one check per mistake, at trace time, naming the function and the argument.
+# `names` maps the lax argument names to the ones the caller's signature uses.
+
+_LAX_NAMES = {
+    "lhs": "lhs",
+    "rhs": "rhs",
+    "window_strides": "window_strides",
+    "lhs_dilation": "lhs_dilation",
+    "rhs_dilation": "rhs_dilation",
+    "feature_group_count": "feature_group_count",
+}
+_PADDINGS = ("SAME", "VALID", "SAME_LOWER")
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_count(fn, name, value):
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_window(fn, name, value, n, default=None):
+    """A tuple of ``n`` positive ints (``value=None`` gives ``default``; ``n=None``: any)."""
+    if value is None and default is not None:
+        return (default,) * n
+    try:
+        values = tuple(value)
+    except TypeError:
+        values = None
+    if (
+        values is None
+        or len(values) != (len(values) if n is None else n)
+        or not all(_is_int(v) and v >= 1 for v in values)
+    ):
+        count = "" if n is None else f"{n} "
+        raise ValueError(
+            f"{fn}: `{name}` must be a sequence of {count}positive ints (one per spatial axis),"
+            f" got {value!r}"
+        )
+    return tuple(int(v) for v in values)
+
+
+def _check_dimension_numbers(fn, dimension_numbers, lhs_shape, rhs_shape):
+    """``dimension_numbers`` as a ``ConvDimensionNumbers`` of permutations of the axes."""
+    ndim = len(lhs_shape)
+    dn = dimension_numbers
+    if dn is None or isinstance(dn, lax.ConvDimensionNumbers):
+        specs = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dn)
+        for name, spec in zip(("lhs_spec", "rhs_spec", "out_spec"), specs, strict=True):
+            if sorted(spec) != list(range(ndim)):
+                raise ValueError(
+                    f"{fn}: `dimension_numbers.{name}` must be a permutation of the {ndim} axes"
+                    f" (batch/feature first, then spatial), got {spec}"
+                )
+        return specs
+    roles = (("lhs", "NC"), ("rhs", "OI"), ("out", "NC"))
+    if not isinstance(dn, (tuple, list)) or len(dn) != 3 or not all(isinstance(s, str) for s in dn):
+        raise ValueError(
+            f"{fn}: `dimension_numbers` must be None, a lax.ConvDimensionNumbers or three"
+            f" strings such as ('NHWC', 'HWIO', 'NHWC'), got {dn!r}"
+        )
+    spatial = None
+    for s, (role, pair) in zip(dn, roles, strict=True):
+        if len(s) != ndim:
+            raise ValueError(
+                f"{fn}: `dimension_numbers` {role} string {s!r} has {len(s)} letters but the"
+                f" operands have {ndim} axes"
+            )
+        if len(set(s)) != len(s) or not all(s.count(c) == 1 for c in pair):
+            raise ValueError(
+                f"{fn}: `dimension_numbers` {role} string {s!r} must name each axis once,"
+                f" with '{pair[0]}' and '{pair[1]}' exactly once"
+            )
+        rest = set(s) - set(pair)
+        if spatial is not None and rest != spatial:
+            raise ValueError(
+                f"{fn}: `dimension_numbers` strings {tuple(dn)} must share the same spatial letters"
+            )
+        spatial = rest
+    return lax.conv_dimension_numbers(lhs_shape, rhs_shape, tuple(dn))
+
+
+def _check_padding(fn, padding, n):
+    if isinstance(padding, str):
+        if padding.upper() not in _PADDINGS:
+            raise ValueError(
+                f"{fn}: `padding` must be one of {_PADDINGS} or {n} (lo, hi) pairs, got {padding!r}"
+            )
+        return padding.upper()
+    try:
+        pairs = tuple(tuple(p) for p in padding)
+    except TypeError:
+        pairs = None
+    if (
+        pairs is None
+        or len(pairs) != n
+        or not all(len(p) == 2 and all(map(_is_int, p)) for p in pairs)
+    ):
+        raise ValueError(
+            f"{fn}: `padding` must be one of {_PADDINGS} or {n} (lo, hi) int pairs (one per"
+            f" spatial axis), got {padding!r}"
+        )
+    return tuple((int(lo), int(hi)) for lo, hi in pairs)
+
+
+def _conv_spec(
+    fn,
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+    compute_dtype=None,
+    names=_LAX_NAMES,
+) -> ConvSpec:
+    """Check every argument of ``conv_general_dilated``; return them canonical (hashable)."""
+    x_name, w_name = names["lhs"], names["rhs"]
+    x_dtype, w_dtype = _dtype(fn, x_name, lhs), _dtype(fn, w_name, rhs)
+    x_shape, w_shape = tuple(lhs.shape), tuple(rhs.shape)
+    if len(x_shape) < 3:
+        raise ValueError(
+            f"{fn}: `{x_name}` must have a batch, a feature and at least one spatial axis,"
+            f" got shape {x_shape}"
+        )
+    if len(w_shape) != len(x_shape):
+        raise ValueError(
+            f"{fn}: `{w_name}` must have rank {len(x_shape)} like `{x_name}` (shape {x_shape}),"
+            f" got shape {w_shape}"
+        )
+    n = len(x_shape) - 2
+    lhs_spec, rhs_spec, out_spec = _check_dimension_numbers(fn, dimension_numbers, x_shape, w_shape)
+    fgc = _check_count(fn, names["feature_group_count"], feature_group_count)
+    bgc = _check_count(fn, "batch_group_count", batch_group_count)
+    if fgc > 1 and bgc > 1:
+        raise ValueError(
+            f"{fn}: at most one of `{names['feature_group_count']}` ({fgc}) and"
+            f" `batch_group_count` ({bgc}) may be greater than 1"
+        )
+    c_in, k_in, k_out = x_shape[lhs_spec[1]], w_shape[rhs_spec[1]], w_shape[rhs_spec[0]]
+    if c_in % fgc:
+        raise ValueError(
+            f"{fn}: `{x_name}` has {c_in} input channels (shape {x_shape}), not divisible by"
+            f" `{names['feature_group_count']}`={fgc}"
+        )
+    if k_in * fgc != c_in:
+        raise ValueError(
+            f"{fn}: `{w_name}` (shape {w_shape}) takes {k_in} input channels per group × {fgc}"
+            f" group(s) = {k_in * fgc}, but `{x_name}` has {c_in} (shape {x_shape})"
+        )
+    for groups, name in ((fgc, names["feature_group_count"]), (bgc, "batch_group_count")):
+        if k_out % groups:
+            raise ValueError(
+                f"{fn}: `{w_name}` has {k_out} output channels (shape {w_shape}), not divisible"
+                f" by `{name}`={groups}"
+            )
+    if x_shape[lhs_spec[0]] % bgc:
+        raise ValueError(
+            f"{fn}: `{x_name}` has batch size {x_shape[lhs_spec[0]]} (shape {x_shape}), not"
+            f" divisible by `batch_group_count`={bgc}"
+        )
+    strides = _check_window(fn, names["window_strides"], window_strides, n)
+    lhs_dil = _check_window(fn, names["lhs_dilation"], lhs_dilation, n, default=1)
+    rhs_dil = _check_window(fn, names["rhs_dilation"], rhs_dilation, n, default=1)
+    padding = _check_padding(fn, padding, n)
+    if isinstance(padding, str):
+        if lhs_dil != (1,) * n:
+            raise ValueError(
+                f"{fn}: `padding`={padding!r} is not defined with `{names['lhs_dilation']}`="
+                f"{lhs_dil}; give explicit (lo, hi) pairs"
+            )
+        k_eff = [_dilated(w_shape[d], r) for d, r in zip(rhs_spec[2:], rhs_dil, strict=True)]
+        padding = tuple(
+            (int(lo), int(hi))
+            for lo, hi in lax.padtype_to_pads(
+                [x_shape[d] for d in lhs_spec[2:]], k_eff, strides, padding
+            )
+        )
+    if compute_dtype is None and x_dtype != w_dtype:
+        raise TypeError(
+            f"{fn}: `{x_name}` has dtype {x_dtype} but `{w_name}` has dtype {w_dtype}; cast"
+            " one" + (", or pass compute_dtype=" if names is not _LAX_NAMES else "")
+        )
+    dn = lax.ConvDimensionNumbers(tuple(lhs_spec), tuple(rhs_spec), tuple(out_spec))
+    return ConvSpec(strides, padding, lhs_dil, rhs_dil, dn, fgc, bgc)
+
+
+# --------------------------------------------------------------------------------------
+# The lax drop-ins.
+
+
+def _lax_prepare(fn, lhs, rhs, args, precision, preferred_element_type, out_sharding):
+    """Validate the ``lax`` signature's arguments; return ``(lhs, rhs, params, out_dtype)``."""
+    no_out_sharding(fn, out_sharding)
+    p, lhs = layer_inputs(Params(rhs), lhs)
+    spec = _conv_spec(fn, lhs, p.W, *args)
+    params = dict(spec=spec, precision=canonical_precision(precision))
+    return lhs, p.W, params, out_dtype(fn, preferred_element_type)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+):
+    r"""``lax.conv_general_dilated`` with its two transposes written out (``custom_vjp``).
+
+    Same arguments and result as ``jax.lax.conv_general_dilated``; ``jax.grad`` and
+    ``jax.vjp`` run ``transpose_x`` (the flipped-kernel convolution of ``G``) and
+    ``transpose_w`` (the correlation of ``x`` with ``G``). Reverse mode only: for
+    ``jvp``/``jacfwd``/``linear_transpose`` use ``dual_conv_general_dilated``. A drop-in
+    for Flax: ``nnx.Conv(..., conv_general_dilated=jaxlinear.conv_general_dilated)``.
+
+    .. math:: \bar x = \mathrm{conv}(G, \mathrm{flip}(w)^\top), \qquad
+        \bar w = \mathrm{conv}(x^\top, G^\top)
+
+    Args:
+      lhs: the input, e.g. ``(N, C, H, W)`` (or as ``dimension_numbers`` says).
+      rhs: the kernel, e.g. ``(O, I, kH, kW)``, ``I = C / feature_group_count``.
+      window_strides: one positive int per spatial axis.
+      padding: ``"SAME"``, ``"VALID"``, ``"SAME_LOWER"`` or ``(lo, hi)`` pairs.
+      lhs_dilation, rhs_dilation: input and kernel dilation (``None``: 1).
+      dimension_numbers: ``None`` (``NCHW, OIHW, NCHW``), three strings such as
+        ``("NHWC", "HWIO", "NHWC")``, or a ``lax.ConvDimensionNumbers``.
+      feature_group_count, batch_group_count: as in ``lax``; at most one above 1.
+      precision: passed to every convolution (forward and both transposes).
+      preferred_element_type: dtype of the result (accumulation happens in it).
+      out_sharding: accepted for Flax's sake; must be ``None``.
+
+    Returns:
+      The convolution, laid out by ``dimension_numbers``'s output spec.
+
+    Raises:
+      ValueError: wrong ranks, malformed dimension numbers, strides, dilations, padding or
+        group counts, channel counts that do not match.
+      TypeError: non-floating operands or operands of different dtypes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> x, w = jnp.array([[[1., 2., 3., 4.]]]), jnp.array([[[1., -1.]]])  # (N, C, W), (O, I, W)
+      >>> jaxlinear.conv_general_dilated(x, w, (1,), "VALID").tolist()
+      [[[-1.0, -1.0, -1.0]]]
+      >>> f = lambda x: jaxlinear.conv_general_dilated(x, w, (1,), "VALID").sum()
+      >>> jax.grad(f)(x).tolist()
+      [[[1.0, 0.0, 0.0, -1.0]]]
+    """
+    fn = "conv_general_dilated"
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    lhs, rhs, params, y_dtype = _lax_prepare(
+        fn,
+        lhs,
+        rhs,
+        (*args, feature_group_count, batch_group_count),
+        precision,
+        preferred_element_type,
+        out_sharding,
+    )
+    return CONV.custom_vjp(lhs, rhs, out_dtype=y_dtype, **params)
+
+
+def dual_conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+):
+    r"""``conv_general_dilated`` with an explicit JVP *and* explicit transposes (a primitive).
+
+    Same arguments, result and validation as ``conv_general_dilated``. The JVP is
+    ``conv(ẋ, w) + conv(x, ẇ)``, transposed by the same ``transpose_x``/``transpose_w``,
+    so every transform composes: ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose``
+    in either operand, ``grad``, ``vmap``, ``jit``, ``shard_map``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> x, w = jnp.array([[[1., 2., 3., 4.]]]), jnp.array([[[1., -1.]]])
+      >>> f = lambda w: jaxlinear.dual_conv_general_dilated(x, w, (1,), "VALID")
+      >>> jax.jvp(f, (w,), (jnp.array([[[1., 0.]]]),))[1].tolist()
+      [[[1.0, 2.0, 3.0]]]
+    """
+    fn = "dual_conv_general_dilated"
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    lhs, rhs, params, y_dtype = _lax_prepare(
+        fn,
+        lhs,
+        rhs,
+        (*args, feature_group_count, batch_group_count),
+        precision,
+        preferred_element_type,
+        out_sharding,
+    )
+    return CONV.dual(lhs, rhs, out_dtype=y_dtype, **params)
+
+
+# --------------------------------------------------------------------------------------
+# The layer, in jaxlinear's functional style: channels last, Params(W, b).
+
+_LAYER_NAMES = {
+    "lhs": "x",
+    "rhs": "W",
+    "window_strides": "strides",
+    "lhs_dilation": "lhs_dilation",
+    "rhs_dilation": "dilation",
+    "feature_group_count": "groups",
+}
+
+
+def _channels_last(n):
+    """``(N, *spatial, C)``, ``(*kernel, I, O)``, ``(N, *spatial, C)`` as dimension numbers."""
+    lhs = (0, n + 1, *range(1, n + 1))
+    return lax.ConvDimensionNumbers(lhs, (n + 1, n, *range(n)), lhs)
+
+
+def _per_axis(value, n):
+    """A positive int repeated once per spatial axis; anything else as given (checked later)."""
+    return (value,) * n if _is_int(value) and value >= 1 else value
+
+
+def _layer_prepare(fn, params, x, strides, padding, dilation, groups, precision, compute_dtype):
+    compute_dtype = canonical_compute_dtype(fn, compute_dtype)
+    layout = layout_of(fn, params)
+    params, x = layer_inputs(params, x)
+    W, b = layout.unpack(params)
+    n = max(len(getattr(x, "shape", ())) - 2, 1)
+    spec = _conv_spec(
+        fn,
+        x,
+        W,
+        _per_axis(strides, n),
+        padding,
+        None,
+        _per_axis(dilation, n),
+        _channels_last(n),
+        groups,
+        1,
+        compute_dtype,
+        names=_LAYER_NAMES,
+    )
+    if b is not None:
+        c_out = W.shape[-1]
+        if tuple(b.shape) != (c_out,):
+            raise ValueError(
+                f"{fn}: `b` must have shape ({c_out},) for `W` of shape"
+                f" {tuple(W.shape)}, got {tuple(b.shape)}"
+            )
+        if _dtype(fn, "b", b) != _dtype(fn, "W", W):
+            raise TypeError(
+                f"{fn}: `b` has dtype {_dtype(fn, 'b', b)} but `W` has dtype"
+                f" {_dtype(fn, 'W', W)}; they must match"
+            )
+    kw = dict(compute_dtype=compute_dtype, spec=spec, precision=canonical_precision(precision))
+    return x, W, b, kw
+
+
+def conv(
+    params,
+    x,
+    *,
+    strides=1,
+    padding="SAME",
+    dilation=1,
+    groups=1,
+    precision=None,
+    compute_dtype=None,
+):
+    r"""Convolution layer ``Y = conv(X, W) + b``, channels last, with explicit transposes.
+
+    .. math:: Y[n, p, o] = \sum_{k, i} X[n, s p + d k - \text{pad}, g(o) I + i]\, W[k, i, o] + b[o]
+
+    A ``jax.custom_vjp`` (reverse mode: ``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jit``);
+    ``dual_conv`` also has forward mode. Mixed precision as in ``linear``.
+
+    Args:
+      params: ``Params(W, b)`` or ``{"W", "b"}``; ``W: (*kernel, C_in / groups, C_out)``,
+        ``b: (C_out,)`` or ``None``.
+      x: ``(N, *spatial, C_in)``, 1 to 3 spatial axes (as many as ``W`` has kernel axes).
+      strides: an int or one int per spatial axis.
+      padding: ``"SAME"`` (default), ``"VALID"``, ``"SAME_LOWER"`` or ``(lo, hi)`` pairs.
+      dilation: kernel dilation, an int or one per spatial axis.
+      groups: feature groups (``C_in`` and ``C_out`` divisible by it; depthwise:
+        ``groups = C_in``).
+      precision: passed to every convolution, backward too.
+      compute_dtype: e.g. ``jnp.bfloat16``: convolutions in this dtype, float32 accumulation.
+
+    Returns:
+      ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else in ``x.dtype``.
+
+    Raises:
+      ValueError: ``W`` of a rank other than ``x``'s, channels that do not match
+        (``C_in`` vs ``W``'s in-channels × ``groups``) or do not divide by ``groups``, bad
+        ``strides``/``dilation``/``padding``, ``b`` not ``(C_out,)``.
+      TypeError: bad params structure, non-floating arrays, ``x`` and ``W`` of different
+        dtypes without ``compute_dtype``, ``b`` of another dtype than ``W``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> p = jaxlinear.Params(jnp.ones((2, 1, 1)), jnp.array([0.5]))  # kernel 2, 1 -> 1
+      >>> jaxlinear.conv(p, jnp.array([[[1.], [2.], [3.]]]), padding="VALID").tolist()
+      [[[3.5], [5.5]]]
+    """
+    args = _layer_prepare(
+        "conv", params, x, strides, padding, dilation, groups, precision, compute_dtype
+    )
+    x, W, b, kw = args
+    return CONV.custom_vjp(x, W, b, **kw)
+
+
+def dual_conv(
+    params,
+    x,
+    *,
+    strides=1,
+    padding="SAME",
+    dilation=1,
+    groups=1,
+    precision=None,
+    compute_dtype=None,
+):
+    r"""``conv`` with an explicit JVP *and* explicit transposes: every JAX transform works.
+
+    Same arguments, result and validation as ``conv``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> p = jaxlinear.Params(jnp.ones((2, 1, 1)), None)
+      >>> x = jnp.array([[[1.], [2.], [3.]]])
+      >>> jax.jvp(lambda x: jaxlinear.dual_conv(p, x, padding="VALID"), (x,), (x,))[1].tolist()
+      [[[3.0], [5.0]]]
+    """
+    args = _layer_prepare(
+        "dual_conv", params, x, strides, padding, dilation, groups, precision, compute_dtype
+    )
+    x, W, b, kw = args
+    return CONV.dual(x, W, b, **kw)
+
+
+def init_conv(
+    key, kernel_size, c_in, c_out, *, groups=1, bias=True, scheme="lecun_normal", dtype=jnp.float32
+) -> Params:
+    """Initialize a conv layer: ``W: (*kernel_size, c_in / groups, c_out)``, ``b`` zeros.
+
+    The schemes are ``init``'s (``jaxlinear.SCHEMES``) with fan-in
+    ``prod(kernel_size) · c_in / groups`` and fan-out ``prod(kernel_size) · c_out``
+    (``jax.nn.initializers`` read the last two axes of ``W`` as in/out and the others as
+    the receptive field).
+
+    Args:
+      key: a PRNG key.
+      kernel_size: an int (1-D) or one int per spatial axis.
+      c_in, c_out: input and output channels, both divisible by ``groups``.
+      groups: feature groups.
+      bias: whether to create ``b: (c_out,)`` (zeros) or set it to ``None``.
+      scheme: a name in ``jaxlinear.SCHEMES`` or an initializer ``f(key, shape, dtype)``.
+      dtype: dtype of ``W`` and ``b``.
+
+    Returns:
+      ``Params(W, b)``.
+
+    Examples:
+      >>> import jax, jaxlinear
+      >>> p = jaxlinear.init_conv(jax.random.key(0), (3, 3), 4, 8, groups=2)
+      >>> p.W.shape, p.b.shape
+      ((3, 3, 2, 8), (8,))
+    """
+    fn = "init_conv"
+    kernel = _check_window(fn, "kernel_size", _per_axis(kernel_size, 1), None)
+    for name, v in (("c_in", c_in), ("c_out", c_out), ("groups", groups)):
+        _check_count(fn, name, v)
+    for name, v in (("c_in", c_in), ("c_out", c_out)):
+        if v % groups:
+            raise ValueError(f"{fn}: `{name}`={v} is not divisible by `groups`={groups}")
+    if callable(scheme):
+        initializer = scheme
+    elif scheme in _SCHEMES:
+        initializer = _SCHEMES[scheme][0]()
+    else:
+        raise ValueError(f"{fn}: `scheme` must be one of {SCHEMES} or a callable, got {scheme!r}")
+    W = initializer(key, (*kernel, c_in // groups, c_out), dtype)
+    return Params(W, jnp.zeros((c_out,), dtype) if bias else None)

@@ -1,0 +1,229 @@
+r"""Embedding lookup ``y = table[ids]``: a gather, whose transpose is a scatter-add.
+
+The lookup is linear in ``table: (V, d)`` (not bilinear: the integer ``ids`` are not
+differentiated), so one formula and its transpose are the whole story:
+
+.. math::
+
+     y[\dots, :] = \text{table}[\text{ids}[\dots], :], \qquad
+     \overline{\text{table}}[v, :] = \sum_{\dots:\ \text{ids}[\dots] = v} G[\dots, :]
+
+Rows looked up more than once receive the *sum* of their cotangents (repeated ids sum),
+the same broadcast ↔ sum duality as a bias. Because the map is linear, its pushforward is
+the map itself applied to the tangent, ``dy = embed(dtable, ids)``, so the dual binding
+needs a single primitive: its JVP binds itself on the tangent and its transpose rule is
+the scatter-add.
+
+Out-of-range ids: ``ids`` in ``[-V, V)`` index as in NumPy (negative ones count from the
+end); any other id looks up a row of zeros and sends no gradient anywhere (JAX's
+``mode="fill"`` gather with ``fill_value=0`` and ``mode="drop"`` scatter, a consistent
+transpose pair). Plain ``table[ids]`` in JAX clamps such ids in the forward pass but
+drops their gradient, which is not a transpose pair; ``jnp.take`` fills with NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlinear._src import vma
+from jaxlinear._src.bilinear import accumulation_dtype
+from jaxlinear._src.validation import _dtype
+
+
+def _typed(table, ids):
+    """Where ``table[ids]`` lives on a mesh whose shardings are types (Explicit axes):
+    ``ids``' axes as ``ids`` are sharded, the last like the table's columns; else ``None``."""
+    mesh = vma._explicit_mesh(ids) or vma._explicit_mesh(table)
+    if mesh is None:
+        return None
+    entries = [vma._entry(ids, axis) for axis in range(np.ndim(ids))]
+    return NamedSharding(mesh, PartitionSpec(*entries, vma._entry(table, 1)))
+
+
+def lookup(table, ids):
+    """``table[ids]``: ``(V, d)``, integer ``(...)`` -> ``(..., d)``; zeros outside [-V, V)."""
+    return (
+        jnp.asarray(table).at[ids].get(mode="fill", fill_value=0, out_sharding=_typed(table, ids))
+    )
+
+
+def scatter_add(g, ids, table_aval):
+    """The transpose of ``lookup`` in ``table``: ``G: (..., d)`` summed into the rows ``ids`` name.
+
+    ``table_aval`` needs only ``.shape`` and ``.dtype``. Sums run in the accumulation
+    dtype (float32 for 16-bit tables), then round once to the table's dtype.
+    """
+    acc = accumulation_dtype(table_aval.dtype)
+    like = None  # where the result lives, on meshes whose shardings are types: like the table
+    if vma._explicit_mesh(table_aval) is not None:
+        like = vma._aval(table_aval).sharding
+    elif vma._explicit_mesh(ids) is not None:
+        like = NamedSharding(vma._explicit_mesh(ids), PartitionSpec())
+    rows = jnp.zeros(table_aval.shape, acc, out_sharding=like)  # laid out like the table
+    rows = rows.at[ids].add(g.astype(acc), mode="drop", out_sharding=like)
+    return rows.astype(table_aval.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Binding 1: jax.custom_vjp. Saves exactly (table, ids); the values of table are not read.
+
+
+@jax.custom_vjp
+def _embed(table, ids):
+    return lookup(table, ids)
+
+
+def _embed_fwd(table, ids):
+    return lookup(table, ids), (table, ids)
+
+
+def _embed_bwd(residuals, g):
+    table, ids = residuals  # table: for its shape, dtype and (in shard_map) varying axes
+    # Inside shard_map: sum over the manual axes along which the table is replicated.
+    return vma.psum_to(scatter_add(g, ids, table), table), None
+
+
+_embed.defvjp(_embed_fwd, _embed_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# Binding 2: one primitive, linear in `table`; JVP = itself, transpose = scatter_add.
+
+embed_p = Primitive("jaxlinear_embed")
+embed_p.def_impl(lookup)
+mlir.register_lowering(embed_p, mlir.lower_fun(lookup, multiple_results=False))
+
+
+@embed_p.def_abstract_eval
+def _embed_abstract_eval(table, ids):
+    aval = table.update(shape=(*ids.shape, table.shape[1]), weak_type=False)
+    sharding = _typed(table, ids)  # only where shardings are types
+    if sharding is not None:
+        aval = aval.update(sharding=sharding)
+    return vma.with_varying(aval, vma.varying_axes(table) | vma.varying_axes(ids))
+
+
+def _embed_jvp(primals, tangents):
+    table, ids = primals
+    y = embed_p.bind(table, ids)
+    dtable = tangents[0]
+    return y, jnp.zeros_like(y) if type(dtable) is ad.Zero else embed_p.bind(dtable, ids)
+
+
+def _embed_transpose(ct, table, ids):
+    if ad.is_undefined_primal(ids) or not ad.is_undefined_primal(table):
+        raise ValueError(
+            "dual_embed: the lookup is linear in `table` only; it has no transpose in `ids`"
+        )
+    if type(ct) is ad.Zero:
+        return [None, None]
+    return [vma.psum_to(scatter_add(ct, ids, table.aval), table.aval), None]
+
+
+def _embed_batch(args, dims):
+    table, ids = args
+    t_dim, i_dim = dims
+    if t_dim is None:  # only ids batched: the vmapped axis is one more axis of ids
+        return embed_p.bind(table, ids), i_dim
+    # A batch of tables (B, V, d): stack them into one (B·V, d) table and offset each id
+    # by b·V; ids outside [-V, V) stay outside the stacked table, so they still read zeros.
+    table = jnp.moveaxis(table, t_dim, 0)
+    size, vocab = table.shape[:2]
+    ids = (
+        jnp.moveaxis(ids, i_dim, 0)
+        if i_dim is not None
+        else jnp.broadcast_to(ids, (size, *ids.shape))
+    )
+    offset = jnp.arange(size, dtype=ids.dtype).reshape(size, *(1,) * (ids.ndim - 1)) * vocab
+    inside = (ids >= -vocab) & (ids < vocab)
+    flat = jnp.where(inside, jnp.where(ids < 0, ids + vocab, ids) + offset, size * vocab)
+    return embed_p.bind(table.reshape(size * vocab, table.shape[2]), flat), 0
+
+
+ad.primitive_jvps[embed_p] = _embed_jvp
+ad.primitive_transposes[embed_p] = _embed_transpose
+batching.primitive_batchers[embed_p] = _embed_batch
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _prepare(fn, table, ids):
+    """Check ``table`` (floating, 2-D) and ``ids`` (integer); return them as arrays."""
+    if isinstance(table, (np.ndarray, np.generic)):
+        table = jnp.asarray(table)  # canonical under the x64 setting, as jnp would compute
+    _dtype(fn, "table", table)
+    if table.ndim != 2:
+        raise ValueError(f"{fn}: `table` must be 2-D (V, d), got shape {tuple(table.shape)}")
+    if not hasattr(ids, "dtype"):
+        try:
+            ids = jnp.asarray(ids)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: `ids` must be an integer array, got {type(ids).__name__}"
+            ) from None
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(
+            f"{fn}: `ids` must have an integer dtype, got {ids.dtype} (shape {tuple(ids.shape)})"
+        )
+    return table, ids
+
+
+def embed(table, ids):
+    r"""Embedding lookup ``table[ids]`` with its transpose written out (``custom_vjp``).
+
+    The backward pass is the scatter-add of ``G`` into the rows of ``table``; rows looked
+    up several times receive the sum. ``ids`` get no gradient (``jax.vjp`` returns a
+    ``float0`` zero for them, as for any integer input). Reverse mode only: for ``jvp``,
+    ``jacfwd`` or ``linear_transpose`` use ``dual_embed``.
+
+    .. math:: y = \text{table}[\text{ids}], \qquad
+        \overline{\text{table}} = \textstyle\sum_{\text{ids}[\dots] = v} G[\dots]
+
+    Args:
+      table: ``(V, d)`` floating.
+      ids: integer array of any shape. Ids in ``[-V, V)`` index as in NumPy; others read
+        a row of zeros and receive no gradient.
+
+    Returns:
+      ``(*ids.shape, d)`` in ``table``'s dtype.
+
+    Raises:
+      TypeError: ``table`` not floating, ``ids`` not integer.
+      ValueError: ``table`` not 2-D.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> table = jnp.array([[1., 2.], [3., 4.], [5., 6.]])
+      >>> ids = jnp.array([2, 0, 2])
+      >>> jaxlinear.embed(table, ids).tolist()
+      [[5.0, 6.0], [1.0, 2.0], [5.0, 6.0]]
+      >>> jax.grad(lambda t: jaxlinear.embed(t, ids).sum())(table).tolist()  # row 2 twice
+      [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
+    """
+    table, ids = _prepare("embed", table, ids)
+    return _embed(table, ids)
+
+
+def dual_embed(table, ids):
+    r"""``embed`` as a primitive with an explicit JVP and transpose: every transform works.
+
+    Same arguments, result and validation as ``embed``. The JVP is the lookup of the
+    tangent table, ``embed(dtable, ids)``; the transpose is the scatter-add. ``jvp``,
+    ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``, ``grad``, ``vmap``
+    (over ids or tables), ``jit``, ``shard_map``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> ids = jnp.array([1, 1])
+      >>> f = jax.linear_transpose(lambda t: jaxlinear.dual_embed(t, ids), jnp.zeros((2, 1)))
+      >>> f(jnp.array([[1.], [2.]]))[0].tolist()
+      [[0.0], [3.0]]
+    """
+    table, ids = _prepare("dual_embed", table, ids)
+    return embed_p.bind(table, ids)

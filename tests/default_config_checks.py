@@ -1,0 +1,217 @@
+"""The public API in JAX's default configuration (x64 off), on NumPy inputs, warnings as errors.
+
+``tests/conftest.py`` turns float64 on for the rest of the suite, so these tests run in a
+fresh interpreter that never reads it: ``tests/test_default_config.py`` runs ::
+
+    python -W error -m pytest --noconftest -p no:cacheprovider tests/default_config_checks.py
+
+with ``JAX_ENABLE_X64=0`` (run that line by hand to see each test). NumPy's
+``np.random`` gives float64 arrays; with x64 off JAX computes them in float32, and every
+public function must then behave exactly like plain ``x @ W + b`` computed by JAX in the
+same configuration: the same result dtype, the same values (to float32 rounding), and no
+warning. The file is named ``*_checks.py`` so that the main run does not collect its tests
+under x64 (its doctest collection only imports it, which does nothing).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlinear
+
+F32 = np.dtype(np.float32)
+TOL = dict(rtol=2e-6, atol=2e-6)  # float32 rounding, sizes below 10
+
+
+def plain(params, x):
+    """The reference: ``x @ W + b`` computed by JAX (NumPy inputs canonicalized by jnp)."""
+    W = params.W if isinstance(params, jaxlinear.Params) else params["W"]
+    b = params.b if isinstance(params, jaxlinear.Params) else params.get("b")
+    y = jnp.matmul(x, W)
+    return y if b is None else y + b
+
+
+def numpy_layer(seed, lead=(5,), d_in=4, d_out=3, dtype=np.float64):
+    """NumPy ``(params, x)``: float64 by default, as ``np.random`` gives them."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((d_in, d_out)).astype(dtype)
+    b = rng.standard_normal(d_out).astype(dtype)
+    x = rng.standard_normal((*lead, d_in)).astype(dtype)
+    return jaxlinear.Params(W, b), x
+
+
+def assert_like(actual, expected, **tol):
+    """Same structure, shapes, dtypes; values within float32 rounding."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), (actual, expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert isinstance(a, jax.Array), type(a)
+        assert (a.shape, a.dtype) == (e.shape, e.dtype), (a.shape, a.dtype, e.shape, e.dtype)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), **(tol or TOL))
+
+
+LAYERS = [jaxlinear.linear, jaxlinear.dual_linear]
+NP_DTYPES = [np.float64, np.float32]
+
+
+def test_this_is_the_default_configuration():
+    assert not jax.config.jax_enable_x64
+    assert jnp.asarray(np.ones(2)).dtype == F32
+    assert jax.config.jax_numpy_rank_promotion == "allow"
+
+
+def test_the_issue_example():
+    """``linear(init(...), np.random.randn(5, 4))`` in a fresh interpreter: issue #13."""
+    params = jaxlinear.init(jax.random.key(0), 4, 3)
+    x = np.random.randn(5, 4)  # float64, as NumPy gives it
+    y = jaxlinear.linear(params, x)
+    assert_like(y, plain(params, x))
+    assert y.dtype == (x @ params.W + params.b).dtype == F32
+
+
+@pytest.mark.parametrize("np_dtype", NP_DTYPES)
+@pytest.mark.parametrize("f", LAYERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("params_from", ["numpy", "init"])
+def test_layer_value_and_grad(f, np_dtype, params_from):
+    params, x = numpy_layer(1, (2, 3), dtype=np_dtype)
+    if params_from == "init":
+        params = jaxlinear.init(jax.random.key(1), 4, 3)
+        params = params._replace(b=params.b + 0.5)
+    assert_like(f(params, x), plain(params, x))
+    assert_like(jax.jit(f)(params, x), plain(params, x))
+
+    def loss(g):
+        return lambda p, x: jnp.sum(jnp.sin(g(p, x)))
+
+    assert_like(
+        jax.grad(loss(f), argnums=(0, 1))(params, x),
+        jax.grad(loss(plain), argnums=(0, 1))(params, x),
+    )
+
+
+@pytest.mark.parametrize("np_dtype", NP_DTYPES)
+def test_dual_linear_forward_mode(np_dtype):
+    params, x = numpy_layer(2, dtype=np_dtype)
+    dparams, dx = numpy_layer(3, dtype=np_dtype)
+    assert_like(
+        jax.jvp(jaxlinear.dual_linear, (params, x), (dparams, dx)),
+        jax.jvp(plain, (params, x), (dparams, dx)),
+    )
+    assert_like(
+        jax.jacfwd(jaxlinear.dual_linear, argnums=(0, 1))(params, x),
+        jax.jacfwd(plain, argnums=(0, 1))(params, x),
+    )
+    assert_like(
+        jax.hessian(lambda x: jnp.sum(jnp.sin(jaxlinear.dual_linear(params, x))))(x[0]),
+        jax.hessian(lambda x: jnp.sum(jnp.sin(plain(params, x))))(x[0]),
+    )
+
+
+@pytest.mark.parametrize("np_dtype", NP_DTYPES)
+def test_pushforward_and_pullback(np_dtype):
+    params, x = numpy_layer(4, (2, 3), dtype=np_dtype)
+    dparams, dx = numpy_layer(5, (2, 3), dtype=np_dtype)
+    g = np.random.default_rng(6).standard_normal((2, 3, 3)).astype(np_dtype)
+    assert_like(
+        jaxlinear.pushforward(params, x, dparams, dx), jax.jvp(plain, (params, x), (dparams, dx))[1]
+    )
+    assert_like(jaxlinear.pushforward(params, x, None, dx), jnp.matmul(dx, params.W))
+    assert_like(jaxlinear.pullback(params, x, g), jax.vjp(plain, params, x)[1](g))
+
+
+def test_jacobian_helpers():
+    params, x = numpy_layer(7, (3,))
+    for wrt, argnum in (("x", 1), ("W", 0), ("b", 0)):
+        expected = jax.jacrev(plain, argnums=argnum)(params, x)
+        if wrt != "x":
+            expected = getattr(expected, wrt)
+        assert_like(jaxlinear.dense_jacobian(params, x, wrt=wrt), expected)
+    blocks = jaxlinear.jacobian_blocks(params, x)
+    assert_like(blocks, jnp.broadcast_to(jnp.asarray(params.W).T, (3, 3, 4)))
+
+
+def test_adjoint_test():
+    params, x = numpy_layer(8)
+    rng = np.random.default_rng(9)
+    v, u = rng.standard_normal(x.shape), rng.standard_normal((5, 3))
+    t = jaxlinear.adjoint_test(
+        lambda dx: jaxlinear.pushforward(params, x, None, dx),
+        lambda g: jaxlinear.pullback(params, x, g)[1],
+        v,
+        u,
+    )
+    assert t.residual.dtype == F32 and float(t.residual) <= 1e-5
+    lhs = jnp.sum(jnp.asarray(u) * jnp.matmul(v, params.W))  # ⟨u, v W⟩ by JAX
+    np.testing.assert_allclose(float(t.lhs), float(lhs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [jnp.tanh, None], ids=["tanh", "None"])
+@pytest.mark.parametrize("f", LAYERS, ids=lambda f: f.__name__)
+def test_mlp(f, activation):
+    layers = [numpy_layer(10 + i, (), a, b)[0] for i, (a, b) in enumerate([(4, 5), (5, 2)])]
+    x = numpy_layer(12)[1]
+
+    def ours(layers, x):
+        return jaxlinear.mlp(layers, x, activation=activation, layer=f)
+
+    def ref(layers, x):  # activation=None: the identity
+        h = x
+        for i, p in enumerate(layers):
+            h = plain(p, h)
+            h = activation(h) if activation is not None and i < len(layers) - 1 else h
+        return h
+
+    assert_like(ours(layers, x), ref(layers, x))
+    assert_like(
+        jax.grad(lambda ls: jnp.sum(ours(ls, x) ** 2))(layers),
+        jax.grad(lambda ls: jnp.sum(ref(ls, x) ** 2))(layers),
+    )
+
+
+def test_mixed_precision_on_numpy_inputs():
+    params, x = numpy_layer(13)
+    params = jax.tree.map(lambda a: a.astype(np.float32), params)
+    y = jaxlinear.linear(params, x, compute_dtype=jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16
+    dparams, dx = jax.grad(
+        lambda p, x: jnp.sum(jaxlinear.linear(p, x, compute_dtype=jnp.bfloat16)), (0, 1)
+    )(params, x)
+    assert dx.dtype == dparams.W.dtype == F32
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        jaxlinear.data_parallel_linear,
+        jaxlinear.column_parallel_linear,
+        jaxlinear.row_parallel_linear,
+    ],
+    ids=lambda f: f.__name__,
+)
+def test_sharded_layers_on_one_device(f):
+    params, x = numpy_layer(14, (4,))
+    axis = "data" if f is jaxlinear.data_parallel_linear else "model"
+    mesh = jax.make_mesh((1,), (axis,))
+    assert_like(f(params, x, mesh=mesh, axis=axis), plain(params, x))
+    layers = [numpy_layer(15, (), 4, 6)[0], numpy_layer(16, (), 6, 3)[0]]
+    mesh = jax.make_mesh((1,), ("model",))
+    assert_like(
+        jaxlinear.tensor_parallel_mlp(layers, x, mesh=mesh),
+        plain(layers[1], jax.nn.relu(plain(layers[0], x))),
+    )
+
+
+@pytest.mark.parametrize(
+    ("x", "got"),
+    [([[1.0, 2.0, 3.0, 4.0]], "list"), ("abcd", "str"), (None, "NoneType")],
+    ids=["list", "str", "None"],
+)
+@pytest.mark.parametrize("f", LAYERS, ids=lambda f: f.__name__)
+def test_non_arrays_are_refused(f, x, got):
+    params, _ = numpy_layer(17)
+    with pytest.raises(TypeError, match=rf"^{f.__name__}: `x` must be an array .* got {got}$"):
+        f(params, x)
+    with pytest.raises(TypeError):  # jnp refuses them too
+        jnp.matmul(x, params.W)
