@@ -215,3 +215,113 @@ def test_non_arrays_are_refused(f, x, got):
         f(params, x)
     with pytest.raises(TypeError):  # jnp refuses them too
         jnp.matmul(x, params.W)
+
+
+# -- the family, per-example norms and FSDP on NumPy inputs -----------------------------
+# Each op against the plain lax/jnp op on the same NumPy inputs, which JAX canonicalizes
+# to float32 here: same dtype, same values, gradients too, no warning.
+
+_DN = (((1,), (0,)), ((), ()))
+_CONV_DN = ("NHWC", "HWIO", "NHWC")
+FAMILY = {
+    "dot_general": (
+        lambda x, w: jaxlinear.dot_general(x, w, _DN),
+        lambda x, w: jax.lax.dot_general(x, w, _DN),
+        (5, 4),
+        (4, 3),
+    ),
+    "dual_dot_general": (
+        lambda x, w: jaxlinear.dual_dot_general(x, w, _DN),
+        lambda x, w: jax.lax.dot_general(x, w, _DN),
+        (5, 4),
+        (4, 3),
+    ),
+    "einsum": (
+        lambda x, w: jaxlinear.einsum("btd,dhk->bthk", x, w),
+        lambda x, w: jnp.einsum("btd,dhk->bthk", x, w),
+        (2, 3, 4),
+        (4, 2, 3),
+    ),
+    "dual_einsum": (
+        lambda x, w: jaxlinear.dual_einsum("btd,dhk->bthk", x, w),
+        lambda x, w: jnp.einsum("btd,dhk->bthk", x, w),
+        (2, 3, 4),
+        (4, 2, 3),
+    ),
+    "conv_general_dilated": (
+        lambda x, w: jaxlinear.conv_general_dilated(x, w, (2, 1), "SAME", None, None, _CONV_DN),
+        lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 1), "SAME", None, None, _CONV_DN),
+        (2, 5, 4, 3),
+        (3, 3, 3, 2),
+    ),
+    "dual_conv_general_dilated": (
+        lambda x, w: jaxlinear.dual_conv_general_dilated(
+            x, w, (1, 1), "VALID", None, None, _CONV_DN
+        ),
+        lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", None, None, _CONV_DN),
+        (2, 5, 4, 3),
+        (3, 3, 3, 2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_family_ops_on_numpy_inputs(name):
+    op, reference, x_shape, w_shape = FAMILY[name]
+    rng = np.random.default_rng(20)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)  # float64, as NumPy gives
+    assert_like(op(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+    assert op(x, w).dtype == F32
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+    assert_like(
+        jax.grad(loss(op), argnums=(0, 1))(x, w),
+        jax.grad(loss(reference), argnums=(0, 1))(x, w),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("f", [jaxlinear.conv, jaxlinear.dual_conv], ids=lambda f: f.__name__)
+def test_conv_layer_on_numpy_inputs(f):
+    rng = np.random.default_rng(21)
+    params = jaxlinear.Params(rng.standard_normal((3, 3, 3, 2)), rng.standard_normal(2))
+    x = rng.standard_normal((2, 5, 4, 3))
+    want = jax.lax.conv_general_dilated(x, params.W, (1, 1), "SAME", None, None, _CONV_DN)
+    assert_like(f(params, x), want + params.b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("f", [jaxlinear.embed, jaxlinear.dual_embed], ids=lambda f: f.__name__)
+def test_embed_on_numpy_inputs(f):
+    rng = np.random.default_rng(22)
+    table, ids = rng.standard_normal((6, 3)), np.array([[0, 5, 5], [2, 0, 1]])
+    assert_like(f(table, ids), jnp.asarray(table)[ids])
+    got = jax.grad(lambda t: jnp.sum(jnp.sin(f(t, ids))))(table)
+    want = jax.grad(lambda t: jnp.sum(jnp.sin(jnp.asarray(t)[ids])))(table)
+    assert_like(got, want)
+
+
+def test_per_example_grad_norms_on_numpy_inputs():
+    layers = [numpy_layer(23, (), 4, 5)[0], numpy_layer(24, (), 5, 2)[0]]
+    x = np.random.default_rng(25).standard_normal((6, 4))
+
+    def loss(layers, x):  # per-example losses, (n,)
+        return jnp.sum(jaxlinear.mlp(layers, x, activation=jnp.tanh) ** 2, axis=-1)
+
+    def one(layers, xi):
+        return loss(layers, xi[None])[0]
+
+    per_example = jax.vmap(jax.grad(one), in_axes=(None, 0))(layers, jnp.asarray(x))
+    want = jnp.sqrt(
+        sum(jnp.sum(g.reshape(6, -1) ** 2, axis=1) for g in jax.tree.leaves(per_example))
+    )
+    norms = jaxlinear.per_example_grad_norms(loss, layers, x)
+    assert_like(norms, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_linear_on_one_device():
+    params, x = numpy_layer(26, (4,))
+    mesh = jax.make_mesh((1,), ("data",))
+    assert_like(jaxlinear.fsdp_linear(params, x, mesh=mesh), plain(params, x))
