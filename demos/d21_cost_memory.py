@@ -176,12 +176,20 @@ def run(ctx: Context):
         dots1 == dots0 + 1,
     )
     # A third more GEMM work, but the rest (tanh, the loop, memory traffic) is not
-    # recomputed: expect well under 4/3 more time. Asserted with room: more, and under 2×.
+    # recomputed: expect well under 4/3 more time. That ~1.2x is within the noise of a
+    # shared machine, so the time is shown, not checked; the work is checked exactly, from
+    # XLA's cost analysis of the two compiled programs (it counts a loop body once).
     slower = cpu[1] / cpu[0]
-    if on_cpu:
+    ctx.say(
+        f"  the checkpointed step took {slower:.2f}x the CPU time ({wall[1] / wall[0]:.2f}x wall)"
+    )
+    gemm_c = 2 * n_c * d_c * d_c  # flops of one (n, d) @ (d, d)
+    flops0, flops1 = _flops(rows[0][4]), _flops(rows[1][4])
+    if on_cpu and flops0 is not None and flops1 is not None:  # XLA:CPU's count
         ctx.check(
-            f"timing: the checkpointed step takes {slower:.2f}× the CPU time (between 1 and 2)",
-            1 < slower < 2,
+            f"XLA's flop count per loop iteration: {flops0 / gemm_c:.2f} GEMMs without"
+            f" checkpoint, {flops1 / gemm_c:.2f} with: one more GEMM (within 2%)",
+            abs((flops1 - flops0) / gemm_c - 1) < 0.02,
         )
     return ctx.checks
 
