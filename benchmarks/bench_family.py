@@ -34,17 +34,6 @@ def _timed(fn, args):
     return time.perf_counter() - t0
 
 
-def _interleaved(impls, args, rounds):
-    """Median seconds per call of each compiled ``impls[name](*args[name])``."""
-    for name, fn in impls.items():  # compile and warm up
-        jax.block_until_ready(fn(*args[name]))
-    samples = {name: [] for name in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
-            samples[name].append(_timed(fn, args[name]))
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def _dots(fn, args):
     """The number of dot/convolution instructions in the optimized HLO (where XLA differs)."""
     hlo = fn.lower(*args).compile().as_text()
@@ -86,19 +75,10 @@ def bench_einsum_projection(smoke=False, rounds=15):
                 args[label] = (state, x)
         except ImportError:
             print("flax not installed: skipping the Flax rows")
-        medians = _interleaved(impls, args, 2 if smoke else rounds)
-        base = medians["JAX AD (jnp.einsum)"]
-        for name, fn in impls.items():
-            rows.append(
-                (
-                    "einsum_projection",
-                    f"x ({b},{t},{d}), W ({d},{h},{k})",
-                    name,
-                    f"{medians[name] * 1e3:.3f}",
-                    f"{medians[name] / base:.3f}×",
-                    str(_dots(fn, args[name])),
-                )
-            )
+        base = "JAX AD (jnp.einsum)"
+        medians, ratios = _interleaved_ratios(impls, args, 2 if smoke else rounds, base)
+        size = f"x ({b},{t},{d}), W ({d},{h},{k})"
+        rows += _rows("einsum_projection", size, impls, args, medians, ratios)
     return rows
 
 
@@ -123,6 +103,21 @@ def _interleaved_ratios(impls, args, rounds, base, seed=0):
         for name, s in samples.items()
     }
     return {name: statistics.median(s) for name, s in samples.items()}, ratios
+
+
+def _rows(bench, size, impls, args, medians, ratios):
+    """Table rows: bench, size, implementation, median ms, ratio to the base, dots/convs."""
+    return [
+        (
+            bench,
+            size,
+            name,
+            f"{medians[name] * 1e3:.3f}",
+            f"{ratios[name]:.3f}×",
+            str(_dots(fn, args[name])),
+        )
+        for name, fn in impls.items()
+    ]
 
 
 def bench_conv(smoke=False, rounds=15, flax=True):
@@ -169,17 +164,8 @@ def bench_conv(smoke=False, rounds=15, flax=True):
             print("flax not installed or not asked for: skipping the Flax rows")
         base = "JAX AD (lax.conv_general_dilated)"
         medians, ratios = _interleaved_ratios(impls, args, 2 if smoke else rounds, base)
-        for name, fn in impls.items():
-            rows.append(
-                (
-                    "conv",
-                    f"x ({n},{h},{w},{c}), W (3,3,{c},{c})",
-                    name,
-                    f"{medians[name] * 1e3:.3f}",
-                    f"{ratios[name]:.3f}×",
-                    str(_dots(fn, args[name])),
-                )
-            )
+        size = f"x ({n},{h},{w},{c}), W (3,3,{c},{c})"
+        rows += _rows("conv", size, impls, args, medians, ratios)
     return rows
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -66,3 +70,28 @@ def saved_residuals(f, *args):
     with contextlib.redirect_stdout(out):
         print_saved_residuals(f, *args)
     return out.getvalue().strip().splitlines()
+
+
+def run_on_simulated_devices(script, count, *args):
+    """Run ``tests/<script>`` in a fresh interpreter with ``count`` simulated CPU devices.
+
+    Returns its stdout and stderr together; fails the test if it exits non-zero. (The
+    device count is read once, when JAX starts, so it takes a fresh process.)
+    """
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={count}"]
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / script), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out

@@ -9,9 +9,6 @@ the trace-time errors of ``dot_general``/``einsum``, and the builder itself.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +21,7 @@ from jax import lax
 
 import jaxlinear
 from tests.family_cases import CASES, Case
-from tests.helpers import assert_trees_close, eqns, saved_residuals
+from tests.helpers import assert_trees_close, eqns, run_on_simulated_devices, saved_residuals
 
 ROOT = Path(__file__).resolve().parent.parent
 BINDINGS = ("custom_vjp", "dual")
@@ -270,21 +267,7 @@ def test_bf16_within_rounding_bound(case):
 
 
 def test_grad_inside_shard_map():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(
-        [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=3"]
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "family_sharded_checks.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    out = run_on_simulated_devices("family_sharded_checks.py", 3)
     assert "all family sharded checks passed" in out and "[PASS]" in out, out
 
 

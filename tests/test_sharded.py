@@ -13,11 +13,6 @@ all-gather forward and reduce-scatter backward in the HLO, ``jvp``, the mesh-wid
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -25,27 +20,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlinear
-from tests.helpers import assert_trees_close, make_layer, reference
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import assert_trees_close, make_layer, reference, run_on_simulated_devices
 
 
 def test_eight_simulated_devices():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(
-        [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sharded_checks.py"), "--expect-devices", "8"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    out = run_on_simulated_devices("sharded_checks.py", 8, "--expect-devices", "8")
     assert "checks passed" in out
     # The value-level check of grad inside shard_map (float64, 8 devices), and its teeth:
     # a wrong cross-device sum is caught by value (see check_grad_values_float64).
