@@ -29,8 +29,11 @@ from jaxlinear._src.params import SCHEMES as SCHEMES
 from jaxlinear._src.params import Params as Params
 from jaxlinear._src.params import init as init
 from jaxlinear._src.params import init_mlp as init_mlp
+from jaxlinear._src.per_example import Route as Route
+from jaxlinear._src.per_example import RouteReport as RouteReport
 from jaxlinear._src.per_example import clipped_grad as clipped_grad
 from jaxlinear._src.per_example import per_example_grad_norms as per_example_grad_norms
+from jaxlinear._src.per_example import per_example_routes as per_example_routes
 from jaxlinear._src.sharded import column_parallel_linear as column_parallel_linear
 from jaxlinear._src.sharded import data_parallel_linear as data_parallel_linear
 from jaxlinear._src.sharded import fsdp_linear as fsdp_linear
@@ -44,6 +47,8 @@ __all__ = [
     "AdjointTestResult",
     "BilinearOp",
     "Params",
+    "Route",
+    "RouteReport",
     "adjoint_test",
     "bilinear_op",
     "clipped_grad",
@@ -69,6 +74,7 @@ __all__ = [
     "linear",
     "mlp",
     "per_example_grad_norms",
+    "per_example_routes",
     "pullback",
     "pushforward",
     "row_parallel_linear",

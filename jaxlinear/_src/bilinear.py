@@ -52,7 +52,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxlinear._src import vma
+from jaxlinear._src import taps, vma
 
 _NAMES = ("x", "w", "b")  # the operands, in order; also the names used in `wrt`
 _RESERVED = ("compute_dtype", "out_dtype", "preferred_element_type", "mask")
@@ -103,6 +103,24 @@ def out_shape(forward, x, w, *, compute_dtype=None, out_dtype=None, **params):
     cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
     items = tuple(sorted(params.items()))
     return _out_shape(forward, tuple(x.shape), tuple(w.shape), cd, acc, items)
+
+
+@functools.lru_cache(maxsize=1024)
+def _example_axis(forward, x_shape, w_shape, cd, acc, params):
+    """Where axis 0 of ``x`` lands in ``y``, read off shapes: the one axis of ``y`` whose size
+    follows ``x.shape[0]`` (tried at 2 and 3); ``None`` if the op contracts that axis, pairs
+    it with an axis of ``w`` (the shapes then fail) or spreads it over several axes."""
+    shapes = []
+    for size in (2, 3):
+        try:
+            shapes.append(_out_shape(forward, (size, *x_shape[1:]), w_shape, cd, acc, params))
+        except (TypeError, ValueError):
+            return None
+    a, b = shapes
+    moved = [i for i, (p, q) in enumerate(zip(a, b, strict=False)) if p != q]
+    if len(a) != len(b) or len(moved) != 1 or (a[moved[0]], b[moved[0]]) != (2, 3):
+        return None
+    return moved[0]
 
 
 def apply_pushforward(
@@ -196,6 +214,53 @@ def _moved(a, axis, size):
     return jnp.moveaxis(a, axis, 0)
 
 
+class _Rule:
+    """One call's per-example rule (the protocol in ``taps``): the op and its static kw."""
+
+    __slots__ = ("kw", "op")
+
+    def __init__(self, op: BilinearOp, kw: tuple):
+        self.op, self.kw = op, dict(kw)
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+    def _params(self):
+        return {k: v for k, v in self.kw.items() if k not in _RESERVED}
+
+    def example_axis(self, x, w):
+        """Where the examples (axis 0 of ``x``) land in ``y``; ``None``: the op mixes them."""
+        if np.ndim(x) == 0:
+            return None
+        cd, acc, _ = policy(x.dtype, w.dtype, self.kw["compute_dtype"], self.kw["out_dtype"])
+        params = tuple(sorted(self._params().items()))
+        return _example_axis(
+            self.op.forward_fn, tuple(np.shape(x)), tuple(np.shape(w)), cd, acc, params
+        )
+
+    def sq_norms(self, x, g, w_aval, y_axis, dtype):
+        """``(route, ‖w̄_i‖² (n,), w̄_i or None)``: the op's ghost rule, else the generic route."""
+        x, g, params = x.astype(dtype), g.astype(dtype), self._params()
+        rule = self.op.per_example_rule
+        if rule is not None:
+            got = rule(x, g, w_aval, y_axis=y_axis, preferred_element_type=dtype, **params)
+            if got is not None:
+                return (*got, None)
+
+        def one(x_i, g_i):  # example i alone: its size-1 example axes put back
+            g_i = jnp.expand_dims(g_i, y_axis)
+            x_i = x_i[None]
+            return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
+
+        w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (n, *w.shape)
+        return "per_example", jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim))), w_bars
+
+    def weight_grad(self, x, g, w_aval):
+        """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype."""
+        return self.op.pullback(x, w_aval, g, wrt=("w",), **self.kw)[1]
+
+
 class BilinearOp:
     """Both bindings of one bilinear op; made by ``bilinear_op`` (see there)."""
 
@@ -210,8 +275,10 @@ class BilinearOp:
         out_sharding: Callable | None = None,
         pullback: Callable | None = None,
         pushforward: Callable | None = None,
+        per_example: Callable | None = None,
     ):
         self.name = name
+        self.per_example_rule = per_example
         self.forward_fn, self.transpose_x, self.transpose_w = forward, transpose_x, transpose_w
         self._batch_hook, self._out_sharding = batch, out_sharding
         self._pullback_fn = pullback or self._composed_pullback
@@ -334,7 +401,8 @@ class BilinearOp:
             jnp.dtype(x.dtype),
             jnp.dtype(w.dtype),
         )
-        return self._custom_vjp(static, x, w, b)
+        apply = functools.partial(self._custom_vjp, static)
+        return taps.call(_Rule(self, static.kw), apply, x, w, b)
 
     def _static(self, compute_dtype, out_dtype, params):
         for k in _RESERVED[2:]:
@@ -365,9 +433,13 @@ class BilinearOp:
         ``hessian``, ``linearize``, ``linear_transpose`` in ``x`` or in ``(w, b)``,
         ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``.
         """
-        kw = dict(self._static(compute_dtype, out_dtype, params))
-        operands = (x, w) if b is None else (x, w, b)
-        return self.primitive.bind(*operands, **kw)
+        static = self._static(compute_dtype, out_dtype, params)
+        kw = dict(static)
+
+        def apply(x, w, b):
+            return self.primitive.bind(*((x, w) if b is None else (x, w, b)), **kw)
+
+        return taps.call(_Rule(self, static), apply, x, w, b)
 
     def _bind_pushforward(self, x, w, dx, dw, db, **kw):
         """Bind the pushforward primitive on the non-zero tangents; ``None`` if all are zero."""
@@ -564,6 +636,7 @@ def bilinear_op(
     out_sharding: Callable | None = None,
     pullback: Callable | None = None,
     pushforward: Callable | None = None,
+    per_example: Callable | None = None,
 ) -> BilinearOp:
     r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
 
@@ -596,12 +669,22 @@ def bilinear_op(
         through ``formulas.pullback`` this way).
       pushforward: optional fused ``pushforward(x, w, dx, dw, db, *, compute_dtype,
         out_dtype, **params)``.
+      per_example: optional ghost rule for per-example gradient norms
+        (``per_example_grad_norms``, ``clipped_grad``): ``per_example(x, g, w_aval, *,
+        y_axis, preferred_element_type, **params) -> (route, sq) | None``, the squared
+        norms ``sq: (n,)`` of the per-example ``w̄_i = B_wᵀ(g_i; x_i)`` from the layer
+        input ``x: (n, ...)`` (examples on axis 0) and the output cotangent ``g`` (examples
+        on ``y_axis``), both already in the norms' dtype, without forming the ``w̄_i``;
+        ``route`` names the formula (e.g. ``"gram"``). ``None`` declines (e.g. when the
+        shapes make it dearer). Without it, or when it declines, the generic route forms
+        each ``w̄_i`` with ``transpose_w`` under ``jax.vmap`` over the examples.
 
     Returns:
       A ``BilinearOp`` ``op``: ``op.custom_vjp(x, w, b=None, *, compute_dtype=None,
       out_dtype=None, **params)`` and ``op.dual(...)`` (same arguments) are the two
       bindings; ``op.forward``, ``op.pushforward``, ``op.pullback`` the plain formulas;
-      ``op.primitive`` and ``op.pushforward_primitive`` the primitives.
+      ``op.primitive`` and ``op.pushforward_primitive`` the primitives. Both bindings are
+      seen by ``per_example_grad_norms`` / ``clipped_grad`` (through ``taps.call``).
 
     Examples:
       A 1-D cross-correlation ``y[i] = Σ_k x[i + k] w[k]`` ("valid" windows), its
@@ -634,4 +717,5 @@ def bilinear_op(
         out_sharding=out_sharding,
         pullback=pullback,
         pushforward=pushforward,
+        per_example=per_example,
     )

@@ -21,7 +21,6 @@ So the forward-mode rule is ``pushforward`` and the reverse-mode rule is
 
 from __future__ import annotations
 
-from jaxlinear._src import per_example
 from jaxlinear._src.linear import AFFINE, _prepare
 from jaxlinear._src.validation import layer_inputs
 
@@ -30,7 +29,6 @@ affine_p = AFFINE.primitive  # "jaxlinear_affine"
 pushforward_p = AFFINE.pushforward_primitive  # "jaxlinear_affine_pushforward"
 
 
-@per_example.hooked  # visible to per_example_grad_norms / clipped_grad
 def dual_linear(params, x, *, precision=None, compute_dtype=None):
     r"""The affine layer ``Y = X W + b`` with explicit forward- *and* reverse-mode rules.
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxlinear._src import formulas, per_example, vma
+from jaxlinear._src import formulas, ghost, vma
 from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.params import Layout
 from jaxlinear._src.validation import (
@@ -151,6 +151,13 @@ def _affine_batch(x_ndim, W_ndim, x_batched, W_batched, **params):
     return None if W_batched else ({}, 0)
 
 
+def _affine_per_example(x, g, W_aval, *, y_axis, preferred_element_type, precision):
+    """Ghost norms of ``W̄_i = X_iᵀ G_i``: ``x: (n, ..., d_in)`` read as ``X_i: (T, d_in)``."""
+    del W_aval, y_axis, preferred_element_type, precision  # y_axis is 0: x's leading axis
+    n = x.shape[0]
+    return ghost.matmul_sq_norms(x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]))
+
+
 AFFINE = bilinear_op(
     "affine",
     formulas.matmul,
@@ -160,10 +167,10 @@ AFFINE = bilinear_op(
     out_sharding=vma.typed_output,
     pullback=_affine_pullback,
     pushforward=_affine_pushforward,
+    per_example=_affine_per_example,
 )
 
 
-@per_example.hooked  # visible to per_example_grad_norms / clipped_grad
 def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
     r"""The affine layer ``Y = X W + b`` with an explicit backward rule (``pullback``).
 

@@ -1,261 +1,344 @@
-r"""Per-example gradient norms and clipped gradients, without forming per-example gradients.
+r"""Per-example gradient norms and clipped gradients, from the ops' own per-example rules.
 
-For the dense layer ``Y = X W + b``, example ``i``'s gradient is ``dW_i = X_iᵀ G_i`` and
-``db_i = Σ_t G_i[t]``, where ``X_i: (T, d_in)`` and ``G_i: (T, d_out)`` are example ``i``'s
-rows of the layer input and of the cotangent of ``Y`` (``T = 1`` for 2-D inputs; every axis
-between the first and the last is flattened into ``T``). So its squared norm needs only
-``X`` and ``G``, which the backward pass computes anyway:
+Every op of the family is ``y = B(x, w) (+ b)`` with ``B`` bilinear, so example ``i``'s
+weight gradient is ``w̄_i = B_wᵀ(g_i; x_i)``: a function of the layer input ``x`` and the
+output cotangent ``g`` only, which one forward and one backward pass produce. Each op
+brings a per-example rule (``taps``); ``bilinear_op`` gives every op one:
 
-- 2-D input ``(n, d_in)``: ``‖dW_i‖² = ‖x_i‖² ‖g_i‖²`` (``dW_i`` has rank one) and
-  ``‖db_i‖² = ‖g_i‖²``: ``O(d_in + d_out)`` work per example.
-- Input ``(n, T, d_in)``: ``‖X_iᵀ G_i‖_F² = ⟨X_i X_iᵀ, G_i G_iᵀ⟩`` (the "Gram" route,
-  ``T² (d_in + d_out)`` multiply-adds per example) or the per-example ``dW_i = X_iᵀ G_i``
-  squared and summed (``T d_in d_out``). ``sequence_route`` picks the one with fewer
-  multiply-adds, statically per layer call: Gram when ``T (d_in + d_out) ≤ d_in d_out``.
+- a *ghost* route where the op supplies it (``bilinear_op(..., per_example=...)``),
+  ``‖w̄_i‖²`` without forming ``w̄_i``: the dense layer, ``dot_general`` and ``einsum``
+  read ``x`` as ``X_i: (T, d)`` and ``g`` as ``G_i: (T, p)`` (``"rank_one"`` for ``T = 1``,
+  ``"gram"`` ``⟨X_i X_iᵀ, G_i G_iᵀ⟩`` when ``2T² ≤ pd``, ``ghost.py``); a convolution
+  uses its input patches as ``X_i``; ``embed`` sums ``⟨g_t, g_s⟩`` over equal ids;
+- the generic ``"per_example"`` route otherwise, for every op including a user's own:
+  ``w̄_i`` from the op's ``transpose_w`` under ``jax.vmap`` over the examples (``n·|w|``
+  numbers for that layer only; never a second backward pass);
+- a bias ``b̄_i = Σ g_i`` over every axis but the examples' and the bias's own.
 
-The clipped gradient ``Σ_i c_i ∇ℓ_i`` of a dense layer is ``Xᵀ diag(c) G`` (and
-``Σ_i c_i Σ_t G_i[t]`` for ``b``): the layer's own pullback applied to ``G`` with row ``i``
-scaled by ``c_i``. So ``clipped_grad`` costs one forward pass, one backward pass that
-stops at the ``G``\ s, the norms, and one more set of weight-gradient contractions; it never
-runs a second backward pass through the network, and forms per-example gradients only where
-the ``"per_example"`` route below already did (then the clipped sum is ``Σ_i c_i dW_i``).
+Clipping: ``B_wᵀ`` is linear in ``g``, so ``Σ_i c_i w̄_i = B_wᵀ(c ⊙ g; x)``, one more call
+of the op's transpose with ``g``'s example rows scaled (or ``Σ_i c_i w̄_i`` where the
+per-example route formed them).
 
-How the layers hand ``X`` and ``G`` over (all at trace time):
+How leaves are matched to ops (all at trace time):
 
-1. *Discovery*: ``loss_fn`` is traced once with ``jax.make_jaxpr``. Every call of
-   ``linear`` or ``dual_linear`` (so also ``mlp``; both are decorated with ``hooked``) goes
-   through ``layer_call``, which records it. A call qualifies when each leaf of its
-   ``params`` is a leaf of the ``params`` being differentiated (the same object: pass the
-   leaves themselves, not arrays computed from them) and its input has the ``n`` examples
-   on axis 0, outside any transformation.
-   A qualifying layer computes with stand-ins for ``W`` and ``b`` broadcast from one scalar
-   "probe" input per leaf, so the jaxpr shows every *other* use of a leaf. A leaf is handled
-   structurally when its own input is used nowhere in the jaxpr and its probe exactly once
-   at the top level: one qualifying layer call, not inside ``jax.jit``, ``lax.scan``,
-   ``lax.cond``, ``jax.checkpoint`` or a custom rule within ``loss_fn``.
-2. *Computation*: ``loss_fn`` runs again under ``jax.vjp``; each layer call that holds a
-   structural leaf returns ``Y + Z_k`` with an input ``Z_k = 0`` of ``Y``'s shape and keeps
-   its input ``X_k``. The cotangent of ``Z_k`` is ``G_k``.
-3. *Fallback*: every other params leaf (used outside the layers, shared by two layer calls,
-   reached through a layer inside another transformation, a layer whose input is not
-   ``(n, ...)``, or an op without a structural norm yet: ``conv``, ``einsum``,
-   ``dot_general``, ``embed``) gets its per-example gradients from
-   ``jax.vmap`` of ``jax.grad`` of the single-example loss with respect to just those
-   leaves (``fallback="vmap"``, the default: memory ``n`` times those leaves), or raises a
+1. *Discovery*: ``loss_fn`` is traced once with ``jax.make_jaxpr``; every op call passes
+   through ``taps.call``, and the recorder notes the jaxpr variables of its operands and
+   output. A params leaf is *structural* when its variable reaches exactly one op call
+   as ``w`` or ``b``, directly or through casts and reshapes (Flax's ``promote_dtype``,
+   a ``(1, d)`` row bias), and is used nowhere else; or when it is added to an op's
+   output right after the op as a bias broadcast over the output's trailing axes (Flax's
+   ``Linear``, ``Conv``, ``Einsum`` add their bias outside the op). The op's input must
+   have the ``n`` examples on axis 0 and the op must keep that axis (``example_axis``).
+2. *Computation*: ``loss_fn`` runs again under ``jax.vjp``; each op call that holds a
+   structural leaf returns ``y + Z_k`` with an input ``Z_k = 0`` of ``y``'s shape and keeps
+   its input ``x_k``. The cotangent of ``Z_k`` is ``g_k``.
+3. *Fallback*: every other params leaf (used outside the ops, shared by two op calls,
+   reached through an op inside ``jax.jit``, ``lax.scan``, ``jax.vmap``, ... within
+   ``loss_fn``, an op whose input is not ``(n, ...)``) gets its per-example gradients
+   from ``jax.vmap`` of ``jax.grad`` of the single-example loss with respect to just those
+   leaves (``fallback="vmap"``: memory ``n`` times those leaves), or raises a
    ``ValueError`` naming the leaf and the reason (``fallback="raise"``).
+   ``per_example_routes`` reports the route of every leaf and why.
 
 Assumptions: the examples do not interact (loss ``i`` depends only on row ``i`` of every
 array in ``args``: no batch norm or other statistics across the batch), and ``loss_fn`` is
 deterministic in its Python control flow (it is traced twice; a different sequence of
-layer calls on the second trace raises). A ``jax.jit``-wrapped ``loss_fn`` hides its layers
+op calls on the second trace raises). A ``jax.jit``-wrapped ``loss_fn`` hides its ops
 (its leaves go to the fallback): pass the plain function and jit the whole step instead.
 """
 
 from __future__ import annotations
 
 import collections
-import contextvars
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlinear._src import taps
+
 _FALLBACKS = ("vmap", "raise")
-
-# The active recorder (discovery or computation), or None: outside the two passes, and
-# while a layer's own code runs, layer_call is a plain call.
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("jaxlinear_per_example", default=None)
-
-
-def hooked(layer: Callable) -> Callable:
-    """Decorate a dense layer ``layer(params, x, **options)`` so the recorders see its calls.
-
-    For ``Y = X W + b`` layers only (``params`` leaves ``W: (d_in, d_out)``, optional
-    ``b``): the norms use the dense formula. Other ops are not decorated, so their
-    parameters get the fallback. Outside ``per_example_grad_norms`` and ``clipped_grad``
-    the wrapper only calls ``layer``.
-    """
-
-    @functools.wraps(layer)
-    def wrapper(params, x, *args, **kwargs):
-        if _ACTIVE.get() is None:
-            return layer(params, x, *args, **kwargs)
-        return layer_call(lambda p, x: layer(p, x, *args, **kwargs), params, x)
-
-    return wrapper
+# Unary primitives that hand a value on unchanged up to its dtype or its shape: a leaf may
+# reach an op's `w` or `b` through them (a cast by Flax's promote_dtype, a row bias made
+# (d,)). Its gradient is then the op's, reshaped and cast back.
+_PASS = frozenset({"convert_element_type", "copy", "copy_p", "reshape"})
+# A bias added after the op may also be broadcast on its way.
+_BIAS_PASS = _PASS | {"broadcast_in_dim", "squeeze"}
 
 
-def layer_call(apply: Callable, params, x):
-    """The hook of the dense layers: ``apply(params, x)``, seen by the active recorder.
+class Route(NamedTuple):
+    """How one params leaf gets its per-example gradient norm (``per_example_routes``)."""
 
-    ``apply(params, x) -> Y: (..., d_out)`` is the layer itself; ``params`` holds the leaves
-    ``W: (d_in, d_out)`` and optionally ``b``, in that order. ``apply`` runs unhooked.
-    """
-    recorder = _ACTIVE.get()
-    token = _ACTIVE.set(None)
-    try:
-        return apply(params, x) if recorder is None else recorder.layer(apply, params, x)
-    finally:
-        _ACTIVE.reset(token)
+    leaf: str  # e.g. "params['conv1'].W"
+    route: str  # "rank_one" | "gram" | "per_example" | "bias" | "fallback" | "unused"
+    op: str | None  # the op that holds it ("affine", "conv", "embed", ...), or None
+    detail: str  # shapes, or why the fallback
 
 
-def sequence_route(T: int, d_in: int, d_out: int) -> str:
-    """Which formula gives ``‖X_iᵀ G_i‖_F²`` for ``X_i: (T, d_in)``, ``G_i: (T, d_out)``.
+class RouteReport(tuple):
+    """``Route`` rows, one per params leaf; ``str()`` prints them as a table."""
 
-    ``"rank_one"`` for ``T == 1`` (``‖x_i‖² ‖g_i‖²``), ``"gram"`` when
-    ``T (d_in + d_out) ≤ d_in d_out`` (``⟨X_i X_iᵀ, G_i G_iᵀ⟩``: ``T² (d_in + d_out)``
-    multiply-adds and a ``(T, T)`` buffer per example), else ``"per_example"``
-    (``dW_i = X_iᵀ G_i`` squared and summed: ``T d_in d_out`` multiply-adds and a
-    ``(d_in, d_out)`` buffer per example).
+    def __str__(self):
+        rows = [("leaf", "route", "op", "detail"), *((r.leaf, r.route, r.op or "-", r.detail)
+                                                      for r in self)]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3]
+            for row in rows
+        )
 
-    Examples:
-      >>> sequence_route(1, 512, 512), sequence_route(64, 512, 512), sequence_route(1024, 64, 64)
-      ('rank_one', 'gram', 'per_example')
-    """
-    if T == 1:
-        return "rank_one"
-    return "gram" if T * (d_in + d_out) <= d_in * d_out else "per_example"
-
-
-def dense_sq_norms(x, g, dtype):
-    r"""Per-example squared norms of the dense layer's ``dW`` and ``db``.
-
-    .. math:: \|X_i^\top G_i\|_F^2 = \langle X_i X_i^\top, G_i G_i^\top \rangle, \qquad
-              \|\textstyle\sum_t G_i[t]\|^2
-
-    Args:
-      x: ``(n, ..., d_in)`` layer input; example ``i`` is ``x[i]``.
-      g: ``(n, ..., d_out)`` cotangent of the layer output.
-      dtype: the dtype to compute in.
-
-    Returns:
-      ``(sq_W, sq_b, dW)``: ``sq_W``, ``sq_b`` of shape ``(n,)``; ``dW`` the per-example
-      weight gradients ``(n, d_in, d_out)`` where the ``"per_example"`` route formed them
-      (``clipped_grad`` then reuses them), else ``None``.
-    """
-    n, d_in, d_out = x.shape[0], x.shape[-1], g.shape[-1]
-    dw = None
-    X = x.reshape(n, -1, d_in).astype(dtype)  # (n, T, d_in)
-    G = g.reshape(n, -1, d_out).astype(dtype)  # (n, T, d_out)
-    route = sequence_route(X.shape[1], d_in, d_out)
-    if route == "rank_one":
-        sq_w = jnp.sum(X[:, 0] ** 2, axis=-1) * jnp.sum(G[:, 0] ** 2, axis=-1)
-    elif route == "gram":
-        xx = jnp.einsum("ntd,nsd->nts", X, X)  # (n, T, T)
-        gg = jnp.einsum("ntk,nsk->nts", G, G)  # (n, T, T)
-        sq_w = jnp.sum(xx * gg, axis=(1, 2))
-    else:
-        dw = jnp.einsum("ntd,ntk->ndk", X, G)  # (n, d_in, d_out): per-example dW_i
-        sq_w = jnp.sum(dw**2, axis=(1, 2))
-    sq_b = jnp.sum(jnp.sum(G, axis=1) ** 2, axis=-1)
-    return sq_w, sq_b, dw
+    def counts(self) -> dict[str, int]:
+        """How many leaves take each route."""
+        return dict(collections.Counter(r.route for r in self))
 
 
 # --------------------------------------------------------------------------------------
-# The two passes.
+# Pass 1: discovery.
 
 
 @dataclasses.dataclass
 class _Call:
-    """A qualifying layer call seen in the discovery pass."""
+    """One op call seen in the discovery pass."""
 
-    apply: Callable
-    treedef: object  # of the layer's params
-    leaves: tuple[int, ...]  # index into the params leaves of each layer params leaf (W, b)
+    rule: object  # the op's per-example rule (taps)
+    vars: tuple  # jaxpr variables of (x, w, b, y); None where not a top-level tracer
     x_shape: tuple[int, ...]
+    w: jax.ShapeDtypeStruct
     y: jax.ShapeDtypeStruct
+    y_axis: int | None  # where the examples land in y
+    reason: str | None  # why this call cannot be tapped; None: it can
 
 
 class _Discover:
-    """Pass 1: record the layer calls; qualifying ones compute with probe stand-ins."""
+    """Pass 1: record every op call with the jaxpr variables of its operands."""
 
-    def __init__(self, n, leaf_tracers, probes):
-        self.n = n
-        self.index = {id(t): j for j, t in enumerate(leaf_tracers)}
-        self.probes = probes
-        self.tracer_type = type(probes[0]) if probes else None
-        self.calls: list[_Call | None] = []
-        self.reasons: dict[int, str] = {}  # leaf -> why it cannot be handled structurally
+    def __init__(self, n, trace):
+        self.n, self.trace = n, trace
+        self.calls: list[_Call] = []
 
-    def layer(self, apply, params, x):
-        leaves, treedef = jax.tree.flatten(params)
-        idx = [self.index.get(id(a)) for a in leaves]
-        reason = self._disqualify(leaves, idx, x)
-        if reason is not None:
-            for j in idx:
-                if j is not None:
-                    self.reasons.setdefault(j, reason)
-            self.calls.append(None)
-            return apply(params, x)  # the leaves themselves: the jaxpr shows them used
-        stand_ins = [
-            jnp.broadcast_to(self.probes[j], a.shape) for j, a in zip(idx, leaves, strict=True)
-        ]
-        y = apply(treedef.unflatten(stand_ins), x)
-        self.calls.append(
-            _Call(
-                apply, treedef, tuple(idx), tuple(x.shape), jax.ShapeDtypeStruct(y.shape, y.dtype)
+    def _var(self, a):
+        """``a``'s variable in the jaxpr being built, if ``a`` is a tracer of that trace."""
+        if a is None or getattr(a, "_trace", None) is not self.trace:
+            return None
+        return getattr(a, "val", None)
+
+    def layer(self, rule, apply, x, w, b):
+        y = apply(x, w, b)
+        variables = tuple(self._var(a) for a in (x, w, b, y))
+        shape, y_axis, reason = tuple(np.shape(x)), None, None
+        if variables[3] is None:
+            reason = (
+                f"used by a jaxlinear {rule.name} call inside a transformation (jax.vmap,"
+                " lax.scan, jax.jit, jax.checkpoint, ...) within loss_fn"
             )
-        )
+        elif not shape or shape[0] != self.n:
+            reason = (
+                f"used by a jaxlinear {rule.name} call whose input `x` has shape {shape}, not"
+                f" ({self.n}, ...) with the examples on axis 0"
+            )
+        else:
+            y_axis = rule.example_axis(x, w)
+            if y_axis is None:
+                reason = (
+                    f"used by a jaxlinear {rule.name} call that contracts or mixes axis 0 of"
+                    f" its input `x` (shape {shape}), the examples' axis"
+                )
+        S = jax.ShapeDtypeStruct
+        self.calls.append(
+            _Call(rule, variables, shape, S(np.shape(w), w.dtype), S(np.shape(y), y.dtype),
+                  y_axis, reason)
+        )  # fmt: skip
         return y
 
-    def _disqualify(self, leaves, idx, x):
-        """``None`` if the call qualifies, else the reason (for its params leaves)."""
-        if all(j is None for j in idx):
-            return "not a params leaf"
-        if len(leaves) not in (1, 2):
-            return f"passed to a jaxlinear layer in params of {len(leaves)} leaves, not (W, b)"
-        if any(j is None for j in idx):
-            return "passed to a jaxlinear layer together with a W or b that is not a params leaf"
-        if isinstance(x, jax.core.Tracer) and type(x) is not self.tracer_type:
-            return (
-                "passed to a jaxlinear layer inside a transformation (vmap, grad, ...) in loss_fn"
-            )
-        shape = np.shape(x)
-        w_shape = np.shape(leaves[0])
-        if len(w_shape) != 2 or not shape or shape[-1] != w_shape[0]:
-            return f"passed as a W of shape {w_shape} for an input of shape {shape}"
-        if len(shape) < 2 or shape[0] != self.n:
-            return (
-                f"passed to a jaxlinear layer whose input `x` has shape {shape}, not"
-                f" ({self.n}, ..., d_in) with the examples on axis 0"
-            )
+
+@dataclasses.dataclass
+class _Entry:
+    """A structural leaf: the ``w`` or a bias of one op call."""
+
+    leaf: int
+    call: int
+    role: str  # "w" | "b"
+    axes: tuple[int, ...] = ()  # for "b": the axes of y the bias spans, in order
+
+
+def _bias_axes(leaf_shape, chain, y_shape):
+    """The axes of ``y`` that each axis of a bias broadcast by ``chain`` spans, in order.
+
+    ``chain``: the equations from the leaf to the array added to ``y`` (reshapes that only
+    add or drop size-1 axes, broadcasts, squeezes, casts). ``None`` when the leaf's axes do
+    not land, in order, on axes of ``y`` (then the bias is not one this module can read).
+    """
+    shape = tuple(leaf_shape)
+    labels = [i if s != 1 else None for i, s in enumerate(shape)]
+    for eqn in chain:
+        name, out = eqn.primitive.name, tuple(eqn.outvars[0].aval.shape)
+        if name == "reshape":
+            if [s for s in shape if s != 1] != [s for s in out if s != 1]:
+                return None
+            it = iter(lab for lab, s in zip(labels, shape, strict=True) if s != 1)
+            labels = [next(it) if s != 1 else None for s in out]
+        elif name == "broadcast_in_dim":
+            new = [None] * len(out)
+            for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+                new[d] = labels[i] if shape[i] == out[d] else None
+            labels = new
+        elif name == "squeeze":
+            gone = {d % len(shape) for d in eqn.params["dimensions"]}
+            labels = [lab for i, lab in enumerate(labels) if i not in gone]
+        shape = out
+    if shape != tuple(y_shape):
         return None
+    axes = tuple(i for i, lab in enumerate(labels) if lab is not None)
+    if [labels[i] for i in axes] != sorted(labels[i] for i in axes):
+        return None
+    return axes
+
+
+def _subjaxprs(eqn) -> bool:
+    """Whether ``eqn`` is a higher-order primitive (holds a jaxpr: jit, scan, cond, remat...)."""
+    for p in eqn.params.values():
+        for q in p if isinstance(p, (tuple, list)) else (p,):
+            if hasattr(q, "eqns") or hasattr(q, "jaxpr"):
+                return True
+    return False
+
+
+def _analyse(jaxpr, calls, num_leaves):
+    """``(entries, reasons)``: the structural leaves and why each other used leaf is not.
+
+    ``jaxpr.invars`` are the params leaves, then the args.
+    """
+    producers, uses = {}, collections.defaultdict(list)
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            producers[id(v)] = eqn
+        for v in eqn.invars:
+            uses[id(v)].append(eqn)
+    outs = collections.Counter(id(v) for v in jaxpr.outvars)
+    leaf_of = {id(v): j for j, v in enumerate(jaxpr.invars[:num_leaves])}
+
+    def n_uses(v):
+        return len(uses[id(v)]) + outs[id(v)]
+
+    def chase(v, passing):
+        """Back from ``v`` to a leaf through single-use pass-through equations:
+        ``(leaf or None, chain from the leaf on, whether the leaf itself is used once)``."""
+        chain = []
+        while id(v) not in leaf_of:
+            eqn = producers.get(id(v))
+            if eqn is None or eqn.primitive.name not in passing or n_uses(v) != 1:
+                return None, chain, False
+            chain.append(eqn)
+            v = eqn.invars[0]
+        return leaf_of[id(v)], chain[::-1], n_uses(v) == 1
+
+    def bias_after(k, call):
+        """A leaf added to the op's output right after it, as a trailing-axes bias."""
+        v = call.vars[3]
+        while n_uses(v) == 1 and uses[id(v)][0].primitive.name in ("convert_element_type", "copy"):
+            v = uses[id(v)][0].outvars[0]
+        if n_uses(v) != 1 or uses[id(v)][0].primitive.name != "add":
+            return None
+        add = uses[id(v)][0]
+        other = add.invars[1] if add.invars[0] is v else add.invars[0]
+        if other is v or not hasattr(other, "aval"):
+            return None
+        j, chain, once = chase(other, _BIAS_PASS)
+        if j is None or not once:
+            return None
+        axes = _bias_axes(jaxpr.invars[j].aval.shape, chain, call.y.shape)
+        if axes is None or call.y_axis in axes:
+            return None
+        return _Entry(j, k, "b", axes)
+
+    entries, reasons, reach = [], {}, collections.Counter()
+    for k, call in enumerate(calls):
+        _, w_var, b_var, _ = call.vars
+        for role, v in (("w", w_var), ("b", b_var)):
+            if v is None:
+                continue
+            j, _, once = chase(v, _PASS)
+            if j is None:
+                continue
+            reach[j] += 1
+            if call.reason is not None:
+                reasons.setdefault(j, call.reason)
+            elif role == "b" and call.y_axis == len(call.y.shape) - 1:
+                reasons.setdefault(j, f"the bias of a {call.rule.name} call on its examples' axis")
+            elif once:
+                entries.append(_Entry(j, k, role, (len(call.y.shape) - 1,) if role == "b" else ()))
+        if b_var is None and call.reason is None:
+            entry = bias_after(k, call)
+            if entry is not None:
+                entries.append(entry)
+    structural = {e.leaf for e in entries}
+    op_eqns = {id(producers.get(id(c.vars[3]))) for c in calls if c.vars[3] is not None}
+    for j in range(num_leaves):
+        v = jaxpr.invars[j]
+        if j in structural or j in reasons or n_uses(v) == 0:
+            continue
+        others = [e for e in uses[id(v)] if id(e) not in op_eqns]
+        names = sorted({e.primitive.name for e in others})
+        if reach[j] > 1:
+            reasons[j] = f"used by {reach[j]} jaxlinear op calls (shared weights)"
+        elif outs[id(v)]:
+            reasons[j] = "returned by loss_fn"
+        elif any(_subjaxprs(e) for e in others):
+            reasons[j] = (
+                f"passed into `{names[0]}` within loss_fn (jax.jit, lax.scan, lax.cond,"
+                " jax.checkpoint or a custom rule), where its op calls are not seen one by one"
+            )
+        else:
+            reasons[j] = "used outside jaxlinear's ops (by " + ", ".join(f"`{n}`" for n in names)
+            reasons[j] += ", and by a jaxlinear op)" if reach[j] else ")"
+    return entries, reasons
+
+
+# --------------------------------------------------------------------------------------
+# Pass 2: computation.
 
 
 class _Compute:
-    """Pass 2: the layer calls holding structural leaves add ``Z_k`` and keep ``X_k``."""
+    """Pass 2: the op calls holding structural leaves add ``Z_k`` and keep ``x_k``."""
 
     def __init__(self, fn, calls, slots, zs):
         self.fn, self.calls, self.slots, self.zs = fn, calls, slots, zs
         self.k = 0
         self.xs: list = [None] * len(zs)
 
-    def layer(self, apply, params, x):
+    def layer(self, rule, apply, x, w, b):
         k, self.k = self.k, self.k + 1
-        y = apply(params, x)
+        y = apply(x, w, b)
         slot = self.slots.get(k)
         if slot is None:
             return y
-        if np.shape(x) != self.calls[k].x_shape or np.shape(y) != self.calls[k].y.shape:
+        call = self.calls[k]
+        if np.shape(x) != call.x_shape or np.shape(y) != call.y.shape:
             raise RuntimeError(
-                f"{self.fn}: `loss_fn` made different jaxlinear layer calls when traced again"
-                f" (call {k}: x of shape {np.shape(x)}, expected {self.calls[k].x_shape});"
+                f"{self.fn}: `loss_fn` made different jaxlinear op calls when traced again"
+                f" (call {k}: x of shape {np.shape(x)}, expected {call.x_shape});"
                 " its Python control flow must not change between traces"
             )
         self.xs[slot] = x
         return y + self.zs[slot]
 
 
-def _run(recorder, fn, *args, **kwargs):
-    token = _ACTIVE.set(recorder)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _ACTIVE.reset(token)
+def _bias_rows(g, y_axis, axes):
+    """``(n, *[g.shape[a] for a in axes])``: ``g`` summed over every other axis, per example."""
+    moved = [a + (a < y_axis) for a in axes]  # where the axes are once y_axis is first
+    g = jnp.moveaxis(g, y_axis, 0)
+    return jnp.sum(g, axis=tuple(i for i in range(1, g.ndim) if i not in moved))
+
+
+def _example_scaled(g, factors, y_axis):
+    """``g`` with example ``i``'s slice (along ``y_axis``) scaled by ``factors[i]``."""
+    shape = [1] * g.ndim
+    shape[y_axis] = factors.shape[0]
+    return g * factors.reshape(shape).astype(g.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -342,47 +425,8 @@ def _check_clip_norm(fn: str, clip_norm) -> None:
 # The driver.
 
 
-def _analyse(jaxpr, calls, reasons, num_leaves):
-    """Which leaves are structural; reasons for the others; unused leaves.
-
-    ``jaxpr.invars`` are the probes, then the leaves, then the args.
-    """
-    probe_vars = jaxpr.invars[:num_leaves]
-    leaf_vars = jaxpr.invars[num_leaves : 2 * num_leaves]
-    uses = collections.defaultdict(list)  # id(var) -> the top-level equations reading it
-    for eqn in jaxpr.eqns:
-        for v in eqn.invars:
-            uses[id(v)].append(eqn)
-    outs = {id(v) for v in jaxpr.outvars}
-    in_calls = collections.Counter(j for c in calls if c is not None for j in c.leaves)
-    status = {}  # leaf -> "layer" | "unused" | a reason
-    for j in range(num_leaves):
-        leaf_used = bool(uses[id(leaf_vars[j])]) or id(leaf_vars[j]) in outs
-        probe_uses = uses[id(probe_vars[j])]
-        if j in reasons:
-            status[j] = reasons[j]
-        elif in_calls[j] > 1:
-            status[j] = f"used by {in_calls[j]} jaxlinear layer calls (shared weights)"
-        elif leaf_used:
-            status[j] = (
-                "used outside jaxlinear's dense layers (linear, dual_linear, mlp; conv, einsum,"
-                " dot_general and embed have no structural norm yet), or by a layer inside"
-                " jax.jit, lax.scan, lax.cond, jax.checkpoint or a custom rule within loss_fn"
-            )
-        elif in_calls[j] == 0:
-            status[j] = "unused"
-        elif len(probe_uses) == 1 and probe_uses[0].primitive.name == "broadcast_in_dim":
-            status[j] = "layer"
-        else:
-            status[j] = (
-                "used by a jaxlinear layer inside jax.jit, lax.scan, lax.cond, jax.checkpoint"
-                " or a custom rule within loss_fn"
-            )
-    return status
-
-
-def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None):
-    """Norms ``(n,)``; with ``clip``, ``(clipped gradient, norms)``."""
+def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, report=None):
+    """Norms ``(n,)``; with ``clip``, ``(clipped gradient, norms)``. Appends to ``report``."""
     if fallback not in _FALLBACKS:
         raise ValueError(f"{fn}: `fallback` must be one of {_FALLBACKS}, got {fallback!r}")
     if clip:
@@ -395,43 +439,40 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None):
     # Pass 1: discovery.
     recorders = []
 
-    def discover(probes, leaf_tracers, args):
-        recorders.append(_Discover(n, leaf_tracers, probes))
-        return _run(recorders[-1], loss_fn, treedef.unflatten(leaf_tracers), *args)
+    def discover(leaf_tracers, args):
+        trace = getattr(leaf_tracers[0], "_trace", None)
+        recorders.append(_Discover(n, trace))
+        return taps.recording(recorders[-1], loss_fn, treedef.unflatten(leaf_tracers), *args)
 
-    probes = [jnp.zeros((), a.dtype) for a in leaves]
-    closed, out = jax.make_jaxpr(discover, return_shape=True)(probes, leaves, args)
+    closed, out = jax.make_jaxpr(discover, return_shape=True)(leaves, args)
     _check_losses(fn, out, n)
-    (rec,) = recorders
-    status = _analyse(closed.jaxpr, rec.calls, rec.reasons, L)
-    other = [j for j in range(L) if status[j] not in ("layer", "unused")]
+    calls = recorders[0].calls
+    entries, reasons = _analyse(closed.jaxpr, calls, L)
+    other = sorted(reasons)
     if other and fallback == "raise":
         j = other[0]
         raise ValueError(
-            f"{fn}: `{names[j]}` is {status[j]}, so its per-example gradient norm has no"
+            f"{fn}: `{names[j]}` is {reasons[j]}, so its per-example gradient norm has no"
             " structural formula here; pass fallback='vmap' to compute it from per-example"
             " gradients of that leaf (jax.vmap of jax.grad), or use the leaf directly as the"
-            " W or b of one top-level jaxlinear layer call"
+            " weight or bias of one top-level jaxlinear op call"
         )
 
-    # Pass 2: one forward and one backward pass that stops at the G's.
-    slots, taps = {}, []  # call index -> slot; slot -> call index
-    for k, call in enumerate(rec.calls):
-        if call is not None and any(status[j] == "layer" for j in call.leaves):
-            slots[k] = len(taps)
-            taps.append(k)
-    zs = [jnp.zeros(rec.calls[k].y.shape, rec.calls[k].y.dtype) for k in taps]
+    # Pass 2: one forward and one backward pass that stops at the g's.
+    tapped = sorted({e.call for e in entries})
+    slots = {k: slot for slot, k in enumerate(tapped)}
+    zs = [jnp.zeros(calls[k].y.shape, calls[k].y.dtype) for k in tapped]
 
     def losses_of(zs, other_values):
         values = list(leaves)
         for j, v in zip(other, other_values, strict=True):
             values[j] = v
-        computing = _Compute(fn, rec.calls, slots, zs)
-        losses = _run(computing, loss_fn, treedef.unflatten(values), *args)
-        if computing.k != len(rec.calls):
+        computing = _Compute(fn, calls, slots, zs)
+        losses = taps.recording(computing, loss_fn, treedef.unflatten(values), *args)
+        if computing.k != len(calls):
             raise RuntimeError(
-                f"{fn}: `loss_fn` made {computing.k} jaxlinear layer calls when traced again,"
-                f" {len(rec.calls)} the first time; its Python control flow must not change"
+                f"{fn}: `loss_fn` made {computing.k} jaxlinear op calls when traced again,"
+                f" {len(calls)} the first time; its Python control flow must not change"
                 " between traces"
             )
         return losses, computing.xs
@@ -440,15 +481,28 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None):
     gs, _ = pullback(jnp.ones_like(losses))
 
     sq = jnp.zeros((n,), dtype)
-    per_example_dw = []  # per tapped call: (n, d_in, d_out) where the route formed it
-    for slot, k in enumerate(taps):
-        sq_w, sq_b, dw = dense_sq_norms(xs[slot], gs[slot], dtype)
-        per_example_dw.append(dw)
-        for role, j in enumerate(rec.calls[k].leaves):
-            if status[j] == "layer":
-                sq = sq + (sq_w if role == 0 else sq_b)
+    routes: dict[int, Route] = {}
+    w_bars = {}  # call -> per-example w̄_i, where the route formed them
+    for e in entries:
+        call, x, g = calls[e.call], xs[slots[e.call]], gs[slots[e.call]]
+        if e.role == "w":
+            route, sq_w, w_bars[e.call] = call.rule.sq_norms(x, g, call.w, call.y_axis, dtype)
+            sq = sq + sq_w
+        else:
+            route, rows = "bias", _bias_rows(g.astype(dtype), call.y_axis, e.axes)
+            sq = sq + jnp.sum(rows**2, axis=tuple(range(1, rows.ndim)))
+        detail = f"x {call.x_shape} -> y {call.y.shape}"
+        routes[e.leaf] = Route(names[e.leaf], route, call.rule.name, detail)
     if other:
         sq = sq + _fallback_sq(loss_fn, leaves, treedef, args, other, dtype)
+    if report is not None:
+        for j in range(L):
+            if j in routes:
+                report.append(routes[j])
+            elif j in reasons:
+                report.append(Route(names[j], "fallback", None, reasons[j]))
+            else:
+                report.append(Route(names[j], "unused", None, "not used by loss_fn"))
     norms = jnp.sqrt(sq)
     if not clip:
         return norms
@@ -456,19 +510,15 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None):
     C = jnp.asarray(clip_norm, dtype)
     factors = C / jnp.maximum(norms, C)  # min(1, C/‖∇ℓ_i‖), 1 at a zero norm
     grads: list = [None] * L
-    for slot, k in enumerate(taps):
-        call, x, g, dw = rec.calls[k], xs[slot], gs[slot], per_example_dw[slot]
-        if dw is None:  # Xᵀ diag(c) G: the layer's own pullback, with G's rows scaled
-            scaled = g * factors.reshape(n, *(1,) * (g.ndim - 1)).astype(g.dtype)
-            layer_params = call.treedef.unflatten([leaves[j] for j in call.leaves])
-            _, layer_pullback = jax.vjp(lambda p, x=x, call=call: call.apply(p, x), layer_params)
-            d_leaves = jax.tree.leaves(layer_pullback(scaled)[0])
-        else:  # the per-example dW_i are at hand: Σ_i c_i dW_i and Σ_i c_i Σ_t G_i[t]
-            db = jnp.tensordot(factors, g.reshape(n, -1, g.shape[-1]).astype(dtype).sum(1), 1)
-            d_leaves = [jnp.tensordot(factors, dw, 1), db]
-        for j, d in zip(call.leaves, d_leaves, strict=False):
-            if status[j] == "layer":
-                grads[j] = d.reshape(leaves[j].shape).astype(leaves[j].dtype)
+    for e in entries:
+        call, x, g = calls[e.call], xs[slots[e.call]], gs[slots[e.call]]
+        if e.role == "w" and w_bars.get(e.call) is not None:  # Σ_i c_i w̄_i
+            d = jnp.tensordot(factors, w_bars[e.call], 1)
+        elif e.role == "w":  # B_wᵀ(c ⊙ g; x): the op's own transpose, g's rows scaled
+            d = call.rule.weight_grad(x, _example_scaled(g, factors, call.y_axis), call.w)
+        else:  # Σ_i c_i b̄_i
+            d = jnp.tensordot(factors, _bias_rows(g.astype(dtype), call.y_axis, e.axes), 1)
+        grads[e.leaf] = d.reshape(leaves[e.leaf].shape).astype(leaves[e.leaf].dtype)
     if other:  # one more backward pass, for these leaves only
         _, other_grads = pullback(factors.astype(losses.dtype))
         for j, d in zip(other, other_grads, strict=True):
@@ -577,3 +627,38 @@ def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "v
       ([5.0, 1.0], [1.5, 3.0])
     """
     return _per_example("clipped_grad", loss_fn, params, args, fallback, True, clip_norm)
+
+
+def per_example_routes(loss_fn: Callable, params, *args) -> RouteReport:
+    r"""Which route gives each params leaf its per-example gradient norm, and why.
+
+    Traces ``loss_fn`` as ``per_example_grad_norms`` does (abstractly: nothing is
+    computed) and reports, per leaf: ``"rank_one"``, ``"gram"`` (ghost norms: no
+    per-example gradient formed), ``"per_example"`` (the op's transpose in ``w`` under
+    ``jax.vmap``: ``n`` copies of that leaf's gradient), ``"bias"``, ``"fallback"`` (with
+    the reason: ``jax.vmap`` of ``jax.grad`` for that leaf) or ``"unused"``.
+
+    Args:
+      loss_fn, params, *args: as in ``per_example_grad_norms``.
+
+    Returns:
+      A ``RouteReport``: a tuple of ``Route(leaf, route, op, detail)`` in the order of
+      ``jax.tree.leaves(params)``; ``print()`` it for a table, ``.counts()`` for a summary.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear
+      >>> layers = jaxlinear.init_mlp(jax.random.key(0), [3, 4, 2])
+      >>> loss = lambda p, x: jnp.sum(jaxlinear.mlp(p, x), axis=-1)
+      >>> report = jaxlinear.per_example_routes(loss, layers, jnp.ones((5, 3), jnp.float32))
+      >>> [(r.leaf, r.route) for r in report][:2]
+      [('params[0].W', 'rank_one'), ('params[0].b', 'bias')]
+    """
+    report: list[Route] = []
+    jax.eval_shape(
+        lambda params, args: _per_example(
+            "per_example_routes", loss_fn, params, args, "vmap", False, report=report
+        ),
+        params,
+        args,
+    )
+    return RouteReport(report)

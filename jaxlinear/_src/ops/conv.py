@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlinear._src import vma
+from jaxlinear._src import ghost, vma
 from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.ops._checks import no_out_sharding, out_dtype
 from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, layout_of
@@ -211,7 +211,47 @@ def transpose_w(g, x, w_aval, *, spec: ConvSpec, precision=None, preferred_eleme
     )
 
 
-CONV = bilinear_op("conv", forward, transpose_x, transpose_w)
+def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec, precision=None):
+    r"""Ghost norms of ``w̄_i = U_iᵀ G_i``, ``U_i: (T, k·C_in/groups)`` example ``i``'s input
+    patches (``lax.conv_general_dilated_patches``), ``T`` the output positions, per group:
+
+    .. math:: \|\bar w_i\|^2 = \sum_{\text{groups}} \langle U_i U_i^\top, G_i G_i^\top \rangle
+
+    Declined (the generic route forms each ``w̄_i``) where ``gram_pays`` says so, and for
+    batch groups (``w̄_i`` then mixes examples' channels).
+    """
+    del y_axis  # out_spec[0]: the examples are the batch axis
+    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+    groups = spec.feature_group_count
+    if spec.batch_group_count != 1:
+        return None
+    n, kernel = x.shape[lhs_spec[0]], [w_aval.shape[a] for a in rhs_spec[2:]]
+    T = int(np.prod([g.shape[a] for a in out_spec[2:]], dtype=int))
+    d = int(np.prod(kernel, dtype=int)) * x.shape[lhs_spec[1]] // groups
+    p = g.shape[out_spec[1]] // groups
+    if T > 1 and not ghost.gram_pays(T, d, p):
+        return None
+    patches = lax.conv_general_dilated_patches(
+        x,
+        kernel,
+        spec.window_strides,
+        spec.padding,
+        spec.lhs_dilation,
+        spec.rhs_dilation,
+        spec.dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )  # laid out like y, features (C_in, *kernel) flattened: channel-major, so per group
+
+    def per_group(a, size):  # (n, *spatial, groups·size) -> (n·groups, T, size)
+        a = jnp.moveaxis(a, (out_spec[0], out_spec[1]), (0, -1)).reshape(n, T, groups, size)
+        return a.transpose(0, 2, 1, 3).reshape(n * groups, T, size)
+
+    route, sq = ghost.matmul_sq_norms(per_group(patches, d), per_group(g, p))
+    return route, sq.reshape(n, groups).sum(axis=1)
+
+
+CONV = bilinear_op("conv", forward, transpose_x, transpose_w, per_example=_per_example)
 
 
 # --------------------------------------------------------------------------------------

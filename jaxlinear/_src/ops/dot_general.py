@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from jax import lax
 
+from jaxlinear._src import ghost
 from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.ops import _checks
 from jaxlinear._src.validation import canonical_precision
@@ -105,7 +106,26 @@ def _batch(x_ndim, w_ndim, x_batched, w_batched, *, dimension_numbers, precision
     return dims, len(xb) + x_ndim - len(xc) - len(xb)  # w's first kept axis
 
 
-DOT_GENERAL = bilinear_op("dot_general", forward, transpose_x, transpose_w, batch=_batch)
+def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, dimension_numbers, precision):
+    """Ghost norms of ``w̄_i``: ``x_i`` read as ``X_i: (T, d)`` (kept axes, then contracted
+    ones) and ``g_i`` as ``G_i: (T, p)`` (``w``'s kept axes last); declined with batch axes."""
+    del w_aval, y_axis, preferred_element_type, precision  # y_axis: 0, x's first kept axis
+    (xc, _), (xb, _) = dimension_numbers
+    if xb:  # batch axes pair x with w: w̄_i is not one matrix product
+        return None
+    n, kept = x.shape[0], _remaining(x.ndim, xc)  # kept: axis 0 (the examples) first
+    X = x.transpose(*kept, *xc).reshape(n, int(np.prod(x.shape[1:])) // _size(x, xc), -1)
+    G = g.reshape(n, X.shape[1], -1)  # y: (x kept, w kept)
+    return ghost.matmul_sq_norms(X, G)
+
+
+def _size(a, axes):
+    return int(np.prod([a.shape[i] for i in axes], dtype=int))
+
+
+DOT_GENERAL = bilinear_op(
+    "dot_general", forward, transpose_x, transpose_w, batch=_batch, per_example=_per_example
+)
 
 
 # --------------------------------------------------------------------------------------

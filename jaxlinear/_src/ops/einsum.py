@@ -19,8 +19,10 @@ from __future__ import annotations
 import string
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from jaxlinear._src import ghost
 from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.ops import _checks
 from jaxlinear._src.validation import canonical_precision
@@ -73,7 +75,36 @@ def _batch(x_ndim, w_ndim, x_batched, w_batched, *, subscripts, precision):
     return {"subscripts": (xs, ws, new + ys)}, 0
 
 
-EINSUM = bilinear_op("einsum", forward, transpose_x, transpose_w, batch=_batch)
+def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, subscripts, precision):
+    """Ghost norms of ``w̄_i`` for ``"X,W->Y"``: ``X_i: (T, d)`` over the letters of ``x`` and
+    ``y`` alone (``T``) and the contracted ones (``d``), ``G_i: (T, p)`` with ``p`` the letters
+    of ``w`` and ``y``. Declined when a letter is in all three (a batch letter: ``w̄_i`` is
+    then not one matrix product) or repeated within a term."""
+    del y_axis, preferred_element_type, precision
+    xs, ws, ys = subscripts
+    if any(len(set(s)) != len(s) for s in subscripts) or set(xs) & set(ws) & set(ys):
+        return None
+    e = xs[0]  # the examples' letter
+    T = "".join(c for c in xs[1:] if c in ys)
+    d = "".join(c for c in xs if c in ws)
+    p = "".join(c for c in ws if c in ys)
+    n = x.shape[0]
+    X = jnp.einsum(f"{xs}->{e}{T}{d}", x).reshape(n, -1, _size(w_aval, ws, d))
+    G = jnp.einsum(f"{ys}->{e}{T}{p}", g).reshape(n, X.shape[1], -1)
+    got = ghost.matmul_sq_norms(X, G)
+    if got is None:
+        return None
+    # w̄ is constant along the letters of w alone (the adjoint of summing w over them).
+    return got[0], got[1] * _size(w_aval, ws, "".join(c for c in ws if c not in xs + ys))
+
+
+def _size(aval, letters, which):
+    return int(np.prod([aval.shape[letters.index(c)] for c in which], dtype=int))
+
+
+EINSUM = bilinear_op(
+    "einsum", forward, transpose_x, transpose_w, batch=_batch, per_example=_per_example
+)
 
 
 # --------------------------------------------------------------------------------------

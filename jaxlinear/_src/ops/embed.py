@@ -30,7 +30,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlinear._src import vma
+from jaxlinear._src import ghost, taps, vma
 from jaxlinear._src.bilinear import accumulation_dtype
 from jaxlinear._src.validation import _dtype
 
@@ -151,6 +151,54 @@ batching.primitive_batchers[embed_p] = _embed_batch
 
 
 # --------------------------------------------------------------------------------------
+# Per-example gradient norms (per_example_grad_norms, clipped_grad): the rule of the op.
+
+
+class _Rule:
+    r"""Example ``i``'s ``tablē_i`` is the scatter-add of its own rows of ``G``, so
+
+    .. math:: \|\overline{\text{table}}_i\|^2 = \sum_{t, s:\ \text{ids}_{it} = \text{ids}_{is}}
+              \langle g_{it}, g_{is} \rangle
+
+    over example ``i``'s ``T`` ids (out-of-range ids send nothing): ``"rank_one"`` for one
+    id, ``"gram"`` (``(T, T)`` per example) when ``gram_pays(T, V, d)``, else
+    ``"per_example"`` (the ``n`` scatter-adds, ``(n, V, d)``).
+    """
+
+    name = "embed"
+
+    @staticmethod
+    def example_axis(ids, table):
+        del table
+        return 0 if np.ndim(ids) else None
+
+    @staticmethod
+    def sq_norms(ids, g, table_aval, y_axis, dtype):
+        del y_axis  # 0: ids' first axis
+        (V, d), n = table_aval.shape, ids.shape[0]
+        ids, g = ids.reshape(n, -1), g.astype(dtype).reshape(n, -1, d)
+        T = ids.shape[1]
+        inside = (ids >= -V) & (ids < V)
+        if T == 1:
+            return "rank_one", jnp.where(inside[:, 0], jnp.sum(g[:, 0] ** 2, axis=-1), 0), None
+        if not ghost.gram_pays(T, V, d):
+            like = jax.ShapeDtypeStruct((V, d), dtype)
+            rows = jax.vmap(lambda g_i, ids_i: scatter_add(g_i, ids_i, like))(g, ids)
+            return "per_example", jnp.sum(rows**2, axis=(1, 2)), rows
+        row = jnp.where(ids < 0, ids + V, ids)
+        same = (row[:, :, None] == row[:, None, :]) & inside[:, :, None] & inside[:, None, :]
+        gg = jnp.einsum("ntd,nsd->nts", g, g)  # (n, T, T)
+        return "gram", jnp.sum(jnp.where(same, gg, 0), axis=(1, 2)), None
+
+    @staticmethod
+    def weight_grad(ids, g, table_aval):
+        return scatter_add(g, ids, table_aval)
+
+
+_RULE = _Rule()
+
+
+# --------------------------------------------------------------------------------------
 
 
 def _prepare(fn, table, ids):
@@ -207,7 +255,7 @@ def embed(table, ids):
       [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
     """
     table, ids = _prepare("embed", table, ids)
-    return _embed(table, ids)
+    return taps.call(_RULE, lambda ids, table, _: _embed(table, ids), ids, table)
 
 
 def dual_embed(table, ids):
@@ -226,4 +274,4 @@ def dual_embed(table, ids):
       [[0.0], [3.0]]
     """
     table, ids = _prepare("dual_embed", table, ids)
-    return embed_p.bind(table, ids)
+    return taps.call(_RULE, lambda ids, table, _: embed_p.bind(table, ids), ids, table)
