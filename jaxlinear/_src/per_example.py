@@ -190,8 +190,10 @@ def _bias_axes(leaf_shape, chain, y_shape):
             gone = {d % len(shape) for d in eqn.params["dimensions"]}
             labels = [lab for i, lab in enumerate(labels) if i not in gone]
         shape = out
-    if len(shape) != len(y_shape) or any(s not in (1, t) for s, t in zip(shape, y_shape)):
-        return None  # lax's add broadcasts size-1 axes itself
+    if len(shape) != len(y_shape):
+        return None
+    if any(s not in (1, t) for s, t in zip(shape, y_shape, strict=True)):
+        return None  # (lax's add broadcasts size-1 axes itself)
     axes = tuple(i for i, lab in enumerate(labels) if lab is not None)
     if [labels[i] for i in axes] != sorted(labels[i] for i in axes):
         return None
