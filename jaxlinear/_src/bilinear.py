@@ -246,7 +246,7 @@ class _Rule:
         if rule is not None:
             got = rule(x, g, w_aval, y_axis=y_axis, preferred_element_type=dtype, **params)
             if got is not None:
-                return (*got, None)
+                return got if len(got) == 3 else (*got, None)
 
         def one(x_i, g_i):  # example i alone: its size-1 example axes put back
             g_i = jnp.expand_dims(g_i, y_axis)
@@ -676,8 +676,10 @@ def bilinear_op(
         input ``x: (n, ...)`` (examples on axis 0) and the output cotangent ``g`` (examples
         on ``y_axis``), both already in the norms' dtype, without forming the ``w̄_i``;
         ``route`` names the formula (e.g. ``"gram"``). ``None`` declines (e.g. when the
-        shapes make it dearer). Without it, or when it declines, the generic route forms
-        each ``w̄_i`` with ``transpose_w`` under ``jax.vmap`` over the examples.
+        shapes make it dearer). A rule that forms the ``w̄_i`` its own way returns
+        ``(route, sq, w̄_i: (n, *w.shape))`` (clipping then reuses them). Without it, or
+        when it declines, the generic route forms each ``w̄_i`` with ``transpose_w`` under
+        ``jax.vmap`` over the examples.
 
     Returns:
       A ``BilinearOp`` ``op``: ``op.custom_vjp(x, w, b=None, *, compute_dtype=None,

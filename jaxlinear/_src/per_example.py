@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlinear._src import taps
+from jaxlinear._src import taps, vma
 
 _FALLBACKS = ("vmap", "raise")
 # Unary primitives that hand a value on unchanged up to its dtype or its shape: a leaf may
@@ -107,8 +107,8 @@ class _Call:
     rule: object  # the op's per-example rule (taps)
     vars: tuple  # jaxpr variables of (x, w, b, y); None where not a top-level tracer
     x_shape: tuple[int, ...]
-    w: jax.ShapeDtypeStruct
-    y: jax.ShapeDtypeStruct
+    w: object  # w's abstract value (shape, dtype, sharding)
+    y: object  # y's
     y_axis: int | None  # where the examples land in y
     reason: str | None  # why this call cannot be tapped; None: it can
 
@@ -147,11 +147,9 @@ class _Discover:
                     f"used by a jaxlinear {rule.name} call that contracts or mixes axis 0 of"
                     f" its input `x` (shape {shape}), the examples' axis"
                 )
-        S = jax.ShapeDtypeStruct
-        self.calls.append(
-            _Call(rule, variables, shape, S(np.shape(w), w.dtype), S(np.shape(y), y.dtype),
-                  y_axis, reason)
-        )  # fmt: skip
+        # w's type keeps its sharding (on meshes with Explicit axes the transposes read it).
+        w_aval, y_aval = jax.typeof(w), jax.typeof(y)
+        self.calls.append(_Call(rule, variables, shape, w_aval, y_aval, y_axis, reason))
         return y
 
 
@@ -329,6 +327,65 @@ class _Compute:
         return y + self.zs[slot]
 
 
+def _auto_axes(fn, x, specs):
+    """``fn`` as is; on a mesh with Explicit axes (``x``'s), run under Auto axes with its
+    results laid out by ``specs``: the rules reshape, unfold and contract the examples'
+    axis freely, which Explicit axes would make each op spell out."""
+    mesh = vma._explicit_mesh(x)
+    if mesh is None:
+        return lambda *a: jax.tree.leaves(fn(*a))
+    out = tuple(jax.sharding.NamedSharding(mesh, s) for s in specs)
+    return jax.sharding.auto_axes(lambda *a: tuple(jax.tree.leaves(fn(*a))), out_sharding=out)
+
+
+def _sq_norms(call, x, g, dtype):
+    """``call.rule.sq_norms`` (``(route, sq, w̄_i or None)``), under Auto axes if need be."""
+    route = []
+
+    w = _w_type(call, x)
+
+    def arrays(x, g):
+        name, sq, w_bars = call.rule.sq_norms(x, g, w, call.y_axis, dtype)
+        route.append(name)
+        return sq, w_bars
+
+    P = jax.sharding.PartitionSpec
+    specs = [P(vma._entry(x, 0))]  # laid out like the examples
+    if vma._explicit_mesh(x) is not None:  # an abstract run tells whether w̄_i are formed
+        formed = []
+        probe = _auto_axes(lambda x, g: formed.append(arrays(x, g)[1]) or 0, x, [P()])
+        jax.eval_shape(probe, x, g)
+        specs += [P(specs[0][0], *(None,) * len(call.w.shape))] * (formed[0] is not None)
+    sq, *w_bars = _auto_axes(arrays, x, specs)(x, g)
+    return route[-1], sq, w_bars[0] if w_bars else None
+
+
+def _weight_grad(call, x, g):
+    """``call.rule.weight_grad``: ``w̄ = B_wᵀ(g; x)``, under Auto axes if need be."""
+    w = _w_type(call, x)
+    return _auto_axes(lambda x, g: call.rule.weight_grad(x, g, w), x, [_w_spec(call)])(x, g)[0]
+
+
+def _w_type(call, x):
+    """``w``'s type for the rules: as traced, or (under ``_auto_axes``) shape and dtype only."""
+    if vma._explicit_mesh(x) is None:
+        return call.w
+    return jax.ShapeDtypeStruct(call.w.shape, call.w.dtype)
+
+
+def _w_spec(call):
+    """How ``w̄`` is laid out: like ``w`` (replicated where ``w`` has no Explicit sharding)."""
+    spec = getattr(getattr(call.w, "sharding", None), "spec", None)
+    return jax.sharding.PartitionSpec() if spec is None else spec
+
+
+def _zeros_like_type(aval):
+    """Zeros of ``aval``'s shape and dtype, laid out as ``aval`` says on meshes with Explicit
+    axes (so the cotangent of ``Z_k``, like ``y_k``, stays sharded over the examples)."""
+    sharding = aval.sharding if vma._explicit_mesh(aval) is not None else None
+    return jnp.zeros(aval.shape, aval.dtype, out_sharding=sharding)
+
+
 def _bias_rows(g, y_axis, axes):
     """``(n, *[g.shape[a] for a in axes])``: ``g`` summed over every other axis, per example."""
     moved = [a + (a < y_axis) for a in axes]  # where the axes are once y_axis is first
@@ -463,7 +520,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     # Pass 2: one forward and one backward pass that stops at the g's.
     tapped = sorted({e.call for e in entries})
     slots = {k: slot for slot, k in enumerate(tapped)}
-    zs = [jnp.zeros(calls[k].y.shape, calls[k].y.dtype) for k in tapped]
+    zs = [_zeros_like_type(calls[k].y) for k in tapped]
 
     def losses_of(zs, other_values):
         values = list(leaves)
@@ -482,13 +539,13 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     losses, pullback, xs = jax.vjp(losses_of, zs, [leaves[j] for j in other], has_aux=True)
     gs, _ = pullback(jnp.ones_like(losses))
 
-    sq = jnp.zeros((n,), dtype)
+    sq = 0  # then (n,), laid out like the examples
     routes: dict[int, Route] = {}
     w_bars = {}  # call -> per-example w̄_i, where the route formed them
     for e in entries:
         call, x, g = calls[e.call], xs[slots[e.call]], gs[slots[e.call]]
         if e.role == "w":
-            route, sq_w, w_bars[e.call] = call.rule.sq_norms(x, g, call.w, call.y_axis, dtype)
+            route, sq_w, w_bars[e.call] = _sq_norms(call, x, g, dtype)
             sq = sq + sq_w
         else:
             route, rows = "bias", _bias_rows(g.astype(dtype), call.y_axis, e.axes)
@@ -505,7 +562,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
                 report.append(Route(names[j], "fallback", None, reasons[j]))
             else:
                 report.append(Route(names[j], "unused", None, "not used by loss_fn"))
-    norms = jnp.sqrt(sq)
+    norms = jnp.sqrt(sq) if entries or other else jnp.zeros((n,), dtype)  # all unused: 0
     if not clip:
         return norms
 
@@ -514,12 +571,16 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     grads: list = [None] * L
     for e in entries:
         call, x, g = calls[e.call], xs[slots[e.call]], gs[slots[e.call]]
+        # (Sums over the examples are reductions, not contractions: on a mesh with Explicit
+        # axes a contraction over the sharded examples' axis would need an out_sharding.)
         if e.role == "w" and w_bars.get(e.call) is not None:  # Σ_i c_i w̄_i
-            d = jnp.tensordot(factors, w_bars[e.call], 1)
+            d = jnp.sum(_example_scaled(w_bars[e.call], factors, 0), axis=0)
         elif e.role == "w":  # B_wᵀ(c ⊙ g; x): the op's own transpose, g's rows scaled
-            d = call.rule.weight_grad(x, _example_scaled(g, factors, call.y_axis), call.w)
+            scaled = _example_scaled(g, factors, call.y_axis)
+            d = _weight_grad(call, x, scaled)
         else:  # Σ_i c_i b̄_i
-            d = jnp.tensordot(factors, _bias_rows(g.astype(dtype), call.y_axis, e.axes), 1)
+            scaled = _example_scaled(g.astype(dtype), factors, call.y_axis)
+            d = jnp.sum(_bias_rows(scaled, call.y_axis, e.axes), axis=0)
         grads[e.leaf] = d.reshape(leaves[e.leaf].shape).astype(leaves[e.leaf].dtype)
     if other:  # one more backward pass, for these leaves only
         _, other_grads = pullback(factors.astype(losses.dtype))

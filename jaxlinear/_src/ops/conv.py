@@ -212,13 +212,17 @@ def transpose_w(g, x, w_aval, *, spec: ConvSpec, precision=None, preferred_eleme
 
 
 def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec, precision=None):
-    r"""Ghost norms of ``w̄_i = U_iᵀ G_i``, ``U_i: (T, k·C_in/groups)`` example ``i``'s input
-    patches (``lax.conv_general_dilated_patches``), ``T`` the output positions, per group:
+    r"""Per-example ``w̄_i = U_iᵀ G_i`` from example ``i``'s input patches ``U_i: (T, d)``
+    (``lax.conv_general_dilated_patches``; ``T`` output positions, ``d = k·C_in/groups``) and
+    ``G_i: (T, p)`` (``p = C_out/groups``), group by group:
 
-    .. math:: \|\bar w_i\|^2 = \sum_{\text{groups}} \langle U_i U_i^\top, G_i G_i^\top \rangle
+    - ``"gram"`` when ``gram_pays(T, d, p)``: :math:`\sum_{\text{groups}}
+      \langle U_i U_i^\top, G_i G_i^\top \rangle`, no ``w̄_i`` formed;
+    - else ``"per_example"``: the ``w̄_i`` as one batched matrix product over the examples
+      (not ``jax.vmap`` of the transpose: XLA:CPU's partitioner miscomputes that batched
+      convolution when the examples are sharded, see docs/DESIGN.md).
 
-    Declined (the generic route forms each ``w̄_i``) where ``gram_pays`` says so, and for
-    batch groups (``w̄_i`` then mixes examples' channels).
+    Declined for batch groups (``w̄_i`` then mixes examples' channels): the generic route.
     """
     del y_axis  # out_spec[0]: the examples are the batch axis
     lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
@@ -229,8 +233,6 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
     T = int(np.prod([g.shape[a] for a in out_spec[2:]], dtype=int))
     d = int(np.prod(kernel, dtype=int)) * x.shape[lhs_spec[1]] // groups
     p = g.shape[out_spec[1]] // groups
-    if T > 1 and not ghost.gram_pays(T, d, p):
-        return None
     patches = lax.conv_general_dilated_patches(
         x,
         kernel,
@@ -243,12 +245,21 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
         preferred_element_type=preferred_element_type,
     )  # laid out like y, features (C_in, *kernel) flattened: channel-major, so per group
 
-    def per_group(a, size):  # (n, *spatial, groups·size) -> (n·groups, T, size)
+    def per_group(a, size):  # (n, *spatial, groups·size) -> (n, groups, T, size)
         a = jnp.moveaxis(a, (out_spec[0], out_spec[1]), (0, -1)).reshape(n, T, groups, size)
-        return a.transpose(0, 2, 1, 3).reshape(n * groups, T, size)
+        return a.transpose(0, 2, 1, 3)
 
-    route, sq = ghost.matmul_sq_norms(per_group(patches, d), per_group(g, p))
-    return route, sq.reshape(n, groups).sum(axis=1)
+    U, G = per_group(patches, d), per_group(g, p)
+    if T == 1 or ghost.gram_pays(T, d, p):
+        route, sq = ghost.matmul_sq_norms(U.reshape(n * groups, T, d), G.reshape(n * groups, T, p))
+        return route, sq.reshape(n, groups).sum(axis=1)
+    w_bars = jnp.einsum("ngtd,ngtp->ngdp", U, G, precision=precision)  # (n, groups, d, p)
+    sq = jnp.sum(w_bars**2, axis=(1, 2, 3))
+    # (n, groups, C_in/groups, *kernel, p) -> (n, C_in/groups, *kernel, C_out) -> w's layout
+    w_bars = w_bars.reshape(n, groups, -1, *kernel, p)
+    w_bars = jnp.moveaxis(w_bars, 1, -2).reshape(n, -1, *kernel, groups * p)
+    axes = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the axis of w each axis above is
+    return "per_example", sq, w_bars.transpose(0, *(1 + axes.index(a) for a in range(len(axes))))
 
 
 CONV = bilinear_op("conv", forward, transpose_x, transpose_w, per_example=_per_example)
