@@ -1,0 +1,391 @@
+"""``jaxlinear.nnx``: whole Flax NNX models on explicit rules.
+
+A small CNN and a transformer block, converted with each binding, must give the original
+model's values and gradients (float64: Flax's default ops under JAX's AD are the
+reference), run jaxlinear's transposes (counted at trace time), keep ``nnx.state``
+exactly (paths, Variable types, shapes, dtypes, arrays) and train identically under a
+jitted optax step. The report must list every module with parameters, untouched ones
+included.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlinear._src.ops import embed as embed_module
+from jaxlinear._src.ops.conv import CONV
+from jaxlinear._src.ops.dot_general import DOT_GENERAL
+from jaxlinear._src.ops.einsum import EINSUM
+from tests.helpers import assert_trees_close
+
+nnx = pytest.importorskip("flax.nnx")
+optax = pytest.importorskip("optax")
+jlnnx = pytest.importorskip("jaxlinear.nnx")
+
+F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+BINDINGS = ("custom_vjp", "dual")
+
+
+# --------------------------------------------------------------------------------------
+# Models.
+
+
+class CNN(nnx.Module):
+    """Conv (grouped, strided), ConvTranspose, a Linear head: ``(N, 6, 6, 2) -> (N, 3)``."""
+
+    def __init__(self, rngs, **kw):
+        self.conv1 = nnx.Conv(2, 4, (3, 3), rngs=rngs, **kw)
+        self.conv2 = nnx.Conv(4, 4, (3, 3), strides=2, feature_group_count=2, rngs=rngs, **kw)
+        self.head = nnx.Linear(4 * 3 * 3, 3, rngs=rngs, **kw)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.conv1(x))
+        h = jnp.tanh(self.conv2(h))  # (N, 3, 3, 4)
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+class Block(nnx.Module):
+    """Embed, self-attention, LayerNorm, an MLP of LinearGeneral + Einsum, tied logits."""
+
+    def __init__(self, rngs, **kw):
+        self.embed = nnx.Embed(7, 4, rngs=rngs, **kw)
+        self.attn = nnx.MultiHeadAttention(2, 4, decode=False, rngs=rngs, **kw)
+        self.norm = nnx.LayerNorm(4, rngs=rngs, **kw)
+        self.up = nnx.LinearGeneral(4, (2, 3), rngs=rngs, **kw)
+        self.down = nnx.Einsum("bthk,hkd->btd", (2, 3, 4), (4,), rngs=rngs, **kw)
+
+    def __call__(self, ids):
+        h = self.embed(ids)  # (B, T, 4)
+        h = h + self.attn(h)
+        h = h + self.down(jnp.tanh(self.up(self.norm(h))))
+        return self.embed.attend(h)  # (B, T, 7)
+
+
+def _cnn():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 2)))
+    return CNN(nnx.Rngs(0), **F64), x
+
+
+def _block():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 7, (2, 5)))
+    return Block(nnx.Rngs(0), **F64), ids
+
+
+MODELS = {"cnn": _cnn, "block": _block}
+
+# The ops each model's backward pass must run: (op, transpose) -> how many times.
+EXPECTED = {
+    "cnn": {
+        ("conv", "x"): 2,  # conv1's x̄ is needed: the loss is differentiated in x too
+        ("conv", "w"): 2,
+        ("dot_general", "x"): 1,
+        ("dot_general", "w"): 1,
+    },
+    "block": {
+        ("dot_general", "x"): 6,  # query, key, value, out, up, attend
+        ("dot_general", "w"): 6,
+        ("einsum", "x"): 1,
+        ("einsum", "w"): 1,
+        ("embed", "w"): 1,
+    },
+}
+
+
+def _loss(model, x):
+    return jnp.sum(jnp.sin(model(x)))
+
+
+def _value_and_grads(model, x):
+    """``(loss, ∂loss/∂params as a State, ∂loss/∂x or None)``, traced afresh, jitted."""
+    float_input = jnp.issubdtype(x.dtype, jnp.floating)
+
+    @nnx.jit
+    def run(model, x):
+        if float_input:
+            value, (g, gx) = nnx.value_and_grad(_loss, argnums=(0, 1))(model, x)
+            return value, g, gx
+        value, g = nnx.value_and_grad(_loss)(model, x)
+        return value, g, None
+
+    value, g, gx = run(model, x)
+    return value, nnx.state(g, nnx.Param), gx
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count each call of jaxlinear's transposes (at trace time), per op and operand."""
+    calls = collections.Counter()
+    for op in (DOT_GENERAL, EINSUM, CONV):
+        for operand in "xw":
+            original = getattr(op, f"transpose_{operand}")
+
+            def wrapper(*a, _original=original, _key=(op.name, operand), **k):
+                calls[_key] += 1
+                return _original(*a, **k)
+
+            monkeypatch.setattr(op, f"transpose_{operand}", wrapper)
+    original_scatter = embed_module.scatter_add
+
+    def scatter(*a, **k):
+        calls["embed", "w"] += 1
+        return original_scatter(*a, **k)
+
+    monkeypatch.setattr(embed_module, "scatter_add", scatter)
+    return calls
+
+
+def _state_signature(model):
+    """``[(path, Variable type, shape, dtype)]`` of ``nnx.state(model)``."""
+    return [
+        (path, type(var), var.shape, var.dtype)
+        for path, var in nnx.to_flat_state(nnx.state(model))
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Values, gradients, the rules that run, the state.
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_model_matches_original_and_runs_explicit_rules(name, binding, counted):
+    original, x = MODELS[name]()
+    signature, arrays = _state_signature(original), jax.tree.leaves(nnx.state(original))
+    expected = _value_and_grads(original, x)
+    assert not counted  # Flax's own ops: none of jaxlinear's transposes ran
+
+    converted = jlnnx.explicit(nnx.clone(original), binding=binding)
+    got = _value_and_grads(converted, x)
+
+    assert dict(counted) == EXPECTED[name]
+    assert_trees_close(got, expected)
+    assert _state_signature(converted) == signature  # same paths, types, shapes, dtypes
+    for a, b in zip(jax.tree.leaves(nnx.state(converted)), arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_in_place_by_default_copy_on_request():
+    model, ids = _block()
+    before = model(ids)
+    copied = jlnnx.explicit(model, copy=True)
+    assert copied is not model and type(model.embed) is nnx.Embed  # the original as it was
+    assert jlnnx.report(model).explicit == ()
+    assert type(copied.embed) is jlnnx.Embed and copied.up.dot_general is not None
+
+    embed = model.embed
+    assert jlnnx.explicit(model, binding="dual") is model
+    assert model.embed is embed and type(embed) is jlnnx.Embed  # same object, class swapped
+    assert embed.binding == "dual"
+    assert_trees_close(model(ids), before)
+    # Converting again switches the binding of the layers already on jaxlinear's ops.
+    jlnnx.explicit(model)
+    assert model.embed.binding == "custom_vjp" and model.attn.query.dot_general.__name__ == (
+        "dot_general"
+    )
+
+
+def test_mixed_precision_keywords_pass_through():
+    """``dtype`` casts (``promote_dtype``), ``precision`` and ``preferred_element_type``."""
+    kw = dict(
+        param_dtype=jnp.float64,
+        dtype=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+
+    class Mixed(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 3, (2, 2), rngs=rngs, **kw)
+            self.dense = nnx.Linear(3, 4, rngs=rngs, **kw)
+            self.heads = nnx.Einsum("btd,dk->btk", (4, 2), rngs=rngs, **kw)
+
+        def __call__(self, x):
+            h = self.conv(x)  # (N, 3, 3, 3)
+            return self.heads(self.dense(h.reshape(h.shape[0], 9, 3)))
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 3, 2)))
+    original = Mixed(nnx.Rngs(0))
+    value, grads, gx = _value_and_grads(original, x)
+    converted = jlnnx.explicit(original, copy=True)
+    assert converted(x).dtype == jnp.float32
+    # float32 products in another order at most: within float32 rounding.
+    assert_trees_close(_value_and_grads(converted, x), (value, grads, gx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_jitted_optax_step_equals_the_original_step(binding):
+    original, ids = _block()
+    converted = jlnnx.explicit(nnx.clone(original), binding=binding)
+    tx = optax.adam(1e-2)
+
+    @nnx.jit
+    def step(model, optimizer, ids):
+        loss, grads = nnx.value_and_grad(_loss)(model, ids)
+        optimizer.update(model, grads)
+        return loss
+
+    results = []
+    for model in (original, converted):
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        losses = [step(model, optimizer, ids) for _ in range(2)]
+        results.append((losses, nnx.state(model), nnx.state(optimizer)))
+    assert_trees_close(results[1], results[0], atol=1e-10, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# The replacement modules against Flax's.
+
+
+def test_embed_matches_flax_embed():
+    ids = jnp.array([[0, 3, 3], [-1, 2, 0]])  # repeated and negative ids
+    query = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4)))
+
+    @nnx.jit
+    def value_and_grad(module):  # the lookup and `attend`, each in a different loss term
+        def loss(m):
+            return jnp.sum(jnp.sin(m(ids))) + jnp.sum(jnp.cos(m.attend(query)))
+
+        return nnx.value_and_grad(loss)(module)
+
+    for vocab, bindings in ((5, BINDINGS), (1, ("custom_vjp",))):
+        flax_embed = nnx.Embed(vocab, 4, rngs=nnx.Rngs(0), **F64)
+        expected = value_and_grad(flax_embed)
+        for binding in bindings:
+            ours = jlnnx.Embed(vocab, 4, rngs=nnx.Rngs(0), binding=binding, **F64)
+            assert _state_signature(ours) == _state_signature(flax_embed)
+            assert_trees_close(value_and_grad(ours), expected)
+    # The dual binding gives forward mode in the table.
+    graphdef, state = nnx.split(jlnnx.Embed(5, 4, rngs=nnx.Rngs(0), binding="dual", **F64))
+    tangent = jax.tree.map(jnp.ones_like, state)
+    _, dy = jax.jvp(lambda s: nnx.merge(graphdef, s)(ids), (state,), (tangent,))
+    assert_trees_close(dy, jnp.ones((2, 3, 4)))
+
+
+# --------------------------------------------------------------------------------------
+# The report.
+
+
+def test_report_lists_every_module():
+    model, _ = _block()
+    before = jlnnx.report(model)
+    assert before.explicit == ()
+    assert before.paths("jax-ad") == (
+        "attn.key", "attn.out", "attn.query", "attn.value", "down", "embed", "up"
+    )  # fmt: skip
+    after = jlnnx.report(jlnnx.explicit(model))
+    assert [(r.path, r.module, r.status) for r in after] == [
+        ("attn", "MultiHeadAttention", "note"),
+        ("attn.key", "LinearGeneral", "explicit"),
+        ("attn.out", "LinearGeneral", "explicit"),
+        ("attn.query", "LinearGeneral", "explicit"),
+        ("attn.value", "LinearGeneral", "explicit"),
+        ("down", "Einsum", "explicit"),
+        ("embed", "Embed", "explicit"),
+        ("norm", "LayerNorm", "untouched"),
+        ("up", "LinearGeneral", "explicit"),
+    ]
+    assert after["embed"].runs == "jaxlinear.embed; attend: jaxlinear.dot_general"
+    assert after["down"].runs == "jaxlinear.einsum"
+    assert "activations" in after["attn"].runs
+    assert after.untouched == ("norm",)
+    assert "params bias, scale" in after["norm"].runs
+    table = str(after).splitlines()
+    assert table[0].split() == ["path", "module", "status", "runs"]
+    assert len(table) == 2 + len(after) and table[-1].startswith("up ")
+    assert "(model)" not in str(after)
+
+
+def test_report_and_explicit_leave_what_they_do_not_know():
+    class Custom(nnx.Module):  # parameters used directly, in a list
+        def __init__(self):
+            self.scale = nnx.Param(jnp.ones(3))
+            self.extra = nnx.List([nnx.Param(jnp.zeros(3))])
+
+    class MyLinear(nnx.Linear):  # a subclass: its __call__ may not use dot_general
+        pass
+
+    def my_dot_general(*args, **kwargs):
+        return jax.lax.dot_general(*args, **kwargs)
+
+    class Owner(nnx.Module):
+        def __init__(self, rngs):
+            self.custom = Custom()
+            self.sub = MyLinear(3, 3, rngs=rngs)
+            self.third_party = nnx.Linear(3, 3, dot_general=my_dot_general, rngs=rngs)
+            self.ellipsis = nnx.Einsum("...d,dk->...k", (3, 2), rngs=rngs)
+            self.with_cls = nnx.LinearGeneral(3, 2, dot_general_cls=lambda: my_dot_general,
+                                              rngs=rngs)  # fmt: skip
+            self.bias = nnx.Param(jnp.zeros(2))  # the model's own parameter
+
+    model = jlnnx.explicit(Owner(nnx.Rngs(0)))
+    report = jlnnx.report(model)
+    assert report.untouched == (
+        "", "custom", "ellipsis", "sub", "third_party", "with_cls"
+    )  # fmt: skip
+    assert report.explicit == ()
+    assert "params bias" in report[""].runs and str(report).splitlines()[2].startswith("(model)")
+    assert "params extra.0, scale" in report["custom"].runs
+    assert "subclass of nnx.Linear" in report["sub"].runs
+    assert model.sub.dot_general is jax.lax.dot_general
+    assert model.third_party.dot_general is my_dot_general
+    assert "my_dot_general" in report["third_party"].runs
+    assert "'...'" in report["ellipsis"].runs and model.ellipsis.einsum_op is jnp.einsum
+    assert "dot_general_cls" in report["with_cls"].runs and model.with_cls.dot_general is None
+
+
+# --------------------------------------------------------------------------------------
+# Refusals.
+
+
+def test_refusals():
+    model, _ = _cnn()
+    with pytest.raises(ValueError, match=r"explicit: `binding` must be 'custom_vjp' or 'dual'"):
+        jlnnx.explicit(model, binding="primitive")
+    with pytest.raises(TypeError, match=r"explicit: `model` must be a Flax NNX module .* dict"):
+        jlnnx.explicit({"W": jnp.ones((2, 2))})
+    with pytest.raises(TypeError, match=r"report: `model` must be a Flax NNX module"):
+        jlnnx.report([model])
+    with pytest.raises(ValueError, match=r"Embed: `binding` must be"):
+        jlnnx.Embed(3, 2, rngs=nnx.Rngs(0), binding="jvp")
+    embed = jlnnx.Embed(3, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match=r"Embed: `out_sharding` must be None"):
+        embed(jnp.array([1]), out_sharding=jax.sharding.PartitionSpec())
+    with pytest.raises(ValueError, match=r"Input type must be an integer"):
+        embed(jnp.array([1.0]))
+    report = jlnnx.report(jlnnx.explicit(model))
+    with pytest.raises(KeyError, match=r"no module at path 'conv3'"):
+        report["conv3"]
+    with pytest.raises(ValueError, match=r"paths: `status` must be one of"):
+        report.paths("converted")
+
+
+def test_jaxlinear_imports_without_flax():
+    """``import jaxlinear`` never imports Flax; ``jaxlinear.nnx`` says how to install it."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["flax"] = None  # `import flax` now raises ImportError
+        import jax.numpy as jnp
+        import jaxlinear
+        assert jaxlinear.embed(jnp.eye(2), jnp.array([1])).tolist() == [[0.0, 1.0]]
+        try:
+            import jaxlinear.nnx
+        except ImportError as error:
+            assert "pip install flax" in str(error), error
+        else:
+            raise AssertionError("jaxlinear.nnx imported without flax")
+        print("ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
