@@ -23,7 +23,6 @@ import typing as tp
 
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn.linear import canonicalize_padding
 from jax import lax
 
 from jaxlinear._src.ops import conv as _conv
@@ -49,9 +48,7 @@ def _op(family: str, binding: str):
 
 def _check_binding(fn: str, binding) -> str:
     if binding not in BINDINGS:
-        raise ValueError(
-            f"{fn}: `binding` must be 'custom_vjp' or 'dual', got {binding!r}"
-        )
+        raise ValueError(f"{fn}: `binding` must be 'custom_vjp' or 'dual', got {binding!r}")
     return binding
 
 
@@ -273,12 +270,10 @@ def _describe(module, own_params: tp.Sequence[str]) -> tuple[str, str] | None:
     known = next((k for k in (*_INJECTED, *_REPLACED) if isinstance(module, k)), None)
     if known is not None:
         return "untouched", (
-            f"a subclass of nnx.{known.__name__} (its __call__ may differ), not converted;"
-            f" params {', '.join(own_params)}"
+            f"a subclass of nnx.{known.__name__} (its __call__ may differ), not converted"
+            f" (params {', '.join(own_params)}): JAX's AD"
         )
-    return "untouched", (
-        f"not a layer jaxlinear.nnx converts; params {', '.join(own_params)} (JAX's AD)"
-    )
+    return "untouched", (f"not converted (params {', '.join(own_params)}): JAX's AD")
 
 
 _CONTAINERS = (nnx.List, nnx.Dict)
@@ -328,12 +323,13 @@ def report(model) -> Report:
     Examples:
       >>> import jaxlinear.nnx
       >>> from flax import nnx
-      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.LayerNorm(3, rngs=nnx.Rngs(0)))
+      >>> rngs = nnx.Rngs(0)
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=rngs), nnx.LayerNorm(3, rngs=rngs))
       >>> print(jaxlinear.nnx.report(jaxlinear.nnx.explicit(model)))
       path      module     status     runs
       --------  ---------  ---------  ----
       layers.0  Linear     explicit   jaxlinear.dot_general
-      layers.1  LayerNorm  untouched  not a layer jaxlinear.nnx converts; params bias, scale (JAX's AD)
+      layers.1  LayerNorm  untouched  not converted (params bias, scale): JAX's AD
     """
     _check_model("jaxlinear.nnx.report", model)
     rows = []
