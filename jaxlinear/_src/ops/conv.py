@@ -402,7 +402,7 @@ def _conv_spec(
     if compute_dtype is None and x_dtype != w_dtype:
         raise TypeError(
             f"{fn}: `{x_name}` has dtype {x_dtype} but `{w_name}` has dtype {w_dtype}; cast"
-            " one" + (", or pass compute_dtype=" if names is not _LAX_NAMES else "")
+            " one" + (", or pass compute_dtype=" if names is _LAYER_NAMES else "")
         )
     dn = lax.ConvDimensionNumbers(tuple(lhs_spec), tuple(rhs_spec), tuple(out_spec))
     return ConvSpec(strides, padding, lhs_dil, rhs_dil, dn, fgc, bgc)
