@@ -3,7 +3,7 @@
 The shared transform matrix (jvp, jacfwd, linear_transpose, vmap, adjoint test, "the rule
 ran", bfloat16) runs over the ``conv_transpose`` cases in ``tests/family_cases.py``; here:
 values and both operands' derivatives over strides, paddings, dilations, layouts and
-``transpose_kernel``, 1-D and 2-D, both bindings; the errors.
+``transpose_kernel``, 0-D to 2-D, both bindings; the errors.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ BINDINGS = (jaxlinear.conv_transpose, jaxlinear.dual_conv_transpose)
 # (id, x shape, w shape, kwargs); default layouts are channels last: x (N, *S, C), w (*K, I, O)
 # (w (*K, O, I) with transpose_kernel). Sizes differ per axis so a mixed-up axis fails loudly.
 CONFIGS = [
+    ("0d_no_spatial_axis", (2, 3), (3, 4), dict(strides=(), padding="VALID")),  # (N, C), (I, O)
     ("1d_s2_same", (2, 4, 3), (3, 3, 2), dict(strides=(2,), padding="SAME")),
     ("1d_s3_valid_dil2_tk", (2, 3, 2), (2, 4, 2), dict(strides=(3,), padding="VALID",
                                                       rhs_dilation=(2,), transpose_kernel=True)),
