@@ -23,6 +23,7 @@ except ImportError as error:  # pragma: no cover - tested in a subprocess
 
 from jaxlinear._src.nnx import BINDINGS as BINDINGS
 from jaxlinear._src.nnx import STATUSES as STATUSES
+from jaxlinear._src.nnx import ConvTranspose as ConvTranspose
 from jaxlinear._src.nnx import Embed as Embed
 from jaxlinear._src.nnx import Report as Report
 from jaxlinear._src.nnx import Row as Row
@@ -32,6 +33,7 @@ from jaxlinear._src.nnx import report as report
 __all__ = [
     "BINDINGS",
     "STATUSES",
+    "ConvTranspose",
     "Embed",
     "Report",
     "Row",

@@ -22,6 +22,7 @@ import pytest
 
 from jaxlinear._src.ops import embed as embed_module
 from jaxlinear._src.ops.conv import CONV
+from jaxlinear._src.ops.conv_transpose import CONV_TRANSPOSE
 from jaxlinear._src.ops.dot_general import DOT_GENERAL
 from jaxlinear._src.ops.einsum import EINSUM
 from tests.helpers import assert_trees_close
@@ -39,15 +40,17 @@ BINDINGS = ("custom_vjp", "dual")
 
 
 class CNN(nnx.Module):
-    """Conv (grouped, strided), ConvTranspose, a Linear head: ``(N, 6, 6, 2) -> (N, 3)``."""
+    """Conv (strided, grouped), ConvTranspose, a Linear head: ``(N, 6, 6, 2) -> (N, 3)``."""
 
     def __init__(self, rngs, **kw):
-        self.conv1 = nnx.Conv(2, 4, (3, 3), rngs=rngs, **kw)
+        self.conv1 = nnx.Conv(2, 4, (3, 3), strides=2, rngs=rngs, **kw)
+        self.up = nnx.ConvTranspose(4, 4, (2, 2), strides=2, rngs=rngs, **kw)
         self.conv2 = nnx.Conv(4, 4, (3, 3), strides=2, feature_group_count=2, rngs=rngs, **kw)
         self.head = nnx.Linear(4 * 3 * 3, 3, rngs=rngs, **kw)
 
     def __call__(self, x):
-        h = jnp.tanh(self.conv1(x))
+        h = jnp.tanh(self.conv1(x))  # (N, 3, 3, 4)
+        h = jnp.tanh(self.up(h))  # (N, 6, 6, 4)
         h = jnp.tanh(self.conv2(h))  # (N, 3, 3, 4)
         return self.head(h.reshape(h.shape[0], -1))
 
@@ -85,7 +88,14 @@ MODELS = {"cnn": _cnn, "block": _block}
 EXPECTED = {
     # conv1's x̄ is not needed: the dual binding's transpose skips it; the custom_vjp's
     # backward rule computes it (then XLA drops it as dead code).
-    "cnn": {("conv", "x"): 1, ("conv", "w"): 2, ("dot_general", "x"): 1, ("dot_general", "w"): 1},
+    "cnn": {
+        ("conv", "x"): 1,
+        ("conv", "w"): 2,
+        ("conv_transpose", "x"): 1,
+        ("conv_transpose", "w"): 1,
+        ("dot_general", "x"): 1,
+        ("dot_general", "w"): 1,
+    },
     "block": {
         ("dot_general", "x"): 6,  # query, key, value, out, up, attend
         ("dot_general", "w"): 6,
@@ -122,7 +132,7 @@ _ORIGINAL_STEP = {}  # model name -> _trained(original): computed once per sessi
 def counted(monkeypatch):
     """Count each call of jaxlinear's transposes (at trace time), per op and operand."""
     calls = collections.Counter()
-    for op in (DOT_GENERAL, EINSUM, CONV):
+    for op in (DOT_GENERAL, EINSUM, CONV, CONV_TRANSPOSE):
         for operand in "xw":
             original = getattr(op, f"transpose_{operand}")
 
@@ -260,6 +270,34 @@ def test_embed_matches_flax_embed():
     tangent = jax.tree.map(jnp.ones_like, state)
     _, dy = jax.jvp(lambda s: nnx.merge(graphdef, s)(ids), (state,), (tangent,))
     assert_trees_close(dy, jnp.ones((2, 3, 4)))
+
+
+def test_conv_transpose_matches_flax_conv_transpose():
+    """Strides, kernel dilation, ``transpose_kernel``, Flax's padding modes, batch axes."""
+    cases = [  # (constructor keywords, input shape)
+        (dict(kernel_size=(3, 2), strides=2, padding="SAME"), (1, 2, 3, 4, 2)),  # 2 batch axes
+        (
+            dict(kernel_size=(3,), strides=2, padding=1, kernel_dilation=2, use_bias=False),
+            (2, 4, 2),
+        ),
+        (dict(kernel_size=(3,), strides=2, padding="CIRCULAR", transpose_kernel=True), (4, 2)),
+    ]
+    rng = np.random.default_rng(3)
+    xs = [jnp.asarray(rng.standard_normal(shape)) for _, shape in cases]
+    pairs = []
+    for (kw, _), binding in zip(cases, ("custom_vjp", "dual", "custom_vjp"), strict=True):
+        ours = jlnnx.ConvTranspose(2, 3, rngs=nnx.Rngs(0), binding=binding, **kw, **F64)
+        flax_layer = nnx.ConvTranspose(2, 3, rngs=nnx.Rngs(0), **kw, **F64)
+        assert _state_signature(ours) == _state_signature(flax_layer)
+        pairs.append((ours, flax_layer))
+
+    @nnx.jit
+    def run(pairs, xs):
+        grads = nnx.value_and_grad(_loss, argnums=(0, 1))
+        return [[grads(m, x) for m in pair] for pair, x in zip(pairs, xs, strict=True)]
+
+    for got, expected in run(pairs, xs):
+        assert_trees_close(got, expected)
 
 
 # --------------------------------------------------------------------------------------
