@@ -78,23 +78,22 @@ def _no_out_sharding(fn: str, out_sharding) -> None:
 class Embed(nnx.Embed):
     r"""``nnx.Embed`` whose lookup is ``jaxlinear.embed`` and whose ``attend`` is ``dot_general``.
 
-        Same constructor, attributes and ``nnx.state`` as ``nnx.Embed`` (one ``Param``
-        ``embedding: (num_embeddings, features)``), plus ``binding``: ``"custom_vjp"``
-        (``jaxlinear.embed``, ``jaxlinear.dot_general``) or ``"dual"`` (``dual_embed``,
-        ``dual_dot_general``). The backward pass of the lookup is the scatter-add of the
-        cotangent into the looked-up rows.
+    Same constructor, attributes and ``nnx.state`` as ``nnx.Embed`` (one ``Param``
+    ``embedding: (num_embeddings, features)``), plus ``binding``: ``"custom_vjp"``
+    (``jaxlinear.embed``, ``jaxlinear.dot_general``) or ``"dual"`` (``dual_embed``,
+    ``dual_dot_general``). The backward pass of the lookup is the scatter-add of the
+    cotangent into the looked-up rows.
 
-        One difference from ``nnx.Embed``: an id outside ``[-V, V)`` reads a row of zeros and
-        sends no gradient (``jnp.take`` in ``nnx.Embed`` reads NaN). With
-        ``num_embeddings == 1`` every id reads row 0, as in ``nnx.Embed``.
+    One difference from ``nnx.Embed``: an id outside ``[-V, V)`` reads a row of zeros and
+    sends no gradient (``jnp.take`` in ``nnx.Embed`` reads NaN). With
+    ``num_embeddings == 1`` every id reads row 0, as in ``nnx.Embed``.
 
-        Examples:
-          >>> import jax.numpy as jnp, jaxlinear.nnx
-          >>> from flax import nnx
-    from flax.nnx.nn.linear import canonicalize_padding
-          >>> emb = jaxlinear.nnx.Embed(4, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
-          >>> emb(jnp.array([[3, 0, 3]])).shape, emb.attend(jnp.ones((5, 2))).shape
-          ((1, 3, 2), (5, 4))
+    Examples:
+      >>> import jax.numpy as jnp, jaxlinear.nnx
+      >>> from flax import nnx
+      >>> emb = jaxlinear.nnx.Embed(4, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+      >>> emb(jnp.array([[3, 0, 3]])).shape, emb.attend(jnp.ones((5, 2))).shape
+      ((1, 3, 2), (5, 4))
     """
 
     def __init__(self, *args, binding: str = "custom_vjp", **kwargs):
@@ -122,22 +121,21 @@ class Embed(nnx.Embed):
 class ConvTranspose(nnx.ConvTranspose):
     r"""``nnx.ConvTranspose`` whose op is ``jaxlinear.conv_transpose``.
 
-        Same constructor, attributes and ``nnx.state`` as ``nnx.ConvTranspose`` (``kernel:
-        (*kernel_size, in_features, out_features)``, or ``(..., out, in)`` with
-        ``transpose_kernel``; ``bias: (out_features,)``), plus ``binding``: ``"custom_vjp"``
-        (``jaxlinear.conv_transpose``) or ``"dual"`` (``dual_conv_transpose``). The call is
-        Flax's, line for line (batch axes flattened, ``mask``, ``promote_dtype``,
-        ``"CIRCULAR"`` padding as a periodic wrap of the result), with ``lax.conv_transpose``
-        replaced: its backward pass is a strided convolution of ``G`` (``x̄``) and a
-        correlation of the input with ``G`` (``w̄``).
+    Same constructor, attributes and ``nnx.state`` as ``nnx.ConvTranspose`` (``kernel:
+    (*kernel_size, in_features, out_features)``, or ``(..., out, in)`` with
+    ``transpose_kernel``; ``bias: (out_features,)``), plus ``binding``: ``"custom_vjp"``
+    (``jaxlinear.conv_transpose``) or ``"dual"`` (``dual_conv_transpose``). The call is
+    Flax's, line for line (batch axes flattened, ``mask``, ``promote_dtype``,
+    ``"CIRCULAR"`` padding as a periodic wrap of the result), with ``lax.conv_transpose``
+    replaced: its backward pass is a strided convolution of ``G`` (``x̄``) and a
+    correlation of the input with ``G`` (``w̄``).
 
-        Examples:
-          >>> import jax.numpy as jnp, jaxlinear.nnx
-          >>> from flax import nnx
-    from flax.nnx.nn.linear import canonicalize_padding
-          >>> up = jaxlinear.nnx.ConvTranspose(3, 2, (2, 2), strides=2, rngs=nnx.Rngs(0))
-          >>> up(jnp.ones((1, 4, 4, 3))).shape
-          (1, 8, 8, 2)
+    Examples:
+      >>> import jax.numpy as jnp, jaxlinear.nnx
+      >>> from flax import nnx
+      >>> up = jaxlinear.nnx.ConvTranspose(3, 2, (2, 2), strides=2, rngs=nnx.Rngs(0))
+      >>> up(jnp.ones((1, 4, 4, 3))).shape
+      (1, 8, 8, 2)
     """
 
     def __init__(self, *args, binding: str = "custom_vjp", **kwargs):
@@ -404,33 +402,32 @@ def _modules(model):
 def report(model) -> Report:
     """What every module of ``model`` runs now, as a ``Report`` (``print`` it for a table).
 
-        Lists each module once (shared modules at their first path): a layer on jaxlinear's
-        ops (``explicit``), a layer ``explicit`` would convert still on Flax's op
-        (``jax-ad``), a module owning ``nnx.Param`` s that ``explicit`` does not convert
-        (``untouched``, e.g. ``LayerNorm``), and notes (``MultiHeadAttention``'s attention
-        weights). Modules without parameters of their own (containers, ``Dropout``) have no
-        row.
+    Lists each module once (shared modules at their first path): a layer on jaxlinear's
+    ops (``explicit``), a layer ``explicit`` would convert still on Flax's op
+    (``jax-ad``), a module owning ``nnx.Param`` s that ``explicit`` does not convert
+    (``untouched``, e.g. ``LayerNorm``), and notes (``MultiHeadAttention``'s attention
+    weights). Modules without parameters of their own (containers, ``Dropout``) have no
+    row.
 
-        Args:
-          model: an ``nnx.Module``.
+    Args:
+      model: an ``nnx.Module``.
 
-        Returns:
-          A ``Report``.
+    Returns:
+      A ``Report``.
 
-        Raises:
-          TypeError: ``model`` is not an ``nnx.Module``.
+    Raises:
+      TypeError: ``model`` is not an ``nnx.Module``.
 
-        Examples:
-          >>> import jaxlinear.nnx
-          >>> from flax import nnx
-    from flax.nnx.nn.linear import canonicalize_padding
-          >>> rngs = nnx.Rngs(0)
-          >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=rngs), nnx.LayerNorm(3, rngs=rngs))
-          >>> print(jaxlinear.nnx.report(jaxlinear.nnx.explicit(model)))
-          path      module     status     runs
-          --------  ---------  ---------  ----
-          layers.0  Linear     explicit   jaxlinear.dot_general
-          layers.1  LayerNorm  untouched  not converted (params bias, scale): JAX's AD
+    Examples:
+      >>> import jaxlinear.nnx
+      >>> from flax import nnx
+      >>> rngs = nnx.Rngs(0)
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=rngs), nnx.LayerNorm(3, rngs=rngs))
+      >>> print(jaxlinear.nnx.report(jaxlinear.nnx.explicit(model)))
+      path      module     status     runs
+      --------  ---------  ---------  ----
+      layers.0  Linear     explicit   jaxlinear.dot_general
+      layers.1  LayerNorm  untouched  not converted (params bias, scale): JAX's AD
     """
     _check_model("jaxlinear.nnx.report", model)
     rows = []
@@ -444,46 +441,45 @@ def report(model) -> Report:
 def explicit(model, *, binding: str = "custom_vjp", copy: bool = False):
     r"""Put every linear layer of an NNX model on jaxlinear's explicit rules.
 
-        Sets the op of each ``nnx.Linear``, ``LinearGeneral`` (``dot_general=``), ``Einsum``
-        (``einsum_op=``) and ``Conv`` (``conv_general_dilated=``) to jaxlinear's, including
-        the ``query/key/value/out`` projections of ``MultiHeadAttention``; turns each
-        ``nnx.Embed`` into ``jaxlinear.nnx.Embed`` and each ``nnx.ConvTranspose`` into
-        ``jaxlinear.nnx.ConvTranspose`` (same attributes, same Variables). ``nnx.state(model)``
-        is unchanged: the same paths, shapes, dtypes and Variable types (only the graphdef's
-        static op attributes and classes change), so optimizer states and checkpoints stay
-        valid. Values and gradients equal the original model's (up to rounding: the same
-        products, in another order at most).
+    Sets the op of each ``nnx.Linear``, ``LinearGeneral`` (``dot_general=``), ``Einsum``
+    (``einsum_op=``) and ``Conv`` (``conv_general_dilated=``) to jaxlinear's, including
+    the ``query/key/value/out`` projections of ``MultiHeadAttention``; turns each
+    ``nnx.Embed`` into ``jaxlinear.nnx.Embed`` and each ``nnx.ConvTranspose`` into
+    ``jaxlinear.nnx.ConvTranspose`` (same attributes, same Variables). ``nnx.state(model)``
+    is unchanged: the same paths, shapes, dtypes and Variable types (only the graphdef's
+    static op attributes and classes change), so optimizer states and checkpoints stay
+    valid. Values and gradients equal the original model's (up to rounding: the same
+    products, in another order at most).
 
-        Layers that already hold a jaxlinear op are set to ``binding``'s; layers holding a
-        third party's op (e.g. AQT's ``dot_general``), subclasses of these layers and every
-        other module with parameters are left as they are: ``report(model)`` lists them as
-        ``untouched``.
+    Layers that already hold a jaxlinear op are set to ``binding``'s; layers holding a
+    third party's op (e.g. AQT's ``dot_general``), subclasses of these layers and every
+    other module with parameters are left as they are: ``report(model)`` lists them as
+    ``untouched``.
 
-        Args:
-          model: an ``nnx.Module``.
-          binding: ``"custom_vjp"`` (``jaxlinear.dot_general``, ``einsum``, ...: reverse mode)
-            or ``"dual"`` (``dual_dot_general``, ...: every transform, forward mode included).
-          copy: ``False`` (default): convert ``model`` in place (every module keeps its
-            identity, so shared modules and references to the model stay valid) and return
-            it. ``True``: convert and return an ``nnx.clone`` of it; ``model`` is left as it
-            was (the clone's Variables are new objects holding the same arrays).
+    Args:
+      model: an ``nnx.Module``.
+      binding: ``"custom_vjp"`` (``jaxlinear.dot_general``, ``einsum``, ...: reverse mode)
+        or ``"dual"`` (``dual_dot_general``, ...: every transform, forward mode included).
+      copy: ``False`` (default): convert ``model`` in place (every module keeps its
+        identity, so shared modules and references to the model stay valid) and return
+        it. ``True``: convert and return an ``nnx.clone`` of it; ``model`` is left as it
+        was (the clone's Variables are new objects holding the same arrays).
 
-        Returns:
-          The converted model (``model`` itself unless ``copy=True``).
+    Returns:
+      The converted model (``model`` itself unless ``copy=True``).
 
-        Raises:
-          ValueError: an unknown ``binding``.
-          TypeError: ``model`` is not an ``nnx.Module``.
+    Raises:
+      ValueError: an unknown ``binding``.
+      TypeError: ``model`` is not an ``nnx.Module``.
 
-        Examples:
-          >>> import jax.numpy as jnp, jaxlinear.nnx
-          >>> from flax import nnx
-    from flax.nnx.nn.linear import canonicalize_padding
-          >>> model = jaxlinear.nnx.explicit(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-          >>> model.dot_general is jaxlinear.dot_general
-          True
-          >>> model(jnp.ones((4, 2))).shape
-          (4, 3)
+    Examples:
+      >>> import jax.numpy as jnp, jaxlinear.nnx
+      >>> from flax import nnx
+      >>> model = jaxlinear.nnx.explicit(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+      >>> model.dot_general is jaxlinear.dot_general
+      True
+      >>> model(jnp.ones((4, 2))).shape
+      (4, 3)
     """
     fn = "jaxlinear.nnx.explicit"
     _check_binding(fn, binding)
