@@ -323,13 +323,14 @@ _REPLACED: dict[type, tuple[type, str, dict[str, str]]] = {
 }
 
 _ATTENTION_NOTE = (
-    "projections query/key/value/out: see their rows; attention weights softmax(q·kᵀ)·v"
-    " multiply activations (no parameters): JAX's AD"
+    "attention weights softmax(q·kᵀ)·v: activations only, no parameters: JAX's AD"
+    " (projections query/key/value/out: their own rows)"
 )
 
 
-def _ours(family: str):
-    return {fn: fn.__name__ for fn in _OPS[family]}
+def _ours(family: str, op) -> str | None:
+    """The name of jaxlinear's function ``op`` is (either binding), else ``None``."""
+    return next((fn.__name__ for fn in _OPS[family] if op is fn), None)
 
 
 def _name(fn) -> str:
@@ -350,9 +351,9 @@ def _describe(module, own_params: tp.Sequence[str]) -> tuple[str, str] | None:
                 " (no '...')"
             )
         op = getattr(module, rule.attr)
-        ours = _ours(rule.family)
-        if op in ours:
-            return "explicit", f"jaxlinear.{ours[op]}"
+        ours = _ours(rule.family, op)
+        if ours is not None:
+            return "explicit", f"jaxlinear.{ours}"
         if any(op is d for d in rule.flax_defaults):
             return "jax-ad", f"{rule.flax_name} (JAX's AD)"
         return "untouched", f"its own {rule.attr} {_name(op)}"
@@ -395,7 +396,9 @@ def _modules(model):
         if isinstance(node, nnx.Param):
             owner = next(path[:i] for i in range(len(path) - 1, -1, -1) if path[:i] in modules)
             owned[owner].append(".".join(map(str, path[len(owner) :])))
-    order = sorted(modules, key=lambda p: tuple(str(k) for k in p))
+    order = sorted(
+        modules, key=lambda p: tuple((1, 0, k) if isinstance(k, str) else (0, k, "") for k in p)
+    )
     return [(p, modules[p], sorted(owned[p])) for p in order]
 
 
