@@ -1,6 +1,7 @@
 """jaxlinear: the linear layer ``Y = X W + b`` with its transpose rules written out.
 
-The whole public API is listed here.
+The whole public API is listed here. Adapters for other libraries are submodules that
+import their library, so ``import jaxlinear`` never does: ``jaxlinear.nnx`` (Flax NNX).
 """
 
 from jaxlinear._src.adjoint import AdjointTestResult as AdjointTestResult

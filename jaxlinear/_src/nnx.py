@@ -91,9 +91,13 @@ class Embed(nnx.Embed):
     Examples:
       >>> import jax.numpy as jnp, jaxlinear.nnx
       >>> from flax import nnx
-      >>> emb = jaxlinear.nnx.Embed(4, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
-      >>> emb(jnp.array([[3, 0, 3]])).shape, emb.attend(jnp.ones((5, 2))).shape
-      ((1, 3, 2), (5, 4))
+      >>> ones = nnx.initializers.ones
+      >>> emb = jaxlinear.nnx.Embed(3, 2, rngs=nnx.Rngs(0), embedding_init=ones)
+      >>> emb(jnp.array([[2, 0]])).shape, emb.attend(jnp.ones(2)).tolist()
+      ((1, 2, 2), [2.0, 2.0, 2.0])
+      >>> grad = nnx.grad(lambda m: m(jnp.array([2, 0, 2])).sum())(emb)  # row 2 twice
+      >>> grad["embedding"][...].tolist()
+      [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
     """
 
     def __init__(self, *args, binding: str = "custom_vjp", **kwargs):
@@ -133,9 +137,11 @@ class ConvTranspose(nnx.ConvTranspose):
     Examples:
       >>> import jax.numpy as jnp, jaxlinear.nnx
       >>> from flax import nnx
-      >>> up = jaxlinear.nnx.ConvTranspose(3, 2, (2, 2), strides=2, rngs=nnx.Rngs(0))
-      >>> up(jnp.ones((1, 4, 4, 3))).shape
-      (1, 8, 8, 2)
+      >>> up = jaxlinear.nnx.ConvTranspose(  # (W, C) = (2, 1) -> (4, 1)
+      ...     1, 1, (2,), strides=2, padding="VALID", kernel_init=nnx.initializers.ones,
+      ...     rngs=nnx.Rngs(0))
+      >>> up(jnp.array([[1.0], [2.0]]))[:, 0].tolist()
+      [1.0, 1.0, 2.0, 2.0]
     """
 
     def __init__(self, *args, binding: str = "custom_vjp", **kwargs):
