@@ -117,7 +117,6 @@ def _loss(model, x):
     return jnp.sum(jnp.sin(model(x)))
 
 
-@nnx.jit
 def _step(model, optimizer, x):
     """One training step: ``(loss, ∂loss/∂params)``; the model and optimizer are updated."""
     loss, grads = nnx.value_and_grad(_loss)(model, x)
@@ -126,8 +125,11 @@ def _step(model, optimizer, x):
 
 
 def _trained(model, optimizer, x):
-    """Everything one step gives: loss, gradients, new parameters, new optimizer state."""
-    loss, grads = _step(model, optimizer, x)
+    """Everything one jitted step gives: loss, gradients, new parameters and optimizer state.
+
+    Jitted afresh each time, so that it is traced (the transposes are counted at trace time).
+    """
+    loss, grads = nnx.jit(_step)(model, optimizer, x)
     return loss, grads, nnx.state(model), nnx.state(optimizer)
 
 
