@@ -14,6 +14,7 @@ import collections
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -427,7 +428,8 @@ def test_jaxlinear_imports_without_flax():
         print("ok")
         """
     )
+    root = Path(__file__).resolve().parent.parent  # `import jaxlinear` finds this checkout
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
