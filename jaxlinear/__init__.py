@@ -1,6 +1,7 @@
 """jaxlinear: the linear layer ``Y = X W + b`` with its transpose rules written out.
 
-The whole public API is listed here.
+The whole public API is listed here. Adapters for other libraries are submodules that
+import their library, so ``import jaxlinear`` never does: ``jaxlinear.nnx`` (Flax NNX).
 """
 
 from jaxlinear._src.adjoint import AdjointTestResult as AdjointTestResult
@@ -19,6 +20,8 @@ from jaxlinear._src.ops.conv import conv_general_dilated as conv_general_dilated
 from jaxlinear._src.ops.conv import dual_conv as dual_conv
 from jaxlinear._src.ops.conv import dual_conv_general_dilated as dual_conv_general_dilated
 from jaxlinear._src.ops.conv import init_conv as init_conv
+from jaxlinear._src.ops.conv_transpose import conv_transpose as conv_transpose
+from jaxlinear._src.ops.conv_transpose import dual_conv_transpose as dual_conv_transpose
 from jaxlinear._src.ops.dot_general import dot_general as dot_general
 from jaxlinear._src.ops.dot_general import dual_dot_general as dual_dot_general
 from jaxlinear._src.ops.einsum import dual_einsum as dual_einsum
@@ -55,11 +58,13 @@ __all__ = [
     "column_parallel_linear",
     "conv",
     "conv_general_dilated",
+    "conv_transpose",
     "data_parallel_linear",
     "dense_jacobian",
     "dot_general",
     "dual_conv",
     "dual_conv_general_dilated",
+    "dual_conv_transpose",
     "dual_dot_general",
     "dual_einsum",
     "dual_embed",

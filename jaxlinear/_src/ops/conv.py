@@ -392,9 +392,9 @@ def _conv_spec(
     x_name, w_name = names["lhs"], names["rhs"]
     x_dtype, w_dtype = _dtype(fn, x_name, lhs), _dtype(fn, w_name, rhs)
     x_shape, w_shape = tuple(lhs.shape), tuple(rhs.shape)
-    if len(x_shape) < 3:
+    if len(x_shape) < 2:  # no spatial axis (a "0-D" convolution, a matmul) is allowed
         raise ValueError(
-            f"{fn}: `{x_name}` must have a batch, a feature and at least one spatial axis,"
+            f"{fn}: `{x_name}` must have a batch and a feature axis (then any spatial axes),"
             f" got shape {x_shape}"
         )
     if len(w_shape) != len(x_shape):
@@ -453,7 +453,7 @@ def _conv_spec(
     if compute_dtype is None and x_dtype != w_dtype:
         raise TypeError(
             f"{fn}: `{x_name}` has dtype {x_dtype} but `{w_name}` has dtype {w_dtype}; cast"
-            " one" + (", or pass compute_dtype=" if names is not _LAX_NAMES else "")
+            " one" + (", or pass compute_dtype=" if names is _LAYER_NAMES else "")
         )
     dn = lax.ConvDimensionNumbers(tuple(lhs_spec), tuple(rhs_spec), tuple(out_spec))
     return ConvSpec(strides, padding, lhs_dil, rhs_dil, dn, fgc, bgc)
@@ -498,7 +498,8 @@ def conv_general_dilated(
         \bar w = \mathrm{conv}(x^\top, G^\top)
 
     Args:
-      lhs: the input, e.g. ``(N, C, H, W)`` (or as ``dimension_numbers`` says).
+      lhs: the input, e.g. ``(N, C, H, W)`` (or as ``dimension_numbers`` says); zero
+        spatial axes, ``(N, C)``, make a grouped matmul, as in ``lax``.
       rhs: the kernel, e.g. ``(O, I, kH, kW)``, ``I = C / feature_group_count``.
       window_strides: one positive int per spatial axis.
       padding: ``"SAME"``, ``"VALID"``, ``"SAME_LOWER"`` or ``(lo, hi)`` pairs.
