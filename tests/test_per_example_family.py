@@ -134,6 +134,19 @@ def test_conv_general_dilated_nchw_and_lhs_dilation(op=jaxlinear.dual_conv_gener
           routes={"per_example": 1})  # fmt: skip
 
 
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+@routes_and_bindings(jaxlinear.conv_transpose, jaxlinear.dual_conv_transpose)
+def test_conv_transpose(transpose_kernel, route, op, monkeypatch):
+    force(monkeypatch, route)
+    x, w = normal(N, 4, 3, 2), normal(*((3, 2, 3, 2) if transpose_kernel else (3, 2, 2, 3)))
+    kw = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=transpose_kernel)
+
+    def loss(w, x, conv=op):
+        return jnp.sum(jnp.sin(conv(x, w, (2, 1), "SAME", **kw)), axis=(1, 2, 3))
+
+    check(loss, functools.partial(loss, conv=lax.conv_transpose), w, x, routes={route: 1})
+
+
 # -- dot_general, einsum -----------------------------------------------------------------
 
 
