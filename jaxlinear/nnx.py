@@ -9,8 +9,10 @@
 ``explicit(model, *, binding="custom_vjp", copy=False)`` converts the model's linear
 layers (``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``, ``ConvTranspose``, ``Embed``,
 ``MultiHeadAttention``'s projections) and keeps its ``nnx.state``; ``report(model)`` says
-what every module runs, listing modules it leaves untouched. Flax is an optional
-dependency of jaxlinear: this module imports it, ``import jaxlinear`` does not.
+what every module runs, listing modules it leaves untouched; ``per_example_loss(model,
+loss)`` gives ``(loss_fn, params)`` for ``per_example_grad_norms`` / ``clipped_grad``.
+Flax is an optional dependency of jaxlinear: this module imports it, ``import jaxlinear``
+does not.
 """
 
 try:
@@ -28,6 +30,7 @@ from jaxlinear._src.nnx import Embed as Embed
 from jaxlinear._src.nnx import Report as Report
 from jaxlinear._src.nnx import Row as Row
 from jaxlinear._src.nnx import explicit as explicit
+from jaxlinear._src.nnx import per_example_loss as per_example_loss
 from jaxlinear._src.nnx import report as report
 
 __all__ = [
@@ -38,5 +41,6 @@ __all__ = [
     "Report",
     "Row",
     "explicit",
+    "per_example_loss",
     "report",
 ]

@@ -516,3 +516,39 @@ def _convert(module, binding: str) -> None:
             object.__setattr__(module, "__class__", ours)
         if kind in (flax_kind, ours):
             module.binding = binding
+
+
+def per_example_loss(model, loss, *, params=None):
+    r"""``(loss_fn, params)`` for ``per_example_grad_norms`` / ``clipped_grad`` from an NNX model.
+
+    Splits ``model`` once (``nnx.split``) into its parameters (an ``nnx.State``) and the
+    rest; ``loss_fn(params, x, *targets) = loss(nnx.merge(...)(x), *targets)`` runs the
+    model on ``params``. The gradients come back as an ``nnx.State`` shaped like ``params``:
+    apply them with ``nnx.update`` or an ``nnx.Optimizer``.
+
+    Args:
+      model: an NNX module, e.g. after ``explicit(model)``.
+      loss: ``loss(outputs, *targets) -> (n,)`` per-example losses.
+      params: the ``nnx.split`` filter of the differentiated state (default ``nnx.Param``).
+
+    Returns:
+      ``(loss_fn, params)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlinear, jaxlinear.nnx
+      >>> from flax import nnx
+      >>> model = jaxlinear.nnx.explicit(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+      >>> loss_fn, params = jaxlinear.nnx.per_example_loss(model, lambda y: jnp.sum(y, 1))
+      >>> x = jnp.ones((4, 3))
+      >>> [r.route for r in jaxlinear.per_example_routes(loss_fn, params, x)]
+      ['bias', 'rank_one']
+    """
+    _check_model("per_example_loss", model)
+    if not callable(loss):
+        raise TypeError(f"per_example_loss: `loss` must be callable, got {type(loss).__name__}")
+    graphdef, state, rest = nnx.split(model, nnx.Param if params is None else params, ...)
+
+    def loss_fn(state, x, *targets):
+        return loss(nnx.merge(graphdef, state, rest)(x), *targets)
+
+    return loss_fn, state
