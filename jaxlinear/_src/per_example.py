@@ -116,8 +116,9 @@ class _Call:
 class _Discover:
     """Pass 1: record every op call with the jaxpr variables of its operands."""
 
-    def __init__(self, n, trace):
-        self.n, self.trace = n, trace
+    def __init__(self, n, leaf_tracers):
+        self.n, self.trace = n, getattr(leaf_tracers[0], "_trace", None)
+        self.readable = self.trace is not None and hasattr(leaf_tracers[0], "val")
         self.calls: list[_Call] = []
 
     def _var(self, a):
@@ -499,14 +500,18 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     recorders = []
 
     def discover(leaf_tracers, args):
-        trace = getattr(leaf_tracers[0], "_trace", None)
-        recorders.append(_Discover(n, trace))
+        recorders.append(_Discover(n, leaf_tracers))
         return taps.recording(recorders[-1], loss_fn, treedef.unflatten(leaf_tracers), *args)
 
     closed, out = jax.make_jaxpr(discover, return_shape=True)(leaves, args)
     _check_losses(fn, out, n)
     calls = recorders[0].calls
     entries, reasons = _analyse(closed.jaxpr, calls, L)
+    if not recorders[0].readable:  # matching reads each tracer's jaxpr variable (`.val`)
+        why = "not matched to an op: this JAX version's tracers expose no jaxpr variables"
+        reasons = {j: reasons.get(j, why) for j in range(L) if j in reasons or j in
+                   {e.leaf for e in entries}}  # fmt: skip
+        entries = []
     other = sorted(reasons)
     if other and fallback == "raise":
         j = other[0]
