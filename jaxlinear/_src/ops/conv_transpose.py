@@ -73,7 +73,8 @@ def transpose_w(g, x, w_aval, *, spec, flip_kernel, precision=None, preferred_el
     return _flip(dw, spec, flip_kernel)
 
 
-CONV_TRANSPOSE = bilinear_op("conv_transpose", forward, transpose_x, transpose_w)
+# vmap: conv's rule (folds into feature/batch axes; the flip acts on the spatial axes only).
+CONV_TRANSPOSE = bilinear_op("conv_transpose", forward, transpose_x, transpose_w, batch=conv.batch)
 
 
 # --------------------------------------------------------------------------------------
