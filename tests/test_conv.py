@@ -451,32 +451,29 @@ def test_layer_errors(f, params, x, kwargs, error, match):
 
 
 def test_groups_from_the_shapes_and_flax_argument_forms():
-    # init_conv(..., groups=2) then conv(p, x): groups follow from the shapes; Flax's int
-    # padding, per-axis ints, kernel_dilation and feature_group_count mean what they do in
-    # Flax (and lax): the same values as the explicit forms, against lax's convolution.
-    p = jaxlinear.init_conv(jax.random.key(0), (3, 2), 4, 6, groups=2, dtype=jnp.float64)
-    p = p._replace(b=jnp.arange(6.0))
-    x = _operands((2, 5, 4, 4), (1,))[0]
-    forms = [
-        ({}, dict(padding="SAME", dilation=1)),
-        (dict(padding=1, kernel_dilation=2, feature_group_count=2),
-         dict(padding=((1, 1), (1, 1)), dilation=2)),
-        (dict(padding=(2, (0, 1)), strides=(2, 1)), dict(padding=((2, 2), (0, 1)), strides=2)),
-    ]  # fmt: skip
+    # init_conv(..., groups=2) then conv(p, x): groups follow from the shapes (shapes only).
+    p = jax.eval_shape(lambda k: jaxlinear.init_conv(k, (3, 3), 4, 6, groups=2), jax.random.key(0))
+    x = jax.ShapeDtypeStruct((2, 5, 5, 4), jnp.float32)
+    for f in (jaxlinear.conv, jaxlinear.dual_conv):
+        assert jax.eval_shape(f, p, x).shape == (2, 5, 5, 6)
+    # Flax's int padding, per-axis ints, kernel_dilation and feature_group_count mean what
+    # they mean in Flax: values against lax's convolution (groups inferred, 2).
+    x, W = _operands((1, 5, 4, 4), (3, 2, 2, 6))
+    p = jaxlinear.Params(W, np.arange(6.0))
+    dn = ("NHWC", "HWIO", "NHWC")
+    forms = [  # (ours, lax's padding and rhs_dilation)
+        (dict(padding=1, kernel_dilation=2), ((1, 1), (1, 1)), (2, 2)),
+        (dict(padding=(2, (0, 1)), feature_group_count=2), ((2, 2), (0, 1)), (1, 1)),
+    ]
 
     @jax.jit
     def run(p, x):
-        ours = [f(p, x, **kw) for kw, _ in forms for f in (jaxlinear.conv, jaxlinear.dual_conv)]
+        ours = [jaxlinear.conv(p, x, **kw) for kw, _, _ in forms]
         refs = []
-        for _, ref_kw in forms:
-            ref_kw = {"strides": 1, **ref_kw}
-            if ref_kw["strides"] == 2:  # strides (2, 1): build the reference by hand
-                y = lax.conv_general_dilated(x, p.W, (2, 1), ref_kw["padding"],
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             feature_group_count=2)  # fmt: skip
-                refs += [y + jnp.broadcast_to(p.b, y.shape)] * 2
-            else:
-                refs += [_layer_reference(p, x, groups=2, **ref_kw)] * 2
+        for _, padding, dilation in forms:
+            y = lax.conv_general_dilated(x, p.W, (1, 1), padding, rhs_dilation=dilation,
+                                         dimension_numbers=dn, feature_group_count=2)  # fmt: skip
+            refs.append(y + jnp.broadcast_to(p.b, y.shape))
         return ours, refs
 
     ours, refs = run(p, x)
