@@ -6,6 +6,7 @@ import their library, so ``import jaxlinear`` never does: ``jaxlinear.nnx`` (Fla
 
 from jaxlinear._src.adjoint import AdjointTestResult as AdjointTestResult
 from jaxlinear._src.adjoint import adjoint_test as adjoint_test
+from jaxlinear._src.bilinear import BatchRule as BatchRule
 from jaxlinear._src.bilinear import BilinearOp as BilinearOp
 from jaxlinear._src.bilinear import bilinear_op as bilinear_op
 from jaxlinear._src.dual import dual_linear as dual_linear
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SCHEMES",
     "AdjointTestResult",
+    "BatchRule",
     "BilinearOp",
     "Params",
     "Route",

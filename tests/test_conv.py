@@ -396,8 +396,39 @@ def test_lax_signature_errors(f, lhs, rhs, kwargs, error, match):
 
 P2 = jaxlinear.Params(jnp.ones((3, 3, 4, 6), jnp.float32), jnp.zeros((6,), jnp.float32))
 LAYER_ERRORS = [
-    (P2, jnp.ones((2, 5, 4)), {}, ValueError, r"`W` must have rank 3 like `x`"),
-    (P2, jnp.ones((2, 5, 5, 3)), {}, ValueError, r"but `x` has 3 \(shape \(2, 5, 5, 3\)\)"),
+    (P2, jnp.ones((5, 5, 4)), {}, ValueError,
+     r"`x` \(shape \(5, 5, 4\)\) has no batch axis: expected x: \(N, \*spatial, C_in\),"
+     r" W: \(\*kernel, C_in/groups, C_out\), with 2 spatial axes .* pass x\[None\]"),
+    (P2, jnp.ones((2, 1, 5, 5, 4)), {}, ValueError,
+     r"`x` must have rank 4 for `W` of shape \(3, 3, 4, 6\) \(2 kernel axes\): expected x: \(N,"),
+    (P2._replace(W=jnp.ones((4, 6))), X4, {}, ValueError,
+     r"`W` must be \(\*kernel, C_in/groups, C_out\) with 1 to 3 kernel axes, got shape \(4, 6\)"),
+    (P2, jnp.ones((2, 5, 5, 3)), {}, ValueError,
+     r"do not fit the channels-last layouts x: \(N, \*spatial, C_in\), W: \(\*kernel, C_in/groups,"
+     r" C_out\): C_in=3 is not a multiple of `W`'s 4 input channels per group"),
+    # NCHW input, PyTorch OIHW kernels (a 3×3 one, and a 1×1 one whose sizes fit with the
+    # wrong groups): the message names the layouts and the conversion.
+    (P2, jnp.ones((2, 4, 5, 5)), {}, ValueError,
+     r"C_in=5 is not a multiple .*; if `x` is channels-first \(N, C_in, \*spatial\), use"
+     r" x.transpose\(0, 2, 3, 1\)(?!; if)"),
+    (P2._replace(W=jnp.ones((6, 4, 3, 3))), X4, {}, ValueError,
+     r"W: \(\*kernel, C_in/groups, C_out\): C_in=4 is not a multiple of `W`'s 3 input channels"
+     r" per group; if `W` is PyTorch's \(C_out, C_in/groups, \*kernel\) layout, use"
+     r" W = w_torch.transpose\(2, 3, 1, 0\)(?!; if)"),
+    (P2._replace(W=jnp.ones((6, 4, 1, 1))), X4, {}, ValueError,
+     r"C_in=4 over `W`'s 1 input channels per group gives groups=4, which does not divide `W`'s"
+     r" C_out=1; .* W = w_torch.transpose\(2, 3, 1, 0\)"),
+    (P2, jnp.ones((2, 5, 5, 8)), {"groups": 1}, ValueError,
+     r"`W` \(shape \(3, 3, 4, 6\)\) takes 4 input channels per group × 1 group\(s\) = 4, but `x`"
+     r" has 8"),
+    (P2, X4, {"dilation": 2, "kernel_dilation": 2}, TypeError,
+     r"pass `dilation` or its Flax name `kernel_dilation`, not both"),
+    (P2, X4, {"groups": 1, "feature_group_count": 1}, TypeError,
+     r"pass `groups` or its Flax name `feature_group_count`, not both"),
+    (P2, X4, {"padding": (1,)}, ValueError,
+     r"`padding` must be one of .*, an int p \(p on both sides of every spatial axis, as in Flax\)"
+     r" or 2 entries .* got \(1,\)"),
+    (P2, X4, {"padding": (1, (0, 1, 2))}, ValueError, r"each an int or a \(lo, hi\) pair"),
     (P2, X4, {"groups": 3}, ValueError, r"not divisible by `groups`=3"),
     (P2, X4, {"strides": 0}, ValueError, r"`strides` must be a sequence of 2 positive ints.*got 0"),
     (P2, X4, {"dilation": (1, 2, 3)}, ValueError, r"`dilation` must be a sequence of 2"),
@@ -417,6 +448,36 @@ LAYER_ERRORS = [
 def test_layer_errors(f, params, x, kwargs, error, match):
     with pytest.raises(error, match=f"^{f.__name__}: .*{match}"):
         jax.eval_shape(lambda: f(params, x, **kwargs))
+
+
+def test_groups_from_the_shapes_and_flax_argument_forms():
+    # init_conv(..., groups=2) then conv(p, x): groups follow from the shapes (shapes only).
+    p = jax.eval_shape(lambda k: jaxlinear.init_conv(k, (3, 3), 4, 6, groups=2), jax.random.key(0))
+    x = jax.ShapeDtypeStruct((2, 5, 5, 4), jnp.float32)
+    for f in (jaxlinear.conv, jaxlinear.dual_conv):
+        assert jax.eval_shape(f, p, x).shape == (2, 5, 5, 6)
+    # Flax's int padding, per-axis ints, kernel_dilation and feature_group_count mean what
+    # they mean in Flax: values against lax's convolution (groups inferred, 2).
+    x, W = _operands((1, 5, 4, 4), (3, 2, 2, 6))
+    p = jaxlinear.Params(W, np.arange(6.0))
+    dn = ("NHWC", "HWIO", "NHWC")
+    forms = [  # (ours, lax's padding and rhs_dilation)
+        (dict(padding=1, kernel_dilation=2), ((1, 1), (1, 1)), (2, 2)),
+        (dict(padding=(2, (0, 1)), feature_group_count=2), ((2, 2), (0, 1)), (1, 1)),
+    ]
+
+    @jax.jit
+    def run(p, x):
+        ours = [jaxlinear.conv(p, x, **kw) for kw, _, _ in forms]
+        refs = []
+        for _, padding, dilation in forms:
+            y = lax.conv_general_dilated(x, p.W, (1, 1), padding, rhs_dilation=dilation,
+                                         dimension_numbers=dn, feature_group_count=2)  # fmt: skip
+            refs.append(y + jnp.broadcast_to(p.b, y.shape))
+        return ours, refs
+
+    ours, refs = run(p, x)
+    assert_trees_close(ours, refs)
 
 
 def test_mixed_dtypes_with_compute_dtype_are_accepted():

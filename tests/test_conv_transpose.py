@@ -31,8 +31,6 @@ CONFIGS = [
     ("1d_explicit_negative", (1, 5, 2), (3, 2, 3), dict(strides=(2,), padding=((2, -1),))),
     ("2d_s21_same_tk", (2, 3, 4, 2), (3, 2, 3, 2), dict(strides=(2, 1), padding="SAME",
                                                         transpose_kernel=True)),
-    ("2d_valid_dil", (1, 3, 3, 2), (2, 3, 2, 3), dict(strides=(1, 2), padding="VALID",
-                                                      rhs_dilation=(2, 1))),
     ("2d_explicit_consistent_tk", (2, 3, 3, 2), (3, 2, 3, 2), dict(
         strides=(2, 2), padding=((1, 0), (0, 1)), transpose_kernel=True,
         use_consistent_padding=True)),

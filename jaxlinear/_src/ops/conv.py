@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlinear._src import ghost, vma
-from jaxlinear._src.bilinear import bilinear_op
+from jaxlinear._src.bilinear import BatchRule, bilinear_op
 from jaxlinear._src.ops._checks import no_out_sharding, out_dtype
 from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, layout_of
 from jaxlinear._src.validation import (
@@ -262,7 +262,73 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
     return "per_example", sq, w_bars.transpose(0, *(1 + axes.index(a) for a in range(len(axes))))
 
 
-CONV = bilinear_op("conv", forward, transpose_x, transpose_w, per_example=_per_example)
+def batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, spec: ConvSpec, **_):
+    """vmap: the vmapped axis (at 0) folded into a batch or feature axis, one convolution.
+
+    As JAX's ``_conv_general_dilated_batch_rule`` (``jax/_src/lax/convolution.py``):
+
+    * ``x`` batched: into ``x``'s batch axis (inside each batch group, if any); it comes
+      out of ``y``'s batch axis.
+    * ``w`` batched: into ``w``'s out-feature axis (inside each group, if any); it comes
+      out of ``y``'s feature axis.
+    * both: ``x``'s into its feature axis and ``feature_group_count × B`` (or its batch
+      axis and ``batch_group_count × B``), ``w``'s into its out-feature axis: example
+      ``i`` is group ``i`` (of ``B`` groups of groups); it comes out of ``y``'s features.
+
+    Every fold puts the vmapped axis outside (major to) the axis it joins.
+    """
+    del x_ndim, w_ndim
+    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+    fgc, bgc = spec.feature_group_count, spec.batch_group_count
+    n = axis_size
+
+    def unfold(axis):  # y: (..., n·k at axis, ...) -> (..., n, k, ...)
+        return lambda y, size: _split_axis(y, axis, size)
+
+    def fold_inside_groups(axis, groups):
+        # a: (n, ..., G·k at axis + 1, ...) -> (..., G·n·k at axis, ...): each group keeps
+        # its block, with the n examples inside it.
+        def fold(a):
+            a = _merge_axis(_split_axis(a, axis + 1, groups), 0, axis + 1)  # (.., G, n·k, ..)
+            return _merge_axis(a, axis, axis)
+
+        return fold
+
+    if x_batched and w_batched:
+        if bgc > 1:
+            x_fold, new = lhs_spec[0], spec._replace(batch_group_count=bgc * n)
+        else:
+            x_fold, new = lhs_spec[1], spec._replace(feature_group_count=fgc * n)
+        return BatchRule(
+            {"spec": new},
+            out_spec[1],
+            x=lambda a: _merge_axis(a, 0, x_fold),
+            w=lambda a: _merge_axis(a, 0, rhs_spec[0]),
+            out=unfold(out_spec[1]),
+        )
+    if x_batched:
+        fold = (
+            (lambda a: _merge_axis(a, 0, lhs_spec[0]))
+            if bgc == 1
+            else fold_inside_groups(lhs_spec[0], bgc)
+        )
+        return BatchRule({}, out_spec[0], x=fold, out=unfold(out_spec[0]))
+    groups = max(fgc, bgc)
+    if groups == 1:
+        fold, out = (lambda a: _merge_axis(a, 0, rhs_spec[0])), unfold(out_spec[1])
+    else:
+        fold = fold_inside_groups(rhs_spec[0], groups)
+
+        def out(y, size):  # (.., G·n·k, ..) -> (.., G, n, k, ..) -> (.., n, G·k, ..)
+            y = _split_axis(_split_axis(y, out_spec[1], groups), out_spec[1] + 1, size)
+            return _merge_axis(y, out_spec[1], out_spec[1] + 1)
+
+    return BatchRule({}, out_spec[1], w=fold, out=out)
+
+
+CONV = bilinear_op(
+    "conv", forward, transpose_x, transpose_w, batch=batch, per_example=_per_example
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -608,20 +674,125 @@ def _per_axis(value, n):
     return (value,) * n if _is_int(value) and value >= 1 else value
 
 
-def _layer_prepare(fn, params, x, strides, padding, dilation, groups, precision, compute_dtype):
+_LAYOUTS = "x: (N, *spatial, C_in), W: (*kernel, C_in/groups, C_out)"
+
+
+def _alias(fn, name, value, flax_name, flax_value):
+    """``value``, or its Flax-named twin ``flax_value`` (one of the two, not both)."""
+    if flax_value is None:
+        return value
+    if value is not None:
+        raise TypeError(
+            f"{fn}: pass `{name}` or its Flax name `{flax_name}`, not both (got {name}={value!r},"
+            f" {flax_name}={flax_value!r})"
+        )
+    return flax_value
+
+
+def _flax_padding(fn, padding, n):
+    """Flax's padding forms as ``(lo, hi)`` pairs: an int ``p`` is ``(p, p)`` on every spatial
+    axis; a sequence of ``n`` entries, each an int ``p`` (``(p, p)``) or a pair. Strings pass."""
+    if isinstance(padding, str):
+        return padding
+    if _is_int(padding):
+        return ((int(padding), int(padding)),) * n
+    try:
+        entries = tuple(padding)
+    except TypeError:
+        entries = ()
+
+    def pair(p):
+        if _is_int(p):
+            return (int(p), int(p))
+        try:
+            lo, hi = p
+        except (TypeError, ValueError):
+            return None
+        return (int(lo), int(hi)) if _is_int(lo) and _is_int(hi) else None
+
+    pairs = tuple(map(pair, entries))
+    if len(pairs) != n or None in pairs:
+        raise ValueError(
+            f"{fn}: `padding` must be one of {_PADDINGS}, an int p (p on both sides of every"
+            f" spatial axis, as in Flax) or {n} entries (one per spatial axis), each an int or a"
+            f" (lo, hi) pair; got {padding!r}"
+        )
+    return pairs
+
+
+def _check_layout(fn, x, W, groups):
+    """``(n, groups)``: the number of spatial axes and the feature groups (inferred from the
+    shapes if ``None``), with a message naming the channels-last layouts (and PyTorch's
+    conversion) when ``x`` or ``W`` does not fit them."""
+    _dtype(fn, "x", x), _dtype(fn, "W", W)
+    x_shape, w_shape = tuple(x.shape), tuple(W.shape)
+    if not 3 <= len(w_shape) <= 5:
+        raise ValueError(
+            f"{fn}: `W` must be (*kernel, C_in/groups, C_out) with 1 to 3 kernel axes, got shape"
+            f" {w_shape}"
+        )
+    n = len(w_shape) - 2
+    if len(x_shape) == n + 1:
+        raise ValueError(
+            f"{fn}: `x` (shape {x_shape}) has no batch axis: expected {_LAYOUTS}, with {n} spatial"
+            f" axes for `W` of shape {w_shape}; for a single example pass x[None]"
+        )
+    if len(x_shape) != n + 2:
+        raise ValueError(
+            f"{fn}: `x` must have rank {n + 2} for `W` of shape {w_shape} ({n} kernel axes):"
+            f" expected {_LAYOUTS}, got shape {x_shape}"
+        )
+    c_in, k_in, c_out = x_shape[-1], w_shape[-2], w_shape[-1]
+
+    def fits(c, k):  # c channels, k per group
+        return k > 0 and c % k == 0
+
+    if k_in == 0 or (groups is not None and fits(c_in, k_in)):
+        return n, 1 if groups is None else groups  # _conv_spec checks the counts
+    if fits(c_in, k_in) and fits(c_out, c_in // k_in):
+        return n, c_in // k_in
+    if fits(c_in, k_in):
+        why = (
+            f"C_in={c_in} over `W`'s {k_in} input channels per group gives groups="
+            f"{c_in // k_in}, which does not divide `W`'s C_out={c_out}"
+        )
+    else:
+        why = f"C_in={c_in} is not a multiple of `W`'s {k_in} input channels per group"
+    hints = []
+    if fits(x_shape[1], k_in) or fits(x_shape[1], w_shape[1]):
+        perm = ", ".join(map(str, (0, *range(2, n + 2), 1)))
+        hints.append(f"if `x` is channels-first (N, C_in, *spatial), use x.transpose({perm})")
+    if fits(c_in, w_shape[1]) or fits(x_shape[1], w_shape[1]):
+        perm = ", ".join(map(str, (*range(2, n + 2), 1, 0)))
+        hints.append(
+            "if `W` is PyTorch's (C_out, C_in/groups, *kernel) layout, use"
+            f" W = w_torch.transpose({perm})"
+        )
+    raise ValueError(
+        f"{fn}: `x` (shape {x_shape}) and `W` (shape {w_shape}) do not fit the channels-last"
+        f" layouts {_LAYOUTS}: {why}" + "".join(f"; {h}" for h in hints)
+    )
+
+
+def _layer_prepare(fn, params, x, options, precision, compute_dtype):
+    """Validate the layer's arguments; ``options``: strides, padding and the keywords that
+    have Flax twins (dilation / kernel_dilation, groups / feature_group_count)."""
+    strides, padding, dilation, kernel_dilation, groups, feature_group_count = options
     compute_dtype = canonical_compute_dtype(fn, compute_dtype)
     layout = layout_of(fn, params)
     params, x = layer_inputs(params, x)
     W, b = layout.unpack(params)
-    n = max(len(getattr(x, "shape", ())) - 2, 1)
+    dilation = _alias(fn, "dilation", dilation, "kernel_dilation", kernel_dilation)
+    groups = _alias(fn, "groups", groups, "feature_group_count", feature_group_count)
+    n, groups = _check_layout(fn, x, W, groups)
     spec = _conv_spec(
         fn,
         x,
         W,
         _per_axis(strides, n),
-        padding,
+        _flax_padding(fn, padding, n),
         None,
-        _per_axis(dilation, n),
+        _per_axis(1 if dilation is None else dilation, n),
         _channels_last(n),
         groups,
         1,
@@ -650,50 +821,64 @@ def conv(
     *,
     strides=1,
     padding="SAME",
-    dilation=1,
-    groups=1,
+    dilation=None,
+    groups=None,
     precision=None,
     compute_dtype=None,
+    kernel_dilation=None,
+    feature_group_count=None,
 ):
     r"""Convolution layer ``Y = conv(X, W) + b``, channels last, with explicit transposes.
 
     .. math:: Y[n, p, o] = \sum_{k, i} X[n, s p + d k - \text{pad}, g(o) I + i]\, W[k, i, o] + b[o]
 
     A ``jax.custom_vjp`` (reverse mode: ``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jit``);
-    ``dual_conv`` also has forward mode. Mixed precision as in ``linear``.
+    ``dual_conv`` also has forward mode. Mixed precision as in ``linear``. Flax's argument
+    forms are accepted: an int ``padding``, ``kernel_dilation`` and ``feature_group_count``.
 
     Args:
       params: ``Params(W, b)`` or ``{"W", "b"}``; ``W: (*kernel, C_in / groups, C_out)``,
-        ``b: (C_out,)`` or ``None``.
-      x: ``(N, *spatial, C_in)``, 1 to 3 spatial axes (as many as ``W`` has kernel axes).
+        ``b: (C_out,)`` or ``None``. (PyTorch's ``(C_out, C_in / groups, *kernel)``:
+        ``W = w_torch.transpose(2, 3, 1, 0)`` for 2-D.)
+      x: ``(N, *spatial, C_in)``, 1 to 3 spatial axes (as many as ``W`` has kernel axes);
+        channels last (NCHW input: ``x.transpose(0, 2, 3, 1)`` for 2-D).
       strides: an int or one int per spatial axis.
-      padding: ``"SAME"`` (default), ``"VALID"``, ``"SAME_LOWER"`` or ``(lo, hi)`` pairs.
-      dilation: kernel dilation, an int or one per spatial axis.
-      groups: feature groups (``C_in`` and ``C_out`` divisible by it; depthwise:
-        ``groups = C_in``).
+      padding: ``"SAME"`` (default), ``"VALID"``, ``"SAME_LOWER"``, an int ``p`` (``p`` on
+        both sides of every spatial axis, as in Flax), or one entry per spatial axis, each
+        an int ``p`` (``(p, p)``) or a ``(lo, hi)`` pair.
+      dilation: kernel dilation, an int or one per spatial axis (default 1); Flax's name
+        ``kernel_dilation`` works too (one of the two).
+      groups: feature groups; default ``C_in / W.shape[-2]``, inferred from the shapes (an
+        explicit value is checked against them). Depthwise: ``groups = C_in``. Flax's name
+        ``feature_group_count`` works too (one of the two).
       precision: passed to every convolution, backward too.
       compute_dtype: e.g. ``jnp.bfloat16``: convolutions in this dtype, float32 accumulation.
+      kernel_dilation, feature_group_count: Flax's names for ``dilation`` and ``groups``.
 
     Returns:
       ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else in ``x.dtype``.
 
     Raises:
-      ValueError: ``W`` of a rank other than ``x``'s, channels that do not match
-        (``C_in`` vs ``W``'s in-channels × ``groups``) or do not divide by ``groups``, bad
-        ``strides``/``dilation``/``padding``, ``b`` not ``(C_out,)``.
+      ValueError: ``x`` without a batch axis or of a rank other than ``W``'s, channels
+        that do not match (the message names the expected layouts and, where the shapes
+        fit them, the conversion from channels-first ``x`` or PyTorch's ``W``) or do not
+        divide by ``groups``, bad ``strides``/``dilation``/``padding``, ``b`` not
+        ``(C_out,)``.
       TypeError: bad params structure, non-floating arrays, ``x`` and ``W`` of different
-        dtypes without ``compute_dtype``, ``b`` of another dtype than ``W``.
+        dtypes without ``compute_dtype``, ``b`` of another dtype than ``W``, an argument
+        given under both its names.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> p = jaxlinear.Params(jnp.ones((2, 1, 1)), jnp.array([0.5]))  # kernel 2, 1 -> 1
       >>> jaxlinear.conv(p, jnp.array([[[1.], [2.], [3.]]]), padding="VALID").tolist()
       [[[3.5], [5.5]]]
+      >>> p = jaxlinear.init_conv(jax.random.key(0), 3, 4, 6, groups=2)  # W: (3, 2, 6)
+      >>> jaxlinear.conv(p, jnp.ones((1, 5, 4)), padding=1).shape  # groups=2 from the shapes
+      (1, 5, 6)
     """
-    args = _layer_prepare(
-        "conv", params, x, strides, padding, dilation, groups, precision, compute_dtype
-    )
-    x, W, b, kw = args
+    options = (strides, padding, dilation, kernel_dilation, groups, feature_group_count)
+    x, W, b, kw = _layer_prepare("conv", params, x, options, precision, compute_dtype)
     return CONV.custom_vjp(x, W, b, **kw)
 
 
@@ -703,10 +888,12 @@ def dual_conv(
     *,
     strides=1,
     padding="SAME",
-    dilation=1,
-    groups=1,
+    dilation=None,
+    groups=None,
     precision=None,
     compute_dtype=None,
+    kernel_dilation=None,
+    feature_group_count=None,
 ):
     r"""``conv`` with an explicit JVP *and* explicit transposes: every JAX transform works.
 
@@ -719,10 +906,8 @@ def dual_conv(
       >>> jax.jvp(lambda x: jaxlinear.dual_conv(p, x, padding="VALID"), (x,), (x,))[1].tolist()
       [[[3.0], [5.0]]]
     """
-    args = _layer_prepare(
-        "dual_conv", params, x, strides, padding, dilation, groups, precision, compute_dtype
-    )
-    x, W, b, kw = args
+    options = (strides, padding, dilation, kernel_dilation, groups, feature_group_count)
+    x, W, b, kw = _layer_prepare("dual_conv", params, x, options, precision, compute_dtype)
     return CONV.dual(x, W, b, **kw)
 
 

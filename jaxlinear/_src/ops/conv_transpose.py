@@ -86,8 +86,14 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec, flip_ker
     return route, sq, lax.rev(w_bars, tuple(1 + a for a in spec.dimension_numbers.rhs_spec[2:]))
 
 
+# vmap: conv's rule (folds into feature/batch axes; the flip acts on the spatial axes only).
 CONV_TRANSPOSE = bilinear_op(
-    "conv_transpose", forward, transpose_x, transpose_w, per_example=_per_example
+    "conv_transpose",
+    forward,
+    transpose_x,
+    transpose_w,
+    batch=conv.batch,
+    per_example=_per_example,
 )
 
 
