@@ -12,6 +12,12 @@ E.g. ``"btd,dhk->bthk"``: ``x̄ = einsum("bthk,dhk->btd", g, w)`` and
 ``w̄ = einsum("bthk,btd->dhk", g, x)``. A letter of ``X`` found in neither ``W`` nor
 ``Y`` is summed out of ``x`` alone; its transpose is a broadcast (the adjoint of a sum),
 so it is dropped from the einsum and broadcast back afterwards.
+
+Every two-operand form ``jnp.einsum`` takes is rewritten first (``_parse``) into letters
+only: ``...`` becomes fresh letters, an implicit output is spelled out, and a size-1 axis
+broadcast against size ``n`` gets a letter of its own, summed out of its operand alone
+(so its transpose is that broadcast back: the adjoint of a broadcast is a sum). The op
+itself (forward, both transposes, ``vmap``) only ever sees ``"X,W->Y"`` in letters.
 """
 
 from __future__ import annotations
@@ -210,9 +216,13 @@ def einsum(subscripts, *operands, precision=None, preferred_element_type=None, o
               \bar w = \mathrm{einsum}(\texttt{"Y,X->W"}, g, x)
 
     Args:
-      subscripts: ``"X,W->Y"`` with letters only (batch letters allowed, e.g.
-        ``"btd,dhk->bthk"``, ``"bqhd,bkhd->bhqk"``), or implicit ``"X,W"``. No
-        ellipsis, no letter repeated within one term.
+      subscripts: any two-operand form ``jnp.einsum`` takes: ``"X,W->Y"`` (batch
+        letters allowed, e.g. ``"btd,dhk->bthk"``, ``"bqhd,bkhd->bhqk"``), implicit
+        ``"X,W"`` (output: the letters that appear once, sorted), ``...`` in either or
+        both operands and the output (e.g. Flax's ``"d...ab,bc...->ad...c"``; axes
+        broadcast as in NumPy, size 1 against ``n``; an output without ``...`` sums
+        them). A letter repeated within one term (a diagonal or trace, ``"ii,ij->j"``)
+        is refused.
       *operands: exactly two arrays ``x`` and ``w`` of floating dtype.
       precision: as for ``jnp.einsum``, used in the forward and both transposes.
       preferred_element_type: dtype of the result (accumulation is at least float32).
@@ -229,6 +239,8 @@ def einsum(subscripts, *operands, precision=None, preferred_element_type=None, o
       [[6.0, 9.0], [6.0, 9.0]]
       >>> jax.grad(lambda x: jaxlinear.einsum("td,dk->tk", x, w).sum())(x).tolist()
       [[1.0, 5.0, 9.0], [1.0, 5.0, 9.0]]
+      >>> jaxlinear.einsum("...d,dk->...k", jnp.ones((4, 2, 3)), w).shape
+      (4, 2, 2)
     """
     x, w, out_dtype, params = _prepare(
         "einsum", subscripts, operands, precision, preferred_element_type, out_sharding
