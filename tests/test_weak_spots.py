@@ -57,10 +57,10 @@ def _one_case_per_op():
             name="dual_conv",
             custom_vjp=None,
             dual=lambda x, w: jaxlinear.dual_conv(jaxlinear.Params(w, _B), x, padding="SAME"),
-            reference=lambda x, w: lax.conv_general_dilated(
-                x, w, (1,), "SAME", dimension_numbers=conv_dn
-            )
-            + _B[None, None, :],
+            reference=lambda x, w: (
+                lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=conv_dn)
+                + _B[None, None, :]
+            ),
             x_shape=(2, 3, 3),
             w_shape=(3, 3, 3),
         ),
