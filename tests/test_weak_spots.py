@@ -179,3 +179,19 @@ def test_per_example_norms_bf16_params_in_float32(lead):
     want = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
                        for g in jax.tree.leaves(grads)))  # fmt: skip
     np.testing.assert_allclose(np.asarray(norms, np.float64), want, rtol=1e-5, atol=0)
+
+
+# --- the shared compilation cache cannot fail a run --------------------------------------------
+
+
+def test_compilation_cache_read_error_is_not_an_error():
+    # conftest.py ignores exactly JAX's warning for a cache entry caught half-written by
+    # a concurrent process (JAX compiles instead); any other warning is still an error.
+    import warnings
+
+    warnings.warn(
+        "Error reading persistent compilation cache entry for 'jit_f': XlaRuntimeError: x",
+        UserWarning,
+    )
+    with pytest.raises(UserWarning, match="some other warning"):
+        warnings.warn("some other warning", UserWarning)
