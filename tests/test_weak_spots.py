@@ -16,6 +16,8 @@ float64, or ``jax.vmap(jax.grad(...))`` in float32.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,11 +189,10 @@ def test_per_example_norms_bf16_params_in_float32(lead):
 def test_compilation_cache_read_error_is_not_an_error():
     # conftest.py ignores exactly JAX's warning for a cache entry caught half-written by
     # a concurrent process (JAX compiles instead); any other warning is still an error.
-    import warnings
-
     warnings.warn(
         "Error reading persistent compilation cache entry for 'jit_f': XlaRuntimeError: x",
         UserWarning,
+        stacklevel=1,
     )
     with pytest.raises(UserWarning, match="some other warning"):
-        warnings.warn("some other warning", UserWarning)
+        warnings.warn("some other warning", UserWarning, stacklevel=1)
