@@ -395,13 +395,15 @@ def test_einsum_errors(subscripts, operands, error, match):
 
 
 # Every two-operand form jnp.einsum takes, besides the cases of family_cases.py (which run
-# every check): implicit output (the letters appearing once, sorted; '...' first), '...'
-# summed away (no '...' in the output), '...' of rank 0, a scalar output, size-1 axes
-# broadcast (a named letter or in '...', in either operand), a letter summed out of `w`
-# alone at a middle axis. Values, vjp in both bindings and jvp, against jnp.einsum's AD.
+# every check): implicit output (the letters appearing once, sorted, uppercase first;
+# '...' first), '...' summed away (no '...' in the output), '...' of rank 0, a scalar
+# output, size-1 axes broadcast (a named letter or in '...', in either operand), a letter
+# summed out of `w` alone at a middle axis. Values, vjp in both bindings and jvp, against
+# jnp.einsum's AD.
 EINSUM_FORMS = [
     ("abc,cde", (2, 3, 3), (3, 2, 2)),
-    ("bA,Ac", (2, 3), (3, 2)),
+    ("cb,ba", (2, 3), (3, 2)),
+    ("ab,bC", (2, 3), (3, 2)),
     ("...ab,b...", (2, 1, 3), (3, 2)),
     ("...ab,b...->a", (2, 1, 3), (3, 2)),
     ("a...b,b->...", (2, 3), (3,)),
