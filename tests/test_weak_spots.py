@@ -125,7 +125,9 @@ _WIDE = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name, call, reference, x_shape, w_shape", _WIDE, ids=lambda a: str(a))
+@pytest.mark.parametrize(
+    "name, call, reference, x_shape, w_shape", _WIDE, ids=[w[0] for w in _WIDE]
+)
 def test_wider_out_dtype_accumulates_wide(name, call, reference, x_shape, w_shape):
     bindings = (getattr(jaxlinear, name), getattr(jaxlinear, "dual_" + name))
     x, w = _normal(0, x_shape, jnp.float32), _normal(1, w_shape, jnp.float32)
@@ -167,7 +169,7 @@ def test_per_example_norms_bf16_params_in_float32(lead):
         y = jaxlinear.linear(p, x)  # (n, ..., 5), bfloat16
         return jnp.sum(y * jnp.broadcast_to(c, y.shape), axis=tuple(range(1, y.ndim)))
 
-    norms = jaxlinear.per_example_grad_norms(loss, p, x)
+    norms = jax.jit(lambda p, x: jaxlinear.per_example_grad_norms(loss, p, x))(p, x)
     assert norms.dtype == jnp.float32
 
     # Reference: JAX's per-example gradients of the plain layer in float32, of the same
@@ -177,7 +179,7 @@ def test_per_example_norms_bf16_params_in_float32(lead):
         return jnp.sum(y * jnp.broadcast_to(c.astype(jnp.float32), y.shape))
 
     p32, x32 = jax.tree.map(lambda a: a.astype(jnp.float32), (p, x))
-    grads = jax.vmap(jax.grad(loss_one), (None, 0))(p32, x32)
+    grads = jax.jit(jax.vmap(jax.grad(loss_one), (None, 0)))(p32, x32)
     want = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
                        for g in jax.tree.leaves(grads)))  # fmt: skip
     np.testing.assert_allclose(np.asarray(norms, np.float64), want, rtol=1e-5, atol=0)
