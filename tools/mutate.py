@@ -136,8 +136,8 @@ MUTANTS = [
     Mutant(
         "einsum_broadcast_renames_wrong_operand",
         "jaxlinear/_src/ops/einsum.py",
-        "        if nx == 1:\n            xs = xs.replace(c, new)",
-        "        if nw == 1:\n            xs = xs.replace(c, new)",
+        "        if nx == 1:\n            xs = xs.replace(c, fresh())",
+        "        if nw == 1:\n            xs = xs.replace(c, fresh())",
         ("tests/test_family.py", "-k", "every_form or einsum_ellipsis"),
         "size-1 broadcast: the fresh letter given to the operand of size n",
     ),

@@ -153,12 +153,19 @@ def _parse(fn, subscripts, x, w):
                 f"{fn}: `subscripts` {subscripts!r} gives `{name}` {least}{named} axes"
                 f" ({term!r}) but `{name}` has rank {a.ndim} (shape {tuple(a.shape)})"
             )
-    fresh = (c for c in string.ascii_letters if c not in spec)
+    unused = iter(c for c in string.ascii_letters if c not in spec)
+
+    def fresh():
+        c = next(unused, None)
+        if c is None:
+            raise ValueError(
+                f"{fn}: `subscripts` {subscripts!r} with operands of shapes {tuple(x.shape)} and"
+                f" {tuple(w.shape)} needs more than {len(string.ascii_letters)} letters"
+            )
+        return c
+
     k = max(n_ell.values())
-    try:
-        ell = "".join(next(fresh) for _ in range(k))
-    except StopIteration:  # pragma: no cover - 52 letters
-        raise ValueError(f"{fn}: `subscripts` {subscripts!r}: too many axes to name") from None
+    ell = "".join(fresh() for _ in range(k))
     if arrow:
         out = out.replace("...", ell)  # an output without `...` sums those axes
     else:  # implicit: the broadcast axes, then the letters appearing once, sorted
@@ -183,14 +190,10 @@ def _parse(fn, subscripts, x, w):
                 f" in `w` (shape {tuple(w.shape)}); sizes of a shared letter must match"
                 " (or one be 1, broadcast)"
             )
-        try:
-            new = next(fresh)
-        except StopIteration:  # pragma: no cover - 52 letters
-            raise ValueError(f"{fn}: `subscripts` {subscripts!r}: too many axes to name") from None
         if nx == 1:
-            xs = xs.replace(c, new)
+            xs = xs.replace(c, fresh())
         else:
-            ws = ws.replace(c, new)
+            ws = ws.replace(c, fresh())
     return xs, ws, out
 
 
