@@ -56,16 +56,10 @@ def run(ctx: Context):
             f"the compiled forward is {L} GEMMs and the backward {2 * L} (flops within 2%)",
             abs(flops_fwd / (L * gemm) - 1) < 0.02 and abs(flops_bwd / (2 * L * gemm) - 1) < 0.02,
         )
-    # The CPU-time ratio comes out close to 2 (the backward pass also applies tanh's slope;
-    # the transposed products may run a little slower than the forward one). On a busy
-    # machine the wall-clock ratio can land anywhere: it is shown, not checked.
-    if on_cpu:  # a timing check: a generous bound, medians of interleaved runs
-        ctx.check(
-            f"timing: backward / forward = {ratio:.2f} (CPU time), between 1.2 and 4",
-            1.2 <= ratio <= 4,
-        )
-    else:
-        ctx.say(f"  (timings on {jax.default_backend()}: shown, not checked)")
+    # The CPU-time ratio usually comes out close to 2 (the backward pass also applies
+    # tanh's slope; the transposed products may run a little slower than the forward one).
+    # Times on a shared machine are noise: they are shown, never checked; the work is
+    # checked above, by XLA's flop count.
 
     # -- 2. Memory: what the forward pass keeps for the backward pass ---------------------
     # jaxlinear.linear saves exactly x and W (never Y, never b): n·d_in + d_in·d_out

@@ -120,8 +120,12 @@ CASES: list[Case] = [
     # The attention projection and the attention scores (batch letters b, h).
     _einsum_case("einsum_projection", "btd,dhk->bthk", (3, 3, 3), (3, 3, 3), 0, True),
     _einsum_case("einsum_scores", "bqhd,bkhd->bhqk", (2, 3, 2, 3), (2, 3, 2, 3)),
-    # 'a' is summed out of x alone: its transpose is a broadcast.
-    _einsum_case("einsum_lone_sum", "abc,cd->bd", (2, 3, 3), (3, 3)),
+    # 'a' is summed out of x alone, at a non-leading axis: its transpose is a broadcast
+    # back at that axis.
+    _einsum_case("einsum_lone_sum", "bac,cd->bd", (3, 3, 3), (3, 3)),
+    # Flax's subscripts (nnx.Einsum tests): '...' in both operands and the output, of
+    # ranks 2 (sizes (2, 1)) and 1 (size 3): the size-1 axis of x broadcasts against w's.
+    _einsum_case("einsum_ellipsis", "d...ab,bc...->ad...c", (2, 2, 1, 3, 3), (3, 2, 3)),
 ]
 
 

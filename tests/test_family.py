@@ -427,10 +427,15 @@ EINSUM_ERRORS = [
     ("ab,bc,cd->ad", (_X, _W), ValueError, r"einsum: `subscripts` 'ab,bc,cd->ad' names 3"),
     ("abc,bc->a", (_X, _W), ValueError, r"einsum: `subscripts` 'abc,bc->a' gives `x` 3 axes"),
     ("ab,bc->az", (_X, _W), ValueError, r"einsum: .*output letter\(s\) \['z'\] appear in no"),
-    ("aa,bc->ac", (jnp.ones((3, 3)), _W), ValueError, r"einsum: .* repeats \['a'\] in the x term"),
+    ("ii,ij->j", (jnp.ones((3, 3)), _W), ValueError,
+     r"einsum: .* repeats \['i'\] in the x term 'ii', a diagonal or trace"),
     ("ab,bc->aa", (_X, _W), ValueError, r"einsum: .* repeats \['a'\] in the output term"),
-    ("...b,bc->...c", (_X, _W), ValueError, r"einsum: .* uses an ellipsis"),
+    ("a...b...,bc->ac", (_X, _W), ValueError, r"einsum: .* more than one ellipsis .* x term"),
+    ("...ab,b...->a...", (jnp.ones((5, 2, 3)), jnp.ones((3, 6))), ValueError,
+     r"einsum: an axis of '...' has size 5 in `x` \(shape \(5, 2, 3\)\) but 6 in `w`"),
+    ("...abc,bc->a", (_X, _W), ValueError, r"einsum: .* gives `x` at least 3 axes"),
     ("a1,bc->ac", (_X, _W), ValueError, r"einsum: .* has non-letter\(s\) \['1'\] in the x term"),
+    ("a.b,bc->ac", (_X, _W), ValueError, r"einsum: .* has non-letter\(s\) \['.'\] in the x"),
     (3, (_X, _W), TypeError, r"einsum: `subscripts` must be a string"),
 ]  # fmt: skip
 
@@ -443,9 +448,51 @@ def test_einsum_errors(subscripts, operands, error, match):
         jaxlinear.dual_einsum(subscripts, *operands)
 
 
-def test_einsum_implicit_output_and_preferred_element_type():
-    x, w = _operands(CASES[0])
-    assert_trees_close(jaxlinear.einsum("abc,cde", x, w), jnp.einsum("abc,cde", x, w))
+# Every two-operand form jnp.einsum takes, besides the cases of family_cases.py (which run
+# every check): implicit output (the letters appearing once, sorted, uppercase first;
+# '...' first), '...' summed away (no '...' in the output), '...' of rank 0, a scalar
+# output, size-1 axes broadcast (a named letter or in '...', in either operand), a letter
+# summed out of `w` alone at a middle axis. Values, vjp in both bindings and jvp, against
+# jnp.einsum's AD.
+EINSUM_FORMS = [
+    ("abc,cde", (2, 3, 3), (3, 2, 2)),
+    ("cb,ba", (2, 3), (3, 2)),
+    ("ab,bC", (2, 3), (3, 2)),
+    ("...ab,b...", (2, 1, 3), (3, 2)),
+    ("...ab,b...->a", (2, 1, 3), (3, 2)),
+    ("a...b,b->...", (2, 3), (3,)),
+    ("ab,bc->a...c", (2, 3), (3, 2)),
+    ("...a,...a->...", (2, 3), (3,)),
+    ("ab,bc->ac", (2, 1), (3, 2)),
+    ("ab,ab->ab", (2, 3), (1, 3)),
+    ("ab,bcd->ad", (2, 3), (3, 2, 2)),
+]  # fmt: skip
+
+
+def test_einsum_every_form():
+    data = []
+    for i, (subscripts, x_shape, w_shape) in enumerate(EINSUM_FORMS):
+        x, w = _normal(i, (np.zeros(x_shape), np.zeros(w_shape)))
+        y = jax.eval_shape(functools.partial(jnp.einsum, subscripts), x, w)
+        data.append((x, w, *_normal(100 + i, (y, x, w))))  # x, w, g, ẋ, ẇ
+
+    def transforms(einsum, dual_einsum, data):
+        out = []
+        for (subscripts, *_), (x, w, g, tx, tw) in zip(EINSUM_FORMS, data, strict=True):
+            for bind in (einsum, dual_einsum):
+                y, pull = jax.vjp(functools.partial(bind, subscripts), x, w)
+                out.append((y, pull(g)))
+            out.append(jax.jvp(functools.partial(dual_einsum, subscripts), (x, w), (tx, tw)))
+        return out
+
+    def both(data):
+        ours = transforms(jaxlinear.einsum, jaxlinear.dual_einsum, data)
+        return ours, transforms(jnp.einsum, jnp.einsum, data)
+
+    _same(both, data)
+
+
+def test_einsum_preferred_element_type():
     y = jaxlinear.einsum("ab,bc->ac", _X.astype(jnp.bfloat16), _W.astype(jnp.bfloat16),
                          preferred_element_type=jnp.float32)  # fmt: skip
     assert y.dtype == jnp.float32

@@ -12,6 +12,12 @@ E.g. ``"btd,dhk->bthk"``: ``x̄ = einsum("bthk,dhk->btd", g, w)`` and
 ``w̄ = einsum("bthk,btd->dhk", g, x)``. A letter of ``X`` found in neither ``W`` nor
 ``Y`` is summed out of ``x`` alone; its transpose is a broadcast (the adjoint of a sum),
 so it is dropped from the einsum and broadcast back afterwards.
+
+Every two-operand form ``jnp.einsum`` takes is rewritten first (``_parse``) into letters
+only: ``...`` becomes fresh letters, an implicit output is spelled out, and a size-1 axis
+broadcast against size ``n`` gets a letter of its own, summed out of its operand alone
+(so its transpose is that broadcast back: the adjoint of a broadcast is a sum). The op
+itself (forward, both transposes, ``vmap``) only ever sees ``"X,W->Y"`` in letters.
 """
 
 from __future__ import annotations
@@ -112,18 +118,26 @@ EINSUM = bilinear_op(
 
 
 def _parse(fn, subscripts, x, w):
-    """``(X, W, Y)`` from ``"X,W->Y"`` (or implicit ``"X,W"``), checked against the operands."""
+    """``(X, W, Y)``, letters only, from any two-operand form ``jnp.einsum`` takes.
+
+    ``"X,W->Y"`` or implicit ``"X,W"`` (output: the letters that appear once, sorted),
+    each term with at most one ``...`` (the operands' remaining axes, broadcast against
+    each other as in NumPy, right-aligned). Canonicalized, checked against the operands:
+
+    * ``...`` becomes fresh letters, one per broadcast axis; an output without ``...``
+      sums those axes (as ``jnp.einsum``); implicit output puts them first.
+    * A shared letter of size 1 in one operand and ``n`` in the other (a broadcast)
+      gets a fresh letter in the size-1 operand, summed out of it alone: so ``x`` (or
+      ``w``) of size 1 there is broadcast, and its transpose sums that axis back.
+
+    A letter repeated within one term (a diagonal or trace, ``"ii,ij->j"``) is refused.
+    """
     if not isinstance(subscripts, str):
         raise TypeError(
             f"{fn}: `subscripts` must be a string such as 'btd,dhk->bthk',"
             f" got {type(subscripts).__name__}"
         )
     spec = subscripts.replace(" ", "")
-    if "." in spec:
-        raise ValueError(
-            f"{fn}: `subscripts` {subscripts!r} uses an ellipsis ('...'), which jaxlinear's"
-            " einsum does not support; name every axis with a letter"
-        )
     inputs, arrow, out = spec.partition("->")
     operands = inputs.split(",")
     if len(operands) != 2:
@@ -132,38 +146,85 @@ def _parse(fn, subscripts, x, w):
             " (input, kernel) are supported"
         )
     xs, ws = operands
-    if not arrow:  # implicit output: the letters appearing once, in alphabetical order
-        out = "".join(sorted(c for c in set(xs + ws) if (xs + ws).count(c) == 1))
-    for name, subs in (("x", xs), ("w", ws), ("output", out)):
-        bad = sorted({c for c in subs if c not in string.ascii_letters})
+    terms = {"x": xs, "w": ws, "output": out if arrow else None}
+    for name, term in terms.items():
+        if term is None:
+            continue
+        body = term.replace("...", "", 1)
+        if "..." in body:
+            raise ValueError(
+                f"{fn}: `subscripts` {subscripts!r} has more than one ellipsis ('...') in the"
+                f" {name} term {term!r}"
+            )
+        bad = sorted({c for c in body if c not in string.ascii_letters})
         if bad:
             raise ValueError(
                 f"{fn}: `subscripts` {subscripts!r} has non-letter(s) {bad} in the {name} term"
+                " (letters a-z, A-Z and one '...' are accepted)"
             )
-        repeated = sorted({c for c in subs if subs.count(c) > 1})
+        repeated = sorted({c for c in body if body.count(c) > 1})
+        if repeated and name == "output":
+            raise ValueError(
+                f"{fn}: `subscripts` {subscripts!r} repeats {repeated} in the output term {term!r}"
+            )
         if repeated:
             raise ValueError(
                 f"{fn}: `subscripts` {subscripts!r} repeats {repeated} in the {name} term"
-                f" {subs!r}; traces and diagonals are not supported"
+                f" {term!r}, a diagonal or trace, which jaxlinear's einsum does not take; take"
+                f" it first (e.g. jnp.einsum('ii->i', a)) and pass the result"
             )
+    # `...`: the operand's axes not named by a letter, right-aligned against the other's.
+    n_ell = {}
+    for name, term, a in (("x", xs, x), ("w", ws, w)):
+        named = len(term.replace("...", ""))
+        n_ell[name] = a.ndim - named if "..." in term else 0
+        if n_ell[name] < 0 or ("..." not in term and named != a.ndim):
+            least = "at least " if "..." in term else ""
+            raise ValueError(
+                f"{fn}: `subscripts` {subscripts!r} gives `{name}` {least}{named} axes"
+                f" ({term!r}) but `{name}` has rank {a.ndim} (shape {tuple(a.shape)})"
+            )
+    unused = iter(c for c in string.ascii_letters if c not in spec)
+
+    def fresh():
+        c = next(unused, None)
+        if c is None:
+            raise ValueError(
+                f"{fn}: `subscripts` {subscripts!r} with operands of shapes {tuple(x.shape)} and"
+                f" {tuple(w.shape)} needs more than {len(string.ascii_letters)} letters"
+            )
+        return c
+
+    k = max(n_ell.values())
+    ell = "".join(fresh() for _ in range(k))
+    if arrow:
+        out = out.replace("...", ell)  # an output without `...` sums those axes
+    else:  # implicit: the broadcast axes, then the letters appearing once, sorted
+        letters = xs.replace("...", "") + ws.replace("...", "")
+        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    xs = xs.replace("...", ell[k - n_ell["x"] :])
+    ws = ws.replace("...", ell[k - n_ell["w"] :])
     stray = sorted(set(out) - set(xs) - set(ws))
     if stray:
         raise ValueError(
             f"{fn}: `subscripts` {subscripts!r}: output letter(s) {stray} appear in no operand"
         )
-    for name, subs, a in (("x", xs, x), ("w", ws, w)):
-        if len(subs) != a.ndim:
-            raise ValueError(
-                f"{fn}: `subscripts` {subscripts!r} gives `{name}` {len(subs)} axes ({subs!r})"
-                f" but `{name}` has rank {a.ndim} (shape {tuple(a.shape)})"
-            )
+    # Shared letters: equal sizes, or size 1 in one operand (broadcast: a fresh letter there).
     for c in sorted(set(xs) & set(ws)):
         nx, nw = x.shape[xs.index(c)], w.shape[ws.index(c)]
-        if nx != nw:
+        if nx == nw:
+            continue
+        if 1 not in (nx, nw):
+            where = f"letter {c!r}" if c not in ell else "an axis of '...'"
             raise ValueError(
-                f"{fn}: letter {c!r} has size {nx} in `x` (shape {tuple(x.shape)}) but {nw}"
+                f"{fn}: {where} has size {nx} in `x` (shape {tuple(x.shape)}) but {nw}"
                 f" in `w` (shape {tuple(w.shape)}); sizes of a shared letter must match"
+                " (or one be 1, broadcast)"
             )
+        if nx == 1:
+            xs = xs.replace(c, fresh())
+        else:
+            ws = ws.replace(c, fresh())
     return xs, ws, out
 
 
@@ -189,9 +250,13 @@ def einsum(subscripts, *operands, precision=None, preferred_element_type=None, o
               \bar w = \mathrm{einsum}(\texttt{"Y,X->W"}, g, x)
 
     Args:
-      subscripts: ``"X,W->Y"`` with letters only (batch letters allowed, e.g.
-        ``"btd,dhk->bthk"``, ``"bqhd,bkhd->bhqk"``), or implicit ``"X,W"``. No
-        ellipsis, no letter repeated within one term.
+      subscripts: any two-operand form ``jnp.einsum`` takes: ``"X,W->Y"`` (batch
+        letters allowed, e.g. ``"btd,dhk->bthk"``, ``"bqhd,bkhd->bhqk"``), implicit
+        ``"X,W"`` (output: the letters that appear once, sorted), ``...`` in either or
+        both operands and the output (e.g. Flax's ``"d...ab,bc...->ad...c"``; axes
+        broadcast as in NumPy, size 1 against ``n``; an output without ``...`` sums
+        them). A letter repeated within one term (a diagonal or trace, ``"ii,ij->j"``)
+        is refused.
       *operands: exactly two arrays ``x`` and ``w`` of floating dtype.
       precision: as for ``jnp.einsum``, used in the forward and both transposes.
       preferred_element_type: dtype of the result (accumulation is at least float32).
@@ -208,6 +273,8 @@ def einsum(subscripts, *operands, precision=None, preferred_element_type=None, o
       [[6.0, 9.0], [6.0, 9.0]]
       >>> jax.grad(lambda x: jaxlinear.einsum("td,dk->tk", x, w).sum())(x).tolist()
       [[1.0, 5.0, 9.0], [1.0, 5.0, 9.0]]
+      >>> jaxlinear.einsum("...d,dk->...k", jnp.ones((4, 2, 3)), w).shape
+      (4, 2, 2)
     """
     x, w, out_dtype, params = _prepare(
         "einsum", subscripts, operands, precision, preferred_element_type, out_sharding

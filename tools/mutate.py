@@ -1,0 +1,236 @@
+"""Mutation audit: apply each mutant to a copy of the repository, run the tests that should
+kill it, print mutant → killed / survived.
+
+    python tools/mutate.py                 # every mutant (a few minutes on 2 cores)
+    python tools/mutate.py policy einsum   # the mutants whose name contains a word
+    python tools/mutate.py --list
+
+The working tree is never modified: the files git knows of (tracked, and untracked but
+not ignored) are copied to a temporary directory, and each mutant is applied there, its
+tests run (``pytest -n 0 -x``, with that copy first on ``PYTHONPATH``), and the file put
+back. A mutant is one exact source snippet and its replacement: a minimal change that
+alters results. If the snippet is not found exactly once (the code moved or changed), the
+mutant is reported "not applied", not an error: update its snippet. First the selected
+tests run once unmutated ("baseline"): a mutant only counts as killed by tests that pass
+without it.
+
+Exit status: 0 if every applied mutant was killed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once in the file
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments selecting the tests that should kill it
+    why: str = ""
+
+
+MUTANTS = [
+    # --- the four that no test killed (issue 16) ---------------------------------------
+    Mutant(
+        "einsum_lone_sum_at_front",
+        "jaxlinear/_src/ops/einsum.py",
+        "missing = tuple(i for i, c in enumerate(out) if c not in have)",
+        "missing = tuple(range(sum(c not in have for c in out)))",
+        ("tests/test_family.py", "-k", "einsum_lone_sum"),
+        "letters summed out of one operand alone broadcast back at the front",
+    ),
+    Mutant(
+        "push_jvp_roles_swapped",
+        "jaxlinear/_src/bilinear.py",
+        "None if dw is None else x_dot,\n                None if dx is None else w_dot,",
+        "None if dx is None else x_dot,\n                None if dw is None else w_dot,",
+        ("tests/test_weak_spots.py", "-k", "second_order"),
+        "_push_jvp: the swapped-roles term with the dx/dw conditions exchanged",
+    ),
+    Mutant(
+        "policy_accumulates_narrow",
+        "jaxlinear/_src/bilinear.py",
+        "return cd, jnp.promote_types(acc, out), out",
+        "return cd, acc, out",
+        ("tests/test_weak_spots.py", "-k", "wider_out_dtype"),
+        "out_dtype wider than the operands: accumulated in the compute dtype",
+    ),
+    Mutant(
+        "per_example_norms_in_param_dtype",
+        "jaxlinear/_src/per_example.py",
+        "dtype = jnp.result_type(*(a.dtype for a in leaves), jnp.float32)",
+        "dtype = jnp.result_type(*(a.dtype for a in leaves))",
+        ("tests/test_weak_spots.py", "-k", "per_example"),
+        "per-example norms summed in bfloat16 for bfloat16 params",
+    ),
+    # --- more: transposes, bias, batching, precision, the einsum parser ------------------
+    Mutant(
+        "dot_general_transpose_w_batch_unswapped",
+        "jaxlinear/_src/ops/dot_general.py",
+        "swapped = ((w_contract, x_contract), (w_batch, x_batch))",
+        "swapped = ((w_contract, x_contract), (x_batch, w_batch))",
+        ("tests/test_family.py", "-k", "dot_general_batched and vjp"),
+        "w̄ of dot_general pairs the batch axes the wrong way round",
+    ),
+    Mutant(
+        "conv_transpose_x_kernel_not_flipped",
+        "jaxlinear/_src/ops/conv.py",
+        "w = lax.rev(w, sdims)  # spatially flipped kernel",
+        "w = w  # spatially flipped kernel",
+        ("tests/test_family.py", "-k", "conv2d and vjp"),
+        "x̄ of a convolution with the kernel not flipped",
+    ),
+    Mutant(
+        "embed_scatter_set_not_add",
+        "jaxlinear/_src/ops/embed.py",
+        "rows = rows.at[ids].add(",
+        "rows = rows.at[ids].set(",
+        ("tests/test_family.py", "-k", "embed and vjp"),
+        "repeated ids: the table's cotangent keeps one row instead of the sum",
+    ),
+    Mutant(
+        "bias_summed_over_last_axis",
+        "jaxlinear/_src/bilinear.py",
+        "lead = tuple(range(g.ndim - 1))",
+        "lead = tuple(range(1, g.ndim))",
+        ("tests/test_conv.py", "-k", "layer_matches_reference"),
+        "b̄ summed over the wrong axes (square shapes: no shape error)",
+    ),
+    Mutant(
+        "einsum_vmap_axis_at_end",
+        "jaxlinear/_src/ops/einsum.py",
+        'return {"subscripts": (xs, ws, new + ys)}, 0',
+        'return {"subscripts": (xs, ws, ys + new)}, 0',
+        ("tests/test_family.py", "-k", "vmap and einsum"),
+        "vmap of dual_einsum: the batch letter put last in y but reported at axis 0",
+    ),
+    Mutant(
+        "bf16_accumulates_in_bf16",
+        "jaxlinear/_src/bilinear.py",
+        "if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:",
+        "if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:",
+        ("tests/test_family.py", "-k", "bf16"),
+        "16-bit operands accumulated in 16 bits",
+    ),
+    Mutant(
+        "einsum_implicit_output_unsorted",
+        "jaxlinear/_src/ops/einsum.py",
+        'out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))',
+        'out = ell + "".join(c for c in dict.fromkeys(letters) if letters.count(c) == 1)',
+        ("tests/test_family.py", "-k", "every_form"),
+        "implicit output in order of appearance instead of sorted",
+    ),
+    Mutant(
+        "einsum_broadcast_renames_wrong_operand",
+        "jaxlinear/_src/ops/einsum.py",
+        "        if nx == 1:\n            xs = xs.replace(c, fresh())",
+        "        if nw == 1:\n            xs = xs.replace(c, fresh())",
+        ("tests/test_family.py", "-k", "every_form or einsum_ellipsis"),
+        "size-1 broadcast: the fresh letter given to the operand of size n",
+    ),
+]
+
+
+def _copy_tree(dst: Path) -> None:
+    """The files git knows of (tracked, untracked not ignored), as they are on disk now."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():  # a deleted but still tracked file is skipped
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def _pytest(copy: Path, args, timeout):
+    """Run pytest in ``copy``; ``(return code or None on timeout, seconds, output tail)``."""
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the copy's conftest makes its own
+    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-x", "-q", *args]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None, time.perf_counter() - start, ""
+    return proc.returncode, time.perf_counter() - start, (proc.stdout + proc.stderr)[-2000:]
+
+
+def _verdict(rc):
+    # pytest: 0 all passed, 1 some failed, 2 interrupted (e.g. a collection error), 5 none.
+    return {0: "SURVIVED", 1: "killed", 2: "killed (error)", 5: "no tests"}.get(
+        rc, "timeout" if rc is None else f"error (rc {rc})"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("words", nargs="*", help="run only mutants whose name contains one")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output")
+    opts = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if not opts.words or any(w in m.name for w in opts.words)]
+    if opts.list:
+        for m in mutants:
+            print(f"{m.name:42} {m.file}: {m.why}\n{'':42} tests: {' '.join(m.tests)}")
+        return 0
+
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="jaxlinear-mutate-") as tmp:
+        copy = Path(tmp)
+        _copy_tree(copy)
+        if not opts.no_baseline:
+            selections = list(dict.fromkeys(m.tests for m in mutants))
+            for tests in selections:
+                rc, secs, out = _pytest(copy, tests, opts.timeout)
+                if rc != 0:
+                    print(f"baseline FAILED ({' '.join(tests)}): {_verdict(rc)}\n{out}")
+                    return 2
+            print(f"baseline: the {len(selections)} selections pass unmutated", file=sys.stderr)
+        for m in mutants:
+            path = copy / m.file
+            text = path.read_text() if path.is_file() else ""
+            count = text.count(m.original)
+            if count != 1:
+                why = "file not found" if not path.is_file() else f"snippet found {count} times"
+                rows.append((m.name, f"not applied ({why})", 0.0))
+                ok = False
+                continue
+            path.write_text(text.replace(m.original, m.replacement))
+            try:
+                rc, secs, out = _pytest(copy, m.tests, opts.timeout)
+            finally:
+                path.write_text(text)
+            rows.append((m.name, _verdict(rc), secs))
+            ok &= rc not in (0, 5, None)
+            if opts.verbose:
+                print(out)
+            print(f"  {m.name}: {rows[-1][1]} ({secs:.0f} s)", file=sys.stderr)
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'mutant':{width}} | {'result':28} | {'seconds':>7} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 30}|{'-' * 9}|")
+    for name, result, secs in rows:
+        print(f"| {name:{width}} | {result:28} | {secs:7.1f} |")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
