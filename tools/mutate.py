@@ -141,6 +141,39 @@ MUTANTS = [
         ("tests/test_family.py", "-k", "every_form or einsum_ellipsis"),
         "size-1 broadcast: the fresh letter given to the operand of size n",
     ),
+    # --- per-example rules (issue 17) ----------------------------------------------------
+    Mutant(
+        "ghost_rank_one_drops_g",
+        "jaxlinear/_src/ghost.py",
+        "jnp.sum(X[:, 0] ** 2, axis=-1) * jnp.sum(G[:, 0] ** 2, axis=-1)",
+        "jnp.sum(X[:, 0] ** 2, axis=-1)",
+        ("tests/test_per_example.py", "-k", "2d"),
+        "rank-one norm without ‖g_i‖²",
+    ),
+    Mutant(
+        "embed_gram_counts_out_of_range_ids",
+        "jaxlinear/_src/ops/embed.py",
+        "same = (row[:, :, None] == row[:, None, :]) & inside[:, :, None] & inside[:, None, :]",
+        "same = row[:, :, None] == row[:, None, :]",
+        ("tests/test_per_example_family.py", "-k", "embed and gram"),
+        "embed's ghost norm counts ids that send no gradient",
+    ),
+    Mutant(
+        "clipped_bias_unscaled",
+        "jaxlinear/_src/per_example.py",
+        "d = jnp.sum(_bias_rows(scaled, call.y_axis, e.axes), axis=0)",
+        "d = jnp.sum(_bias_rows(g.astype(dtype), call.y_axis, e.axes), axis=0)",
+        ("tests/test_per_example.py", "-k", "2d"),
+        "the clipped bias gradient without the clipping factors",
+    ),
+    Mutant(
+        "conv_ghost_groups_unsplit",
+        "jaxlinear/_src/ops/conv.py",
+        "        return a.transpose(0, 2, 1, 3)\n",
+        "        return a.reshape(n, 1, T, groups * size)\n",
+        ("tests/test_per_example_family.py", "-k", "conv and groups"),
+        "conv's per-example rule mixes the feature groups",
+    ),
 ]
 
 
