@@ -316,7 +316,8 @@ def _describe(module):
     if cls in _KNOWN:
         return "JAX's own rules (not converted)"
     if isinstance(module, tuple(_KNOWN)):
-        return f"untouched: a subclass of eqx.nn.{_original_class(cls).__name__} (its own code)"
+        base = next(c for c in cls.__mro__ if c in _KNOWN)
+        return f"untouched: a subclass of eqx.nn.{base.__name__} (its own code)"
     if _holds_arrays(module):
         return f"untouched: {cls.__module__.split('.')[0]}'s own code (not a layer jaxlinear knows)"
     return ""
