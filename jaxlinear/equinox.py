@@ -97,8 +97,7 @@ def _rank_check(self, x, name):
     unbatched_rank = self.num_spatial_dims + 1
     if x.ndim != unbatched_rank:
         raise ValueError(
-            f"Input to `{name}` needs to have rank {unbatched_rank}, but input has shape"
-            f" {x.shape}."
+            f"Input to `{name}` needs to have rank {unbatched_rank}, but input has shape {x.shape}."
         )
 
 
@@ -297,7 +296,8 @@ def _children(tree):
 
 def _holds_arrays(module):
     """Whether ``module`` holds arrays itself (not only through child modules)."""
-    leaves = jax.tree.leaves(module, is_leaf=lambda x: x is not module and isinstance(x, eqx.Module))
+    child = lambda x: x is not module and isinstance(x, eqx.Module)  # noqa: E731
+    leaves = jax.tree.leaves(module, is_leaf=child)
     return any(eqx.is_array(leaf) for leaf in leaves)
 
 

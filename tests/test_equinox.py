@@ -196,8 +196,9 @@ def test_serialisation_round_trip_and_tree_at():
     # tree_at replaces a weight; the layer stays converted.
     zero = eqx.tree_at(lambda m: m.layers[0].weight, new, jnp.zeros_like(new.layers[0].weight))
     assert type(zero.layers[0]) is type(new.layers[0])
-    np.testing.assert_array_equal(zero.layers[0](x[0]), jnp.broadcast_to(new.layers[0].bias,
-                                                                         (4, 4, 4)))
+    np.testing.assert_array_equal(
+        zero.layers[0](x[0]), jnp.broadcast_to(new.layers[0].bias, (4, 4, 4))
+    )
 
 
 def test_jitted_optax_step_equals_the_originals():
