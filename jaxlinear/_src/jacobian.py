@@ -136,7 +136,7 @@ def dense_jacobian(params, x, *, wrt="x", max_entries=DEFAULT_MAX_ENTRIES, preci
     W, b = layout.unpack(params)
     if wrt == "b" and b is None:
         raise ValueError(f"{fn}: `wrt` is 'b' but `params` has no bias (`b` is None)")
-    given = {"x": x, "W": W, "b": params.b if layout.kind == "params" else params.get("b")}[wrt]
+    given = {"x": x, "W": W, "b": layout.raw(params)[1]}[wrt]
     in_shape, flat_shape = tuple(given.shape), {"x": x, "W": W, "b": b}[wrt].shape
     out_shape = (*x.shape[:-1], W.shape[1])
     dtype = formulas.output_dtype(x.dtype, None)

@@ -21,13 +21,19 @@ from jaxlinear._src.validation import (
     check_same,
     layer_inputs,
     like_inputs,
+    promoted_compute_dtype,
 )
 
 
 def _prepare(fn, params, x, precision, compute_dtype):
-    """Validate; return ``(layout, precision, compute_dtype)`` in hashable form."""
+    """Validate; return ``(layout, precision, compute_dtype)`` in hashable form.
+
+    Operands of different dtypes follow JAX's promotion (``promoted_compute_dtype``).
+    """
     compute_dtype = canonical_compute_dtype(fn, compute_dtype)
-    return check_layer(fn, params, x, compute_dtype), canonical_precision(precision), compute_dtype
+    layout = check_layer(fn, params, x, compute_dtype)
+    compute_dtype = promoted_compute_dtype(layout, params, x, compute_dtype)
+    return layout, canonical_precision(precision), compute_dtype
 
 
 def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):

@@ -36,13 +36,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlinear._src import vma
 from jaxlinear._src.bilinear import bilinear_op
-from jaxlinear._src.ops._checks import no_out_sharding, out_dtype
+from jaxlinear._src.ops._checks import no_out_sharding, out_dtype, promoted
 from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, layout_of
 from jaxlinear._src.validation import (
     _dtype,
     canonical_compute_dtype,
     canonical_precision,
     layer_inputs,
+    promoted_compute_dtype,
 )
 
 
@@ -399,11 +400,8 @@ def _conv_spec(
                 [x_shape[d] for d in lhs_spec[2:]], k_eff, strides, padding
             )
         )
-    if compute_dtype is None and x_dtype != w_dtype:
-        raise TypeError(
-            f"{fn}: `{x_name}` has dtype {x_dtype} but `{w_name}` has dtype {w_dtype}; cast"
-            " one" + (", or pass compute_dtype=" if names is not _LAX_NAMES else "")
-        )
+    if jnp.issubdtype(x_dtype, jnp.complexfloating) != jnp.issubdtype(w_dtype, jnp.complexfloating):
+        promoted(fn, {x_name: lhs, w_name: rhs})  # refuses complex with real, naming both
     dn = lax.ConvDimensionNumbers(tuple(lhs_spec), tuple(rhs_spec), tuple(out_spec))
     return ConvSpec(strides, padding, lhs_dil, rhs_dil, dn, fgc, bgc)
 
@@ -583,11 +581,8 @@ def _layer_prepare(fn, params, x, strides, padding, dilation, groups, precision,
                 f"{fn}: `b` must have shape ({c_out},) for `W` of shape"
                 f" {tuple(W.shape)}, got {tuple(b.shape)}"
             )
-        if _dtype(fn, "b", b) != _dtype(fn, "W", W):
-            raise TypeError(
-                f"{fn}: `b` has dtype {_dtype(fn, 'b', b)} but `W` has dtype"
-                f" {_dtype(fn, 'W', W)}; they must match"
-            )
+        promoted(fn, {"x": x, "W": W, "b": b})  # refuses complex with real, naming them
+    compute_dtype = promoted_compute_dtype(layout, params, x, compute_dtype)  # as x * W + b
     kw = dict(compute_dtype=compute_dtype, spec=spec, precision=canonical_precision(precision))
     return x, W, b, kw
 
