@@ -19,19 +19,20 @@ def operand(fn: str, name: str, a):
     return jnp.asarray(a) if isinstance(a, np.ndarray) else a
 
 
-def promoted(fn: str, operands: dict) -> tuple:
+def promoted(fn: str, operands: dict, *, weak: bool = True) -> tuple:
     """The operands as JAX computes them together (``jnp.result_type`` promotion).
 
-    A weakly typed operand (made from a Python scalar) takes the dtype of the strongly
-    typed ones, as in ``lax.dot_general(x, w)`` after ``jnp`` promotion; different strong
-    dtypes are left to the rule builder, which computes in their promoted dtype and returns
+    With ``weak`` (``jnp`` semantics: ``einsum``), a weakly typed operand (made from a
+    Python scalar) takes the dtype of the strongly typed ones; without it (``lax``
+    semantics: ``dot_general``) it keeps its own. Different dtypes are then left to the
+    rule builder, which computes in their promoted dtype (``jnp.result_type``) and returns
     each cotangent in its operand's dtype. Complex and real operands do not mix: the real
     one's cotangent would be the real part of a complex product (cast it to complex).
     """
     strong = [a.dtype for a in operands.values() if not getattr(a, "weak_type", False)]
     out = []
     for a in operands.values():
-        if getattr(a, "weak_type", False) and strong:
+        if weak and getattr(a, "weak_type", False) and strong:
             a = a.astype(jnp.result_type(a, *strong))
         out.append(a)
     kinds = {jnp.issubdtype(a.dtype, jnp.complexfloating) for a in out}
