@@ -5,6 +5,7 @@ The whole public API is listed here.
 
 from jaxlinear._src.adjoint import AdjointTestResult as AdjointTestResult
 from jaxlinear._src.adjoint import adjoint_test as adjoint_test
+from jaxlinear._src.bilinear import BatchRule as BatchRule
 from jaxlinear._src.bilinear import BilinearOp as BilinearOp
 from jaxlinear._src.bilinear import bilinear_op as bilinear_op
 from jaxlinear._src.convert import from_flax as from_flax
@@ -23,6 +24,8 @@ from jaxlinear._src.ops.conv import conv_general_dilated as conv_general_dilated
 from jaxlinear._src.ops.conv import dual_conv as dual_conv
 from jaxlinear._src.ops.conv import dual_conv_general_dilated as dual_conv_general_dilated
 from jaxlinear._src.ops.conv import init_conv as init_conv
+from jaxlinear._src.ops.conv_transpose import conv_transpose as conv_transpose
+from jaxlinear._src.ops.conv_transpose import dual_conv_transpose as dual_conv_transpose
 from jaxlinear._src.ops.dot_general import dot_general as dot_general
 from jaxlinear._src.ops.dot_general import dual_dot_general as dual_dot_general
 from jaxlinear._src.ops.einsum import dual_einsum as dual_einsum
@@ -46,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SCHEMES",
     "AdjointTestResult",
+    "BatchRule",
     "BilinearOp",
     "Params",
     "adjoint_test",
@@ -54,11 +58,13 @@ __all__ = [
     "column_parallel_linear",
     "conv",
     "conv_general_dilated",
+    "conv_transpose",
     "data_parallel_linear",
     "dense_jacobian",
     "dot_general",
     "dual_conv",
     "dual_conv_general_dilated",
+    "dual_conv_transpose",
     "dual_dot_general",
     "dual_einsum",
     "dual_embed",

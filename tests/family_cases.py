@@ -171,3 +171,29 @@ CASES += [
         differentiable_x=False,
     ),
 ]  # fmt: skip
+
+
+# --- conv_transpose -------------------------------------------------------------------------
+from jaxlinear._src.ops import conv_transpose as conv_transpose_module  # noqa: E402
+
+
+def _conv_transpose_case(name, x_shape, w_shape, **kw):
+    return Case(
+        name=name,
+        custom_vjp=lambda x, w: jaxlinear.conv_transpose(x, w, **kw),
+        dual=lambda x, w: jaxlinear.dual_conv_transpose(x, w, **kw),
+        reference=lambda x, w: lax.conv_transpose(x, w, **kw),
+        x_shape=x_shape,
+        w_shape=w_shape,
+        op=conv_transpose_module.CONV_TRANSPOSE,
+        bf16=False,  # the policy is the builder's: a conv case checks it
+    )
+
+
+CASES += [
+    # Channels last (lax's default), stride 2, explicit (lo, hi) padding of the dilated input,
+    # kernel dilation, TensorFlow's flipped kernel. 1-D: cheap to compile; more
+    # configurations (2-D, "SAME"/"VALID") in tests/test_conv_transpose.py.
+    _conv_transpose_case("conv_transpose1d_tk", (2, 3, 3), (2, 3, 3), strides=(2,),
+                         padding=((1, 2),), rhs_dilation=(2,), transpose_kernel=True),
+]  # fmt: skip

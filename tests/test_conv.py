@@ -116,6 +116,52 @@ def test_matches_lax_autodiff_over_configurations(config):
     assert_trees_close(ours, ref)
 
 
+# --- 0-D convolutions (no spatial axis): lax_test's testConvGeneralDilated0D, testGradConv0D ---
+
+
+def test_zero_dimensional_matches_lax():
+    # lhs (N, C), rhs (O, I) or (I, O): a matmul with groups, no spatial axis; feature and
+    # batch groups as in lax_test. Both bindings: values and the vjp in both operands; the
+    # dual's jvp in both. float64, against JAX's AD of lax.conv_general_dilated.
+    configs = [(2, 1, "VALID", ("NC", "OI", "NC")),
+               (1, 2, (), lax.ConvDimensionNumbers((0, 1), (1, 0), (0, 1)))]  # fmt: skip
+    operands, kws = [], []
+    for i, (bgc, fgc, padding, dn) in enumerate(configs):
+        x, w = _operands((2 * bgc, 3 * fgc), (3, 2 * fgc * bgc), seed=i)
+        operands.append((x, w.T if dn[1] == "OI" else w))
+        kws.append(
+            dict(window_strides=(), padding=padding, lhs_dilation=(), rhs_dilation=(),
+                 dimension_numbers=dn, feature_group_count=fgc, batch_group_count=bgc)
+        )  # fmt: skip
+
+    def derivatives(f, x, w, kw, forward_mode):
+        f = functools.partial(f, **kw)
+        y, pull = jax.vjp(f, x, w)
+        out = [y, pull(jnp.cos(y))]
+        if forward_mode:
+            out.append(jax.jvp(f, (x, w), (jnp.sin(x), jnp.sin(w)))[1])
+        return out
+
+    @jax.jit
+    def run(operands):
+        ours, refs, hand = [], [], []
+        for (x, w), kw in zip(operands, kws, strict=True):
+            for f, forward_mode in zip(BINDINGS, (False, True), strict=True):
+                ours.append(derivatives(f, x, w, kw, forward_mode))
+                refs.append(derivatives(lax.conv_general_dilated, x, w, kw, forward_mode))
+        # testGradConv0D: ones (2, 5) and (5, 10) with g = ones pull back to 10s and 2s.
+        dn = lax.ConvDimensionNumbers((0, 1), (1, 0), (0, 1))
+        for f in BINDINGS:
+            f0 = functools.partial(f, window_strides=(), padding=(), dimension_numbers=dn)
+            y, pull = jax.vjp(f0, jnp.ones((2, 5)), jnp.ones((5, 10)))
+            hand.append(pull(jnp.ones_like(y)))
+        return ours, refs, hand
+
+    ours, refs, hand = run(operands)
+    assert_trees_close(ours, refs)
+    assert_trees_close(hand, [(10 * jnp.ones((2, 5)), 2 * jnp.ones((5, 10)))] * 2)
+
+
 @contextlib.contextmanager
 def counting_transposes():
     """Record each call of the conv op's ``transpose_x`` / ``transpose_w`` (conv.py's)."""
@@ -298,7 +344,7 @@ W4 = jnp.ones((3, 3, 4, 6), jnp.float32)
 LAX_ERRORS = [
     # (lhs, rhs, kwargs, error, message)
     (X4, jnp.ones((3, 4, 6)), {}, ValueError, r"`rhs` must have rank 4 like `lhs`"),
-    (X4[0, 0], jnp.ones((4, 6)), {}, ValueError, r"`lhs` must have a batch, a feature and at"),
+    (X4[0, 0, 0], jnp.ones((4,)), {}, ValueError, r"`lhs` must have a batch and a feature axis"),
     (X4, jnp.ones((3, 3, 3, 6)), {}, ValueError,
      r"`rhs` \(shape \(3, 3, 3, 6\)\) takes 3 input channels per group × 1 group\(s\) = 3,"
      r" but `lhs` has 4"),

@@ -134,13 +134,21 @@ def test_vmap(case):
     x, w = _operands(case)
     x2, w2 = _operands(case, seed=7)
     xs, ws = jnp.stack([x, x2]), jnp.stack([w, w2])
+    argnums = (0, 1) if case.differentiable_x else (1,)
 
     def batched(f, x, w, xs, ws, every_layout=True):
-        out = [jax.vmap(f, (None, 0))(x, ws)]
+        layouts = [((None, 0), (x, ws))]
         if every_layout and (case.differentiable_x or case.make_x is not None):
-            out += [jax.vmap(f, (0, None))(xs, w), jax.vmap(f, (0, 0))(xs, ws)]
-        # ... and reverse mode through the batched rules.
+            layouts += [((0, None), (xs, w)), ((0, 0), (xs, ws))]
+        out = [jax.vmap(f, axes)(*a) for axes, a in layouts]
+        # ... and reverse mode through the batched rules: in w with w batched, and (the
+        # dual binding) in each operand with both batched, where every fold is used.
         out.append(jax.grad(_loss(jax.vmap(f, (None, 0))), 1)(x, ws))
+        if every_layout:
+            out.append(jax.grad(_loss(jax.vmap(f, layouts[-1][0])), argnums)(*layouts[-1][1]))
+            # forward mode with the tangents batched and the primals not
+            f_, primals = _diff(case, f, x, w)
+            out.append(jax.vmap(lambda *t: jax.jvp(f_, primals, t)[1])(*(xs, ws)[-len(primals) :]))
         return out
 
     def both(*a):
@@ -150,6 +158,52 @@ def test_vmap(case):
         return ours, [batched(case.reference, *a), batched(case.reference, *a, False)]
 
     _same(both, x, w, xs, ws)
+
+
+RAW = {"conv_general_dilated", "dot_general", "gather"}  # the formulas' lax ops
+
+
+def _primitives(f, *args):
+    return {e.primitive.name for e in eqns(jax.make_jaxpr(f)(*args))}
+
+
+def test_vmap_binds_the_explicit_rules(case, monkeypatch):
+    # Under vmap the dual binding binds the family's primitives again (the batching rule
+    # folds the vmapped axis into the op), so no lax op of the formulas appears outside
+    # them, forward or in forward mode, and grad of vmap runs the op's own pullback
+    # (counted), in every layout. (Were vmap to fall back to the formulas, the jaxprs would
+    # hold the batched lax op and grad would run JAX's transposes of it, never ours.)
+    # Trace only: nothing is compiled.
+    x, w = _operands(case)
+    xs, ws = jnp.stack([x, x]), jnp.stack([w, w])
+    prim = f"jaxlinear_{case.op.name if case.op else 'embed'}"
+    push = f"{prim}_pushforward" if case.op else prim  # embed's JVP binds itself
+    pulled = []
+    if case.op is not None:
+        pullback = case.op._pullback_fn
+
+        def counted(*a, **k):
+            pulled.append(1)
+            return pullback(*a, **k)
+
+        monkeypatch.setattr(case.op, "_pullback_fn", counted)
+    layouts = [((None, 0), (x, ws))]
+    if case.differentiable_x or case.make_x is not None:
+        layouts += [((0, None), (xs, w)), ((0, 0), (xs, ws))]
+    for axes, operands in layouts:
+        f, primals = _diff(case, jax.vmap(case.dual, axes), *operands)
+        tangents = _normal(1, primals)
+        names = _primitives(f, *primals)
+        assert prim in names and not RAW & names, (axes, names)
+        names = _primitives(lambda *p, f=f, t=tangents: jax.jvp(f, p, t), *primals)
+        assert {prim, push} <= names and not RAW & names, (axes, names)
+        pulled.clear()
+        assert prim in _primitives(jax.grad(_loss(f)), *primals), axes
+        assert case.op is None or pulled, axes  # the op's own pullback ran
+    # Forward mode with the tangents batched and the primals not (jacfwd does this).
+    f, primals = _diff(case, case.dual, x, w)
+    names = _primitives(jax.jacfwd(f, argnums=len(primals) - 1), *primals)
+    assert push in names and not RAW & names, names
 
 
 # --- the dot-product test, and the explicit rule is what runs ---------------------------------

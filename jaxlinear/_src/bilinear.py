@@ -196,6 +196,46 @@ def _moved(a, axis, size):
     return jnp.moveaxis(a, axis, 0)
 
 
+class BatchRule(NamedTuple):
+    """What a ``batch`` hook returns: how ``vmap`` binds an op again (see ``bilinear_op``).
+
+    The builder moves the vmapped axis of each batched operand to 0 (an unbatched ``x``
+    whose tangent ``dx`` is batched is broadcast, and likewise ``w`` and ``dw``), applies
+    ``x`` to ``x`` and ``dx`` and ``w`` to ``w`` and ``dw``, binds ``op``'s primitive (or
+    its pushforward primitive) with ``params`` merged over the current ones, and applies
+    ``out`` to the result. Operand and output transforms are reshapes or transposes: JAX
+    differentiates them itself, the bound op keeps its explicit rules.
+
+    Attributes:
+      params: the bound op's static parameters that change (merged over the current ones).
+      out_dim: the vmapped axis of ``y`` (after ``out``).
+      x: ``x`` (vmapped axis at 0) -> the bound op's first operand; ``None``: as it is.
+      w: ``w`` (vmapped axis at 0) -> its second operand; ``None``: as it is.
+      out: ``(y_bound, axis_size) -> y``; ``None``: the bound result is ``y``.
+      op: the ``BilinearOp`` to bind (another op of the family); ``None``: this op.
+    """
+
+    params: dict
+    out_dim: int
+    x: Callable | None = None
+    w: Callable | None = None
+    out: Callable | None = None
+    op: BilinearOp | None = None
+
+
+def _bias_like(b, b_dim, y, out_dim):
+    """A bias ``(d,)`` (or a batch of them, vmapped axis ``b_dim``) shaped to broadcast on
+    ``y``'s own last axis, where ``y`` has the vmapped axis at ``out_dim``."""
+    last = y.ndim - 2 if out_dim == y.ndim - 1 else y.ndim - 1  # the unbatched y's last axis
+    shape = [1] * y.ndim
+    shape[last] = b.shape[-1]
+    if b_dim is not None:
+        b = jnp.moveaxis(b, b_dim, 0)  # (size, d)
+        shape[out_dim] = b.shape[0]
+        b = b if out_dim < last else b.T
+    return jnp.broadcast_to(b.reshape(shape), y.shape)
+
+
 class BilinearOp:
     """Both bindings of one bilinear op; made by ``bilinear_op`` (see there)."""
 
@@ -422,51 +462,73 @@ class BilinearOp:
     def _fwd_batch(self, args, dims, **kw):
         x, w, *b = args
         x_dim, w_dim, *b_dim = dims
-        if all(d is None for d in b_dim):
-            got = self._batched_bind(x, w, None, None, x_dim, w_dim, None, None, b, kw)
-            if got is not None:
-                return got
+        got = self._batched_bind(x, w, None, None, x_dim, w_dim, None, None, b, b_dim, kw)
+        if got is not None:
+            return got
         fn = jax.vmap(lambda *a: self._fwd_impl(*a, **kw), in_axes=tuple(dims))
         return fn(*args), 0
 
-    def _batched_bind(self, x, w, dx, dw, x_dim, w_dim, dx_dim, dw_dim, rest, kw):
-        """Bind the op itself on operands with the vmapped axis at 0, if the hook allows it.
+    def _batched_bind(self, x, w, dx, dw, x_dim, w_dim, dx_dim, dw_dim, rest, rest_dim, kw):
+        """Bind the op (or another of the family) again, as the op's batching hook says.
 
         ``x`` and ``dx`` are batched together (the unbatched one broadcast), as are ``w``
-        and ``dw``; ``rest`` (bias or bias tangent) must be unbatched. ``None`` if the op
-        has no batching hook or the hook declines.
+        and ``dw``; ``rest`` is ``[]`` or ``[b]`` (bias or bias tangent, vmapped axis
+        ``rest_dim[0]``). The bias is bound with the op where it stays on the last axis
+        of the result; otherwise the op is bound in the accumulation dtype and the bias
+        added afterwards, then rounded once, as the policy does. ``None`` (the caller
+        falls back to ``jax.vmap`` of the formulas) if the op has no hook, the hook
+        declines, or there is no product to bind (only a bias tangent).
         """
-        if self._batch_hook is None:
+        pushforward = "mask" in kw
+        if self._batch_hook is None or (pushforward and dx is None and dw is None):
             return None
+        b, b_dim = (rest[0], rest_dim[0]) if rest else (None, None)
+        dims = (x_dim, w_dim, dx_dim, dw_dim, b_dim)
+        size = next(
+            a.shape[d] for a, d in zip((x, w, dx, dw, b), dims, strict=True) if d is not None
+        )
         x_b = x_dim is not None or dx_dim is not None
         w_b = w_dim is not None or dw_dim is not None
-        size = next(
-            a.shape[d]
-            for a, d in ((x, x_dim), (w, w_dim), (dx, dx_dim), (dw, dw_dim))
-            if d is not None
-        )
-        op_params = {k: v for k, v in kw.items() if k not in _RESERVED}
-        hook = self._batch_hook(
-            x.ndim - (x_dim is not None), w.ndim - (w_dim is not None), x_b, w_b, **op_params
-        )
-        if hook is None:
-            return None
-        new_params, out_dim = hook
-        if x_b:
-            x = _moved(x, x_dim, size)
-            dx = None if dx is None else _moved(dx, dx_dim, size)
-        if w_b:
-            w = _moved(w, w_dim, size)
-            dw = None if dw is None else _moved(dw, dw_dim, size)
-        kw = {**kw, **new_params}
-        if rest:  # a bias must stay on the last axis of the batched output
-            shape = out_shape(self.forward_fn, x, w, **{k: v for k, v in kw.items() if k != "mask"})
-            if out_dim == len(shape) - 1:
+        if x_b or w_b:
+            op_params = {k: v for k, v in kw.items() if k not in _RESERVED}
+            x_ndim, w_ndim = x.ndim - (x_dim is not None), w.ndim - (w_dim is not None)
+            rule = self._batch_hook(x_ndim, w_ndim, x_b, w_b, axis_size=size, **op_params)
+            if rule is None:
                 return None
-        if "mask" in kw:
-            present = [t for t in (dx, dw, *rest) if t is not None]
-            return self.pushforward_primitive.bind(x, w, *present, **kw), out_dim
-        return self.primitive.bind(x, w, *rest, **kw), out_dim
+            rule = rule if isinstance(rule, BatchRule) else BatchRule(*rule)
+            if size == 0 and (rule.x or rule.w or rule.out):
+                return None  # folding a zero-size axis into another loses the other's size
+        else:  # only the bias is batched: bind once, unbatched, and add the batch of biases
+            rule = BatchRule({}, 0, out=lambda y, size: jnp.broadcast_to(y, (size, *y.shape)))
+
+        def batched(a, t, a_dim, t_dim, f):  # the same transform for an operand and its tangent
+            a, t = _moved(a, a_dim, size), None if t is None else _moved(t, t_dim, size)
+            return (a, t) if f is None else (f(a), None if t is None else f(t))
+
+        if x_b:
+            x, dx = batched(x, dx, x_dim, dx_dim, rule.x)
+        if w_b:
+            w, dw = batched(w, dw, w_dim, dw_dim, rule.w)
+        op = rule.op or self
+        kw = {**kw, **rule.params}
+        inside = b is not None and b_dim is None and rule.out is None
+        if inside:  # a bias must stay on the last axis of the bound result
+            static = {k: v for k, v in kw.items() if k != "mask"}
+            inside = rule.out_dim != len(out_shape(op.forward_fn, x, w, **static)) - 1
+        if b is not None and not inside:  # bind in the accumulation dtype, add b, round once
+            _, acc, out = policy(x.dtype, w.dtype, kw["compute_dtype"], kw["out_dtype"])
+            kw["out_dtype"] = acc
+        if pushforward:
+            kw["mask"] = (dx is not None, dw is not None, inside)
+            present = [t for t in (dx, dw, b if inside else None) if t is not None]
+            y = op.pushforward_primitive.bind(x, w, *present, **kw)
+        else:
+            y = op.primitive.bind(x, w, *([b] if inside else []), **kw)
+        if rule.out is not None:
+            y = rule.out(y, size)
+        if b is not None and not inside:
+            y = (y + _bias_like(b.astype(acc), b_dim, y, rule.out_dim)).astype(out)
+        return y, rule.out_dim
 
     # pushforward primitive ----------------------------------------------------------------
 
@@ -529,11 +591,10 @@ class BilinearOp:
         kw = dict(mask=mask, **kw)
         x, w, dx, dw, db = self._split(args, mask)
         x_dim, w_dim, dx_dim, dw_dim, db_dim = self._split(dims, mask)
-        if db_dim is None:
-            rest = [] if db is None else [db]
-            got = self._batched_bind(x, w, dx, dw, x_dim, w_dim, dx_dim, dw_dim, rest, kw)
-            if got is not None:
-                return got
+        rest, rest_dim = ([], []) if db is None else ([db], [db_dim])
+        got = self._batched_bind(x, w, dx, dw, x_dim, w_dim, dx_dim, dw_dim, rest, rest_dim, kw)
+        if got is not None:
+            return got
         fn = jax.vmap(lambda *a: self._push_impl(*a, **kw), in_axes=tuple(dims))
         return fn(*args), 0
 
@@ -585,10 +646,21 @@ def bilinear_op(
         the linear transpose of ``x -> B(x, w)``; ``x_aval`` has ``x``'s ``.shape``/``.dtype``.
       transpose_w: ``transpose_w(g, x, w_aval, *, preferred_element_type, **params) -> w̄``,
         the linear transpose of ``w -> B(x, w)``.
-      batch: optional vmap rule ``batch(x_ndim, w_ndim, x_batched, w_batched, **params)
-        -> (new_params, out_dim) | None``: the params that make the *same* op act on
-        operands with a new leading (vmapped) axis, and where that axis lands in ``y``.
-        Without it (or on ``None``), ``vmap`` runs the formulas under ``jax.vmap``.
+      batch: optional vmap rule ``batch(x_ndim, w_ndim, x_batched, w_batched, *,
+        axis_size, **params) -> BatchRule | (new_params, out_dim) | None``, called with
+        the unbatched ranks, which operands carry the vmapped axis (moved to 0 by the
+        builder; an operand is batched if it or its tangent is) and its size. It says
+        how to bind the family again so the explicit rules keep running under ``vmap``
+        (and ``grad`` of ``vmap``): a ``BatchRule`` may reshape ``x`` and ``dx`` alike,
+        ``w`` and ``dw`` alike, and the result (a convolution folds the vmapped axis
+        into its batch or feature groups), or bind another op (dense with a batched
+        ``W`` binds ``dot_general``); a pair ``(new_params, out_dim)`` is the short form
+        for the same op with new params. The builder handles the bias (batched or not;
+        bound with the op where it stays on the result's last axis, else added after,
+        in the accumulation dtype) and the pushforward primitive (tangents batched
+        independently of the primals). Without a hook (or on ``None``), ``vmap`` runs
+        the formulas under ``jax.vmap``: correct values, but ``grad`` then
+        differentiates the formulas' ``lax`` ops with JAX's own rules.
       out_sharding: optional ``(x_aval, w_aval) -> Sharding | None``: ``y``'s sharding
         on meshes with Explicit axes.
       pullback: optional fused ``pullback(x, w, g, *, wrt, compute_dtype, out_dtype,

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from jaxlinear._src import formulas, per_example, vma
-from jaxlinear._src.bilinear import bilinear_op
+from jaxlinear._src.bilinear import BatchRule, bilinear_op
+from jaxlinear._src.ops.dot_general import DOT_GENERAL
 from jaxlinear._src.params import Layout
 from jaxlinear._src.validation import (
     canonical_compute_dtype,
@@ -151,10 +152,23 @@ def _affine_pushforward(x, W, dx, dW, db, *, compute_dtype, out_dtype, precision
     return formulas.pushforward(x, W, dx, dW, db, precision=precision, compute_dtype=compute_dtype)
 
 
-def _affine_batch(x_ndim, W_ndim, x_batched, W_batched, **params):
-    """vmap with ``W`` unbatched: the vmapped axis is one more leading axis of ``x`` and ``Y``."""
-    del x_ndim, W_ndim, x_batched, params
-    return None if W_batched else ({}, 0)
+def _affine_batch(x_ndim, W_ndim, x_batched, W_batched, *, axis_size, precision):
+    """vmap. ``W`` unbatched: the vmapped axis is one more leading axis of ``x`` and ``Y``.
+
+    ``W`` batched, ``(B, d_in, d_out)``: a ``dot_general`` (the family's ``DOT_GENERAL``
+    op, with its own explicit rules) contracting ``x``'s last axis with ``W``'s ``d_in``,
+    and pairing the vmapped axes as a batch axis if ``x`` is batched too:
+    ``(..., d_in) · (B, d_in, d_out) -> (..., B, d_out)`` or
+    ``(B, ..., d_in) · (B, d_in, d_out) -> (B, ..., d_out)``.
+    """
+    del W_ndim, axis_size, precision
+    if not W_batched:
+        return {}, 0
+    if x_batched:  # x: (B, ..., d_in)
+        dims = (((x_ndim,), (1,)), ((0,), (0,)))
+        return BatchRule({"dimension_numbers": dims}, 0, op=DOT_GENERAL)
+    dims = (((x_ndim - 1,), (1,)), ((), ()))  # x: (..., d_in)
+    return BatchRule({"dimension_numbers": dims}, x_ndim - 1, op=DOT_GENERAL)
 
 
 AFFINE = bilinear_op(

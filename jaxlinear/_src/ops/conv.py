@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlinear._src import vma
-from jaxlinear._src.bilinear import bilinear_op
+from jaxlinear._src.bilinear import BatchRule, bilinear_op
 from jaxlinear._src.ops._checks import no_out_sharding, out_dtype, promoted
 from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, layout_of
 from jaxlinear._src.validation import (
@@ -212,7 +212,71 @@ def transpose_w(g, x, w_aval, *, spec: ConvSpec, precision=None, preferred_eleme
     )
 
 
-CONV = bilinear_op("conv", forward, transpose_x, transpose_w)
+def batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, spec: ConvSpec, **_):
+    """vmap: the vmapped axis (at 0) folded into a batch or feature axis, one convolution.
+
+    As JAX's ``_conv_general_dilated_batch_rule`` (``jax/_src/lax/convolution.py``):
+
+    * ``x`` batched: into ``x``'s batch axis (inside each batch group, if any); it comes
+      out of ``y``'s batch axis.
+    * ``w`` batched: into ``w``'s out-feature axis (inside each group, if any); it comes
+      out of ``y``'s feature axis.
+    * both: ``x``'s into its feature axis and ``feature_group_count × B`` (or its batch
+      axis and ``batch_group_count × B``), ``w``'s into its out-feature axis: example
+      ``i`` is group ``i`` (of ``B`` groups of groups); it comes out of ``y``'s features.
+
+    Every fold puts the vmapped axis outside (major to) the axis it joins.
+    """
+    del x_ndim, w_ndim
+    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+    fgc, bgc = spec.feature_group_count, spec.batch_group_count
+    n = axis_size
+
+    def unfold(axis):  # y: (..., n·k at axis, ...) -> (..., n, k, ...)
+        return lambda y, size: _split_axis(y, axis, size)
+
+    def fold_inside_groups(axis, groups):
+        # a: (n, ..., G·k at axis + 1, ...) -> (..., G·n·k at axis, ...): each group keeps
+        # its block, with the n examples inside it.
+        def fold(a):
+            a = _merge_axis(_split_axis(a, axis + 1, groups), 0, axis + 1)  # (.., G, n·k, ..)
+            return _merge_axis(a, axis, axis)
+
+        return fold
+
+    if x_batched and w_batched:
+        if bgc > 1:
+            x_fold, new = lhs_spec[0], spec._replace(batch_group_count=bgc * n)
+        else:
+            x_fold, new = lhs_spec[1], spec._replace(feature_group_count=fgc * n)
+        return BatchRule(
+            {"spec": new},
+            out_spec[1],
+            x=lambda a: _merge_axis(a, 0, x_fold),
+            w=lambda a: _merge_axis(a, 0, rhs_spec[0]),
+            out=unfold(out_spec[1]),
+        )
+    if x_batched:
+        fold = (
+            (lambda a: _merge_axis(a, 0, lhs_spec[0]))
+            if bgc == 1
+            else fold_inside_groups(lhs_spec[0], bgc)
+        )
+        return BatchRule({}, out_spec[0], x=fold, out=unfold(out_spec[0]))
+    groups = max(fgc, bgc)
+    if groups == 1:
+        fold, out = (lambda a: _merge_axis(a, 0, rhs_spec[0])), unfold(out_spec[1])
+    else:
+        fold = fold_inside_groups(rhs_spec[0], groups)
+
+        def out(y, size):  # (.., G·n·k, ..) -> (.., G, n, k, ..) -> (.., n, G·k, ..)
+            y = _split_axis(_split_axis(y, out_spec[1], groups), out_spec[1] + 1, size)
+            return _merge_axis(y, out_spec[1], out_spec[1] + 1)
+
+    return BatchRule({}, out_spec[1], w=fold, out=out)
+
+
+CONV = bilinear_op("conv", forward, transpose_x, transpose_w, batch=batch)
 
 
 # --------------------------------------------------------------------------------------
@@ -342,9 +406,9 @@ def _conv_spec(
     x_name, w_name = names["lhs"], names["rhs"]
     x_dtype, w_dtype = _dtype(fn, x_name, lhs), _dtype(fn, w_name, rhs)
     x_shape, w_shape = tuple(lhs.shape), tuple(rhs.shape)
-    if len(x_shape) < 3:
+    if len(x_shape) < 2:  # no spatial axis (a "0-D" convolution, a matmul) is allowed
         raise ValueError(
-            f"{fn}: `{x_name}` must have a batch, a feature and at least one spatial axis,"
+            f"{fn}: `{x_name}` must have a batch and a feature axis (then any spatial axes),"
             f" got shape {x_shape}"
         )
     if len(w_shape) != len(x_shape):
@@ -445,7 +509,8 @@ def conv_general_dilated(
         \bar w = \mathrm{conv}(x^\top, G^\top)
 
     Args:
-      lhs: the input, e.g. ``(N, C, H, W)`` (or as ``dimension_numbers`` says).
+      lhs: the input, e.g. ``(N, C, H, W)`` (or as ``dimension_numbers`` says); zero
+        spatial axes, ``(N, C)``, make a grouped matmul, as in ``lax``.
       rhs: the kernel, e.g. ``(O, I, kH, kW)``, ``I = C / feature_group_count``.
       window_strides: one positive int per spatial axis.
       padding: ``"SAME"``, ``"VALID"``, ``"SAME_LOWER"`` or ``(lo, hi)`` pairs.

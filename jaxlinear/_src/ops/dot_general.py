@@ -83,9 +83,9 @@ def transpose_w(g, x, w_aval, *, dimension_numbers, precision, preferred_element
     )
 
 
-def _batch(x_ndim, w_ndim, x_batched, w_batched, *, dimension_numbers, precision):
+def _batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, dimension_numbers, precision):
     """vmap: the new axis 0 becomes a batch axis (both batched) or a kept axis (one batched)."""
-    del w_ndim, precision
+    del w_ndim, axis_size, precision
     (xc, wc), (xb, wb) = dimension_numbers
 
     def shift(dims, on):

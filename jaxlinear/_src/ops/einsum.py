@@ -64,9 +64,9 @@ def transpose_w(g, x, w_aval, *, subscripts, precision, preferred_element_type):
     return _contract(ws, g, x, ys, xs, w_aval, precision, preferred_element_type)
 
 
-def _batch(x_ndim, w_ndim, x_batched, w_batched, *, subscripts, precision):
+def _batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, subscripts, precision):
     """vmap: a fresh letter in front of each batched operand's subscripts and of ``y``'s."""
-    del x_ndim, w_ndim, precision
+    del x_ndim, w_ndim, axis_size, precision
     xs, ws, ys = subscripts
     new = next(c for c in string.ascii_letters if c not in xs + ws + ys)
     xs, ws = (new + xs if x_batched else xs), (new + ws if w_batched else ws)
