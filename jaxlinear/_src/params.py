@@ -16,6 +16,10 @@ class Params(NamedTuple):
       W: ``(d_in, d_out)`` weight, laid out as in the math (and Flax); PyTorch and
         Equinox store ``(d_out, d_in)``: convert with ``W = weight.T``.
       b: ``(d_out,)`` bias, or the row vector ``(1, d_out)``, or ``None`` (no bias).
+
+    The layers also take ``{"W": W, "b": b}``, Flax's ``{"kernel": W, "bias": b}`` (the
+    same layout) and a tuple ``(W, b)``, and return gradients in the structure given;
+    ``from_torch`` / ``from_flax`` convert PyTorch state dicts and NNX states.
     """
 
     W: Any

@@ -188,7 +188,9 @@ def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
     """Check ``params`` and ``x`` for ``Y = X W + b``; return the params' layout.
 
     Raises:
-      TypeError: bad params structure, non-float dtypes, or mismatched dtypes.
+      TypeError: bad params structure, non-float dtypes, complex and real operands mixed,
+        or a real ``compute_dtype`` for complex operands. Different real dtypes are fine:
+        they promote (``promoted_compute_dtype``).
       ValueError: bad shapes (``W`` not 2-D, ``x`` 0-d or of the wrong width,
         ``b`` of a shape other than ``(d_out,)`` or ``(1, d_out)``).
     """

@@ -528,7 +528,8 @@ def conv_general_dilated(
     Raises:
       ValueError: wrong ranks, malformed dimension numbers, strides, dilations, padding or
         group counts, channel counts that do not match.
-      TypeError: non-floating operands or operands of different dtypes.
+      TypeError: non-floating operands, complex and real operands mixed (operands of
+        other different dtypes are promoted, as ``jnp.result_type``; ``lax`` refuses them).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
@@ -683,14 +684,15 @@ def conv(
       compute_dtype: e.g. ``jnp.bfloat16``: convolutions in this dtype, float32 accumulation.
 
     Returns:
-      ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else in ``x.dtype``.
+      ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else
+      ``jnp.result_type(x, W, b)``.
 
     Raises:
       ValueError: ``W`` of a rank other than ``x``'s, channels that do not match
         (``C_in`` vs ``W``'s in-channels × ``groups``) or do not divide by ``groups``, bad
         ``strides``/``dilation``/``padding``, ``b`` not ``(C_out,)``.
-      TypeError: bad params structure, non-floating arrays, ``x`` and ``W`` of different
-        dtypes without ``compute_dtype``, ``b`` of another dtype than ``W``.
+      TypeError: bad params structure (a PyTorch ``OIHW`` state dict is refused with
+        ``jaxlinear.from_torch``), non-floating arrays, complex and real arrays mixed.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
