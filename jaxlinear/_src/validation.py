@@ -239,6 +239,18 @@ def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
     return layout
 
 
+def one_dtype(fn: str, layout: Layout, params, x) -> None:
+    """For the tools that build a dense result in one dtype (the Jacobian helpers):
+    ``x``, ``W`` and ``b`` must share one dtype (no promotion there)."""
+    W, b = layout.raw(params)
+    for name, a in (("x", x), ("b", b)):
+        if a is not None and jnp.dtype(a.dtype) != jnp.dtype(W.dtype):
+            raise TypeError(
+                f"{fn}: `{name}` has dtype {a.dtype} but `W` has dtype {W.dtype}; the"
+                " Jacobian is built in one dtype: cast them to one"
+            )
+
+
 def promoted_compute_dtype(layout: Layout, params, x, compute_dtype) -> np.dtype | None:
     """The dtype ``x @ W + b`` computes in, as JAX promotes it, when the operands differ.
 
