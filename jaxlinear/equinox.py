@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import jaxlinear
 from jaxlinear._src.params import Params
 
-__all__ = ["BINDINGS", "Report", "explicit", "report"]
+__all__ = ["BINDINGS", "Report", "Row", "explicit", "report"]
 
 BINDINGS = ("custom_vjp", "dual")
 
