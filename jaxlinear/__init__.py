@@ -9,6 +9,10 @@ from jaxlinear._src.adjoint import adjoint_test as adjoint_test
 from jaxlinear._src.bilinear import BatchRule as BatchRule
 from jaxlinear._src.bilinear import BilinearOp as BilinearOp
 from jaxlinear._src.bilinear import bilinear_op as bilinear_op
+from jaxlinear._src.convert import from_flax as from_flax
+from jaxlinear._src.convert import from_torch as from_torch
+from jaxlinear._src.convert import to_flax as to_flax
+from jaxlinear._src.convert import to_torch as to_torch
 from jaxlinear._src.dual import dual_linear as dual_linear
 from jaxlinear._src.jacobian import dense_jacobian as dense_jacobian
 from jaxlinear._src.jacobian import jacobian_blocks as jacobian_blocks
@@ -73,6 +77,8 @@ __all__ = [
     "dual_linear",
     "einsum",
     "embed",
+    "from_flax",
+    "from_torch",
     "fsdp_linear",
     "init",
     "init_conv",
@@ -86,4 +92,6 @@ __all__ = [
     "pushforward",
     "row_parallel_linear",
     "tensor_parallel_mlp",
+    "to_flax",
+    "to_torch",
 ]

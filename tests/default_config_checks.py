@@ -15,12 +15,16 @@ under x64 (its doctest collection only imports it, which does nothing).
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxlinear
+
+_IMPORTED_BY_JAXLINEAR = set(sys.modules)  # this file imports nothing optional before here
 
 F32 = np.dtype(np.float32)
 TOL = dict(rtol=2e-6, atol=2e-6)  # float32 rounding, sizes below 10
@@ -325,3 +329,36 @@ def test_fsdp_linear_on_one_device():
     params, x = numpy_layer(26, (4,))
     mesh = jax.make_mesh((1,), ("data",))
     assert_like(jaxlinear.fsdp_linear(params, x, mesh=mesh), plain(params, x))
+
+
+# -- optional libraries, params across libraries, dtype promotion ------------------------
+
+
+def test_import_jaxlinear_imports_no_optional_library():
+    for name in ("equinox", "flax", "optax", "torch"):
+        assert name not in _IMPORTED_BY_JAXLINEAR, name
+
+
+@pytest.mark.parametrize("f", LAYERS, ids=lambda f: f.__name__)
+def test_flax_dicts_tuples_and_torch_state_dicts_on_numpy_inputs(f):
+    params, x = numpy_layer(30)
+    want = plain(params, x)
+    assert_like(f({"kernel": params.W, "bias": params.b}, x), want)
+    assert_like(f((params.W, params.b), x), want)
+    torch_sd = {"weight": params.W.T, "bias": params.b}  # NumPy float64, (out, in)
+    converted = jaxlinear.from_torch(torch_sd)
+    assert converted.W.dtype == F32  # computed as JAX computes NumPy float64 here
+    assert_like(f(converted, x), want)
+    back = jaxlinear.to_torch(converted)
+    np.testing.assert_allclose(back["weight"], params.W.T, rtol=1e-6)
+
+
+@pytest.mark.parametrize("f", LAYERS, ids=lambda f: f.__name__)
+def test_bfloat16_params_with_numpy_x_promote_like_plain(f):
+    params, x = numpy_layer(31)
+    params = jaxlinear.Params(*(jnp.asarray(a, jnp.bfloat16) for a in params))
+    y, want = f(params, x), plain(params, x)
+    assert y.dtype == want.dtype == F32
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+    grads = jax.grad(lambda p: jnp.sum(f(p, x)))(params)
+    assert grads.W.dtype == grads.b.dtype == jnp.bfloat16

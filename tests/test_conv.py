@@ -380,8 +380,8 @@ LAX_ERRORS = [
                                                             (0, 3, 1, 2))}, ValueError,
      r"`dimension_numbers.lhs_spec` must be a permutation of the 4 axes"),
     (X4.astype(jnp.int32), W4, {}, TypeError, r"`lhs` has dtype int32; expected a floating"),
-    (X4, W4.astype(jnp.float16), {}, TypeError,
-     r"`lhs` has dtype float32 but `rhs` has dtype float16; cast one"),
+    (X4, W4.astype(jnp.complex64), {}, TypeError,
+     r"complex and real operands do not mix \(`lhs` float32, `rhs` complex64\)"),
     (X4, W4, {"out_sharding": "x"}, NotImplementedError, r"`out_sharding` must be None"),
 ]  # fmt: skip
 
@@ -434,10 +434,8 @@ LAYER_ERRORS = [
     (P2, X4, {"dilation": (1, 2, 3)}, ValueError, r"`dilation` must be a sequence of 2"),
     (P2, X4, {"padding": "full"}, ValueError, r"`padding` must be one of"),
     (P2._replace(b=jnp.zeros((5,))), X4, {}, ValueError, r"`b` must have shape \(6,\)"),
-    (P2._replace(b=jnp.zeros((6,), jnp.float16)), X4, {}, TypeError,
-     r"`b` has dtype float16 but `W` has dtype float32"),
-    (P2, X4.astype(jnp.bfloat16), {}, TypeError,
-     r"`x` has dtype bfloat16 but `W` has dtype float32; cast one, or pass compute_dtype="),
+    (P2._replace(b=jnp.zeros((6,), jnp.complex64)), X4, {}, TypeError,
+     r"complex and real operands do not mix \(`x` float32, `W` float32, `b` complex64\)"),
     (P2, X4, {"compute_dtype": jnp.int8}, TypeError, r"`compute_dtype` must be a real floating"),
     ({"W": P2.W, "bias": P2.b}, X4, {}, TypeError, r"got a dict with keys \['W', 'bias'\]"),
 ]  # fmt: skip

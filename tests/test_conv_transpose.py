@@ -110,8 +110,8 @@ ERRORS = [
     (X, W, {"dimension_numbers": ("NHWC", "HWIO", "NHW")}, ValueError,
      r"out string 'NHW' has 3 letters but the operands have 4 axes"),
     (X.astype(jnp.int32), W, {}, TypeError, r"`lhs` has dtype int32; expected a floating"),
-    (X, W.astype(jnp.float16), {}, TypeError,
-     r"`lhs` has dtype float32 but `rhs` has dtype float16; cast one(?!, or pass)"),
+    (X, W.astype(jnp.complex64), {}, TypeError,
+     r"complex and real operands do not mix \(`lhs` float\d+, `rhs` complex64\)"),
     (X, W, {"preferred_element_type": jnp.int32}, TypeError,
      r"`preferred_element_type` must be a floating"),
 ]  # fmt: skip

@@ -468,7 +468,7 @@ def test_mlp_errors_name_the_layer(layer):
     with pytest.raises(TypeError, match=rf"^mlp: layer 0 \(3 → 5\): {name}: `W` has dtype int32"):
         jaxlinear.mlp(ints, x, layer=layer)
     with pytest.raises(TypeError, match=rf"^mlp: layer 0: {name}: `params` must be Params"):
-        jaxlinear.mlp([(1.0, 2.0), layers[1]], x, layer=layer)
+        jaxlinear.mlp(["W", layers[1]], x, layer=layer)
     with pytest.raises(TypeError, match=r"^mlp: `activation` must be callable or None, got str"):
         jaxlinear.mlp(layers, x, activation="relu", layer=layer)
 

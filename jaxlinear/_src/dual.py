@@ -47,7 +47,7 @@ def dual_linear(params, x, *, precision=None, compute_dtype=None):
       compute_dtype: e.g. ``jnp.bfloat16``: matmuls in this dtype, float32 accumulation.
 
     Returns:
-      ``Y: (..., d_out)``, in ``compute_dtype`` if given, else in ``x.dtype``.
+      ``Y: (..., d_out)``, in ``compute_dtype`` if given, else ``jnp.result_type(x, W, b)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear

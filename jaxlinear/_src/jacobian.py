@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlinear._src import formulas
-from jaxlinear._src.validation import canonical_precision, check_layer, layer_inputs
+from jaxlinear._src.validation import canonical_precision, check_layer, layer_inputs, one_dtype
 
 DEFAULT_MAX_ENTRIES = 2**26  # 67,108,864 entries: 256 MiB in float32
 _WRT = ("x", "W", "b")
@@ -132,11 +132,12 @@ def dense_jacobian(params, x, *, wrt="x", max_entries=DEFAULT_MAX_ENTRIES, preci
     _check_options(fn, wrt, max_entries)
     params, x = layer_inputs(params, x)  # NumPy/weakly typed -> the arrays JAX computes on
     layout = check_layer(fn, params, x, None)
+    one_dtype(fn, layout, params, x)
     precision = canonical_precision(precision)
     W, b = layout.unpack(params)
     if wrt == "b" and b is None:
         raise ValueError(f"{fn}: `wrt` is 'b' but `params` has no bias (`b` is None)")
-    given = {"x": x, "W": W, "b": params.b if layout.kind == "params" else params.get("b")}[wrt]
+    given = {"x": x, "W": W, "b": layout.raw(params)[1]}[wrt]
     in_shape, flat_shape = tuple(given.shape), {"x": x, "W": W, "b": b}[wrt].shape
     out_shape = (*x.shape[:-1], W.shape[1])
     dtype = formulas.output_dtype(x.dtype, None)
@@ -195,6 +196,7 @@ def jacobian_blocks(params, x, *, max_entries=DEFAULT_MAX_ENTRIES, precision=Non
     _check_options(fn, "x", max_entries)
     params, x = layer_inputs(params, x)  # NumPy/weakly typed -> the arrays JAX computes on
     layout = check_layer(fn, params, x, None)
+    one_dtype(fn, layout, params, x)
     precision = canonical_precision(precision)
     W, _ = layout.unpack(params)
     d_in, d_out = W.shape

@@ -22,13 +22,19 @@ from jaxlinear._src.validation import (
     check_same,
     layer_inputs,
     like_inputs,
+    promoted_compute_dtype,
 )
 
 
 def _prepare(fn, params, x, precision, compute_dtype):
-    """Validate; return ``(layout, precision, compute_dtype)`` in hashable form."""
+    """Validate; return ``(layout, precision, compute_dtype)`` in hashable form.
+
+    Operands of different dtypes follow JAX's promotion (``promoted_compute_dtype``).
+    """
     compute_dtype = canonical_compute_dtype(fn, compute_dtype)
-    return check_layer(fn, params, x, compute_dtype), canonical_precision(precision), compute_dtype
+    layout = check_layer(fn, params, x, compute_dtype)
+    compute_dtype = promoted_compute_dtype(layout, params, x, compute_dtype)
+    return layout, canonical_precision(precision), compute_dtype
 
 
 def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
@@ -197,7 +203,8 @@ def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
     ``TypeError``: use ``dual_linear`` for those.
 
     Args:
-      params: ``Params(W, b)`` or a dict ``{"W": W, "b": b}``; ``W: (d_in, d_out)``,
+      params: ``Params(W, b)``, a dict ``{"W": W, "b": b}``, Flax's
+        ``{"kernel": W, "bias": b}`` or a tuple ``(W, b)``; ``W: (d_in, d_out)``,
         ``b: (d_out,)``, the row vector ``(1, d_out)``, or ``None``.
       x: ``(..., d_in)``, any number of leading axes (none: a single vector).
       precision: ``jax.lax.Precision`` (or a pair), passed to every matmul, backward too.
@@ -211,11 +218,13 @@ def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
         measured in ``benchmarks/bench_memory.py`` (see ``benchmarks/RESULTS.md``).
 
     Returns:
-      ``Y: (..., d_out)``, in ``compute_dtype`` if given, else in ``x.dtype``.
+      ``Y: (..., d_out)``, in ``compute_dtype`` if given, else in the dtype
+      ``x @ W + b`` has (``jnp.result_type(x, W, b)``: bfloat16 params with a float32
+      ``x`` give float32, and the matmul runs in float32).
 
     Raises:
-      TypeError: bad params structure, integer/bool dtypes, ``x`` and ``W`` of
-        different dtypes without ``compute_dtype``.
+      TypeError: bad params structure (another library's layout is refused with the
+        converter to use), integer/bool dtypes, complex and real operands mixed.
       ValueError: ``W`` not 2-D, ``x`` 0-d or of the wrong width, ``b`` not
         ``(d_out,)``/``(1, d_out)``, ``residuals`` not ``"exact"``/``"compute"``.
 

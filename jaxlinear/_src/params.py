@@ -16,6 +16,10 @@ class Params(NamedTuple):
       W: ``(d_in, d_out)`` weight, laid out as in the math (and Flax); PyTorch and
         Equinox store ``(d_out, d_in)``: convert with ``W = weight.T``.
       b: ``(d_out,)`` bias, or the row vector ``(1, d_out)``, or ``None`` (no bias).
+
+    The layers also take ``{"W": W, "b": b}``, Flax's ``{"kernel": W, "bias": b}`` (the
+    same layout) and a tuple ``(W, b)``, and return gradients in the structure given;
+    ``from_torch`` / ``from_flax`` convert PyTorch state dicts and NNX states.
     """
 
     W: Any
@@ -29,15 +33,16 @@ class Layout(NamedTuple):
     the user's structure, so gradients come back in the structure given.
     """
 
-    kind: str  # "params" (the NamedTuple) or "dict"
+    kind: str  # "params" (the NamedTuple), "dict" {"W", "b"}, "flax" {"kernel", "bias"}, "tuple"
     bias: str  # "none", "vector" (d_out,) or "row" (1, d_out)
-    b_key: bool  # dict only: whether the dict has a "b" key (possibly None)
+    b_key: bool  # whether the structure has a slot for b (a "b"/"bias" key, a 2-tuple)
+
+    def raw(self, params):
+        """``(W, b)`` as stored (``b`` not reshaped; ``None`` if absent)."""
+        return _read(self.kind, params)
 
     def unpack(self, params):
-        if self.kind == "params":
-            W, b = params.W, params.b
-        else:
-            W, b = params["W"], params.get("b")
+        W, b = _read(self.kind, params)
         if b is not None and self.bias == "row":
             b = b.reshape(b.shape[-1])  # (1, d_out) -> (d_out,)
         return W, b
@@ -50,27 +55,99 @@ class Layout(NamedTuple):
                 b = b.reshape(1, b.shape[-1])  # (d_out,) -> (1, d_out)
         if self.kind == "params":
             return Params(W, b)
-        return {"W": W, "b": b} if self.b_key else {"W": W}
+        if self.kind == "tuple":
+            return (W, b) if self.b_key else (W,)
+        w_key, b_key = _KEYS[self.kind]
+        return {w_key: W, b_key: b} if self.b_key else {w_key: W}
+
+
+_KEYS = {"dict": ("W", "b"), "flax": ("kernel", "bias")}
+
+
+def _read(kind, params):
+    """``(W, b)`` of a params pytree of a known ``kind``."""
+    if kind == "params":
+        return params.W, params.b
+    if kind == "tuple":
+        return params[0], (params[1] if len(params) == 2 else None)
+    w_key, b_key = _KEYS[kind]
+    return params[w_key], params.get(b_key)
+
+
+def _shape_of(a) -> tuple:
+    return tuple(getattr(a, "shape", ()))
+
+
+def _refuse(fn: str, params) -> None:
+    """Raise for params in another library's layout, naming the conversion."""
+    from collections.abc import Mapping
+
+    if isinstance(params, Mapping) and "weight" in params:
+        shape = _shape_of(params["weight"])
+        layout = "(out, in)" if len(shape) == 2 else "(C_out, C_in/groups, *kernel)"
+        raise TypeError(
+            f"{fn}: `params` looks like a PyTorch state dict (`weight` of shape {shape} is"
+            f" {layout}; jaxlinear's `W` is (d_in, d_out), a conv's (*kernel, C_in/groups,"
+            " C_out)); convert with jaxlinear.from_torch(state_dict)"
+        )
+    if isinstance(params, Mapping) and "kernel" in params and not isinstance(params, dict):
+        raise TypeError(
+            f"{fn}: `params` looks like a Flax NNX state ({type(params).__name__} with"
+            " `kernel`); convert with jaxlinear.from_flax(nnx.state(layer))"
+        )
+    if isinstance(params, dict) and "kernel" in params:
+        extra = sorted(set(params) - {"kernel", "bias"}, key=str)
+        variable = [k for k in ("kernel", "bias") if hasattr(params.get(k), "get_value")]
+        if extra or variable:
+            what = f"extra keys {extra}" if extra else f"Flax Variables in {variable}"
+            raise TypeError(
+                f"{fn}: `params` looks like Flax parameters but has {what}; pass"
+                " {'kernel': ..., 'bias': ...} of arrays, or convert with jaxlinear.from_flax"
+            )
+    if hasattr(params, "weight") and not isinstance(params, (Mapping, tuple)):
+        raise TypeError(
+            f"{fn}: `params` is a {type(params).__name__} layer, not its parameters (its"
+            " `weight` is (out, in)); for an Equinox model use jaxlinear.equinox.explicit(model),"
+            " for a PyTorch layer jaxlinear.from_torch(layer.state_dict())"
+        )
+    if isinstance(params, list):
+        raise TypeError(
+            f"{fn}: `params` is a list of {len(params)} items; pass Params(W, b) or a tuple"
+            " (W, b) (a list of layers goes to jaxlinear.mlp)"
+        )
 
 
 def layout_of(fn: str, params) -> Layout:
-    """The layout of ``params``; raises ``TypeError`` naming ``fn`` if it is not one."""
+    """The layout of ``params``; raises ``TypeError`` naming ``fn`` if it is not one.
+
+    Accepted: ``Params(W, b)``, ``{"W": W, "b": b}``, Flax's ``{"kernel": W, "bias": b}``
+    (the same layout) and a tuple ``(W, b)`` or ``(W,)``. Other libraries' layouts are
+    refused with the conversion to use (``from_torch``, ``from_flax``).
+    """
+    _refuse(fn, params)
+    expected = (
+        "Params(W, b), a dict {'W': W, 'b': b}, Flax's {'kernel': W, 'bias': b} or a tuple (W, b)"
+    )
     if isinstance(params, Params):
-        kind, b, b_key = "params", params.b, True
-        W = params.W
-    elif isinstance(params, dict):
-        extra = sorted(set(params) - {"W", "b"}, key=str)
-        if "W" not in params or extra:
+        kind, b_key = "params", True
+    elif isinstance(params, tuple):
+        if len(params) not in (1, 2):
             raise TypeError(
-                f"{fn}: `params` must be Params(W, b) or a dict with key 'W' and optional"
-                f" key 'b'; got a dict with keys {sorted(params, key=str)}"
+                f"{fn}: `params` is a tuple of {len(params)} items; expected (W, b) or (W,)"
             )
-        kind, W, b, b_key = "dict", params["W"], params.get("b"), "b" in params
+        kind, b_key = "tuple", len(params) == 2
+    elif isinstance(params, dict):
+        kind = "flax" if "kernel" in params else "dict"
+        w_key, b_name = _KEYS[kind]
+        extra = sorted(set(params) - {w_key, b_name}, key=str)
+        if w_key not in params or extra:
+            raise TypeError(
+                f"{fn}: `params` must be {expected}; got a dict with keys {sorted(params, key=str)}"
+            )
+        b_key = b_name in params
     else:
-        raise TypeError(
-            f"{fn}: `params` must be Params(W, b) or a dict with keys 'W' and 'b';"
-            f" got {type(params).__name__}"
-        )
+        raise TypeError(f"{fn}: `params` must be {expected}; got {type(params).__name__}")
+    W, b = _read(kind, params)
     if W is None:
         raise TypeError(f"{fn}: `params` has no `W` (it is None)")
     if b is None:

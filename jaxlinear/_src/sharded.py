@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from jaxlinear._src import formulas
 from jaxlinear._src.linear import _prepare, linear
 from jaxlinear._src.params import Params
+from jaxlinear._src.validation import plain_params_only
 
 
 def _axis_size(fn: str, mesh, axis) -> int:
@@ -103,6 +104,7 @@ def _tensor_parallel_setup(
     """Validate a tensor-parallel layer: ``W``'s ``w_axis`` (0: d_in, 1: d_out) and the batch
     must divide over their mesh axes. Returns ``(layout, layer, layer keyword arguments)``."""
     layout, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
+    plain_params_only(fn, layout)
     W = params.W if layout.kind == "params" else params["W"]
     what = f"{('d_in', 'd_out')[w_axis]} of `W` (shape {W.shape})"
     _check_divides(fn, what, W.shape[w_axis], axis, _axis_size(fn, mesh, axis))
@@ -198,7 +200,8 @@ def data_parallel_linear(
       (4, 2)
     """
     fn = "data_parallel_linear"
-    _, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
+    layout, precision, compute_dtype = _prepare(fn, params, x, precision, compute_dtype)
+    plain_params_only(fn, layout)
     _check_batch(fn, x, axis, _axis_size(fn, mesh, axis))
     layer = linear if layer is None else layer
     kw = dict(precision=precision, compute_dtype=compute_dtype)
@@ -452,11 +455,13 @@ def tensor_parallel_mlp(
         raise ValueError(f"{fn}: `layers` must hold two layers' params, got {len(layers)}")
     p1, p2 = layers
     layout1, precision, compute_dtype = _prepare(fn, p1, x, precision, compute_dtype)
+    plain_params_only(fn, layout1)
     W1 = p1.W if layout1.kind == "params" else p1["W"]
     hidden = jax.ShapeDtypeStruct(
         (*x.shape[:-1], W1.shape[1]), formulas.output_dtype(x.dtype, compute_dtype)
     )
     layout2, _, _ = _prepare(fn, p2, hidden, precision, compute_dtype)
+    plain_params_only(fn, layout2)
     n = _axis_size(fn, mesh, axis)
     if batch_axis is not None:
         _check_batch(fn, x, batch_axis, _axis_size(fn, mesh, batch_axis))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlinear._src.params import Layout, Params, layout_of
+from jaxlinear._src.params import _KEYS, Layout, Params, _read, layout_of
 
 
 def canonical_compute_dtype(fn: str, compute_dtype) -> np.dtype | None:
@@ -69,20 +69,42 @@ def _meet(a, other):
     return a
 
 
-def _pack_like(params, W, b):
-    """``params`` (``Params`` or a dict) with ``W`` and ``b`` replaced; ``b`` only if present."""
+def _kind(params) -> str | None:
+    """The kind of a params pytree ``layout_of`` accepts, or ``None`` (refused there)."""
+    if isinstance(params, Params):
+        return "params"
+    if isinstance(params, tuple) and len(params) in (1, 2):
+        return "tuple"
     if isinstance(params, dict):
-        return {**params, "W": W, **({"b": b} if "b" in params else {})}
-    return params._replace(W=W, b=b)
+        return "dict" if "W" in params else "flax" if "kernel" in params else None
+    return None
+
+
+def _pack_like(params, W, b):
+    """``params`` with ``W`` and ``b`` replaced, in its own structure; ``b`` only if present."""
+    kind = _kind(params)
+    if kind == "params":
+        return params._replace(W=W, b=b)
+    if kind == "tuple":
+        return (W, b) if len(params) == 2 else (W,)
+    w_key, b_key = _KEYS[kind]
+    return {**params, w_key: W, **({b_key: b} if b_key in params else {})}
 
 
 def _unpack(params):
-    """``(W, b)`` of a ``Params`` or a dict; ``None`` for anything else."""
-    if isinstance(params, Params):
-        return params.W, params.b
-    if isinstance(params, dict) and "W" in params:
-        return params["W"], params.get("b")
-    return None
+    """``(W, b)`` of a params pytree of any accepted kind; ``None`` for anything else."""
+    kind = _kind(params)
+    return None if kind is None else _read(kind, params)
+
+
+def plain_params_only(fn: str, layout: Layout) -> None:
+    """The sharded layers build ``shard_map`` specs for ``Params`` and ``{"W", "b"}`` only."""
+    if layout.kind not in ("params", "dict"):
+        raise TypeError(
+            f"{fn}: `params` must be Params(W, b) or {{'W': W, 'b': b}} here; got a"
+            f" {layout.kind} ({'Flax kernel/bias dict' if layout.kind == 'flax' else '(W, b)'})."
+            " Convert with jaxlinear.from_flax(params) or jaxlinear.Params(*params)"
+        )
 
 
 def layer_inputs(params, x):
@@ -166,13 +188,14 @@ def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
     """Check ``params`` and ``x`` for ``Y = X W + b``; return the params' layout.
 
     Raises:
-      TypeError: bad params structure, non-float dtypes, or mismatched dtypes.
+      TypeError: bad params structure, non-float dtypes, complex and real operands mixed,
+        or a real ``compute_dtype`` for complex operands. Different real dtypes are fine:
+        they promote (``promoted_compute_dtype``).
       ValueError: bad shapes (``W`` not 2-D, ``x`` 0-d or of the wrong width,
         ``b`` of a shape other than ``(d_out,)`` or ``(1, d_out)``).
     """
     layout = layout_of(fn, params)
-    W = params.W if layout.kind == "params" else params["W"]
-    b = params.b if layout.kind == "params" else params.get("b")
+    W, b = layout.raw(params)
     w_shape, x_shape = _shape(W), _shape(x)
 
     operands = {"W": _dtype_and_weak(fn, "W", W), "x": _dtype_and_weak(fn, "x", x)}
@@ -197,27 +220,52 @@ def check_layer(fn: str, params, x, compute_dtype: np.dtype | None) -> Layout:
             )
         operands["b"] = _dtype_and_weak(fn, "b", b)
     dtypes = _computed_dtypes(operands)  # as JAX computes x @ W + b
-    w_dtype, x_dtype = dtypes["W"], dtypes["x"]
-    if b is not None and dtypes["b"] != w_dtype:
+    is_complex = any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes.values())
+    if is_complex and not all(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes.values()):
+        got = ", ".join(f"`{k}` {dtypes[k]}" for k in ("x", "W", "b") if k in dtypes)
         raise TypeError(
-            f"{fn}: `b` has dtype {dtypes['b']} but `W` has dtype {w_dtype}; they must match"
+            f"{fn}: complex and real operands do not mix ({got}): the gradient of a real one"
+            " would be the real part of a complex product; cast it, e.g. .astype(jnp.complex64)"
         )
-
-    is_complex = jnp.issubdtype(x_dtype, jnp.complexfloating) or jnp.issubdtype(
-        w_dtype, jnp.complexfloating
-    )
-    if compute_dtype is None:
-        if x_dtype != w_dtype:
-            raise TypeError(
-                f"{fn}: `x` has dtype {x_dtype} but `W` has dtype {w_dtype}; cast one, or pass"
-                " compute_dtype= to run the matmuls in one dtype"
-            )
-    elif is_complex:
+    if (
+        compute_dtype is not None
+        and is_complex
+        and not jnp.issubdtype(compute_dtype, jnp.complexfloating)
+    ):
         raise TypeError(
             f"{fn}: `compute_dtype` is for real mixed precision; got complex inputs"
-            f" (`x` {x_dtype}, `W` {w_dtype})"
+            f" (`x` {dtypes['x']}, `W` {dtypes['W']})"
         )
     return layout
+
+
+def one_dtype(fn: str, layout: Layout, params, x) -> None:
+    """For the tools that build a dense result in one dtype (the Jacobian helpers):
+    ``x``, ``W`` and ``b`` must share one dtype (no promotion there)."""
+    W, b = layout.raw(params)
+    for name, a in (("x", x), ("b", b)):
+        if a is not None and jnp.dtype(a.dtype) != jnp.dtype(W.dtype):
+            raise TypeError(
+                f"{fn}: `{name}` has dtype {a.dtype} but `W` has dtype {W.dtype}; the"
+                " Jacobian is built in one dtype: cast them to one"
+            )
+
+
+def promoted_compute_dtype(layout: Layout, params, x, compute_dtype) -> np.dtype | None:
+    """The dtype ``x @ W + b`` computes in, as JAX promotes it, when the operands differ.
+
+    ``compute_dtype`` if given; else ``None`` when ``x``, ``W`` and ``b`` share one dtype
+    (the common case, nothing to decide); else ``jnp.result_type(x, W, b)``: bfloat16
+    params with a float32 ``x`` give float32, as ``x @ W + b`` does (the matmul then runs
+    in float32 too, as in Flax's ``promote_dtype``). Call after ``check_layer`` on inputs
+    from ``layer_inputs`` (weakly typed values already took the strong dtype).
+    """
+    if compute_dtype is not None:
+        return compute_dtype
+    dtypes = {jnp.dtype(a.dtype) for a in (x, *layout.raw(params)) if a is not None}
+    if len(dtypes) == 1:
+        return None
+    return jnp.dtype(jnp.result_type(*dtypes))
 
 
 def check_same(fn: str, name: str, value, like_name: str, like) -> None:

@@ -19,6 +19,32 @@ def operand(fn: str, name: str, a):
     return jnp.asarray(a) if isinstance(a, np.ndarray) else a
 
 
+def promoted(fn: str, operands: dict, *, weak: bool = True) -> tuple:
+    """The operands as JAX computes them together (``jnp.result_type`` promotion).
+
+    With ``weak`` (``jnp`` semantics: ``einsum``), a weakly typed operand (made from a
+    Python scalar) takes the dtype of the strongly typed ones; without it (``lax``
+    semantics: ``dot_general``) it keeps its own. Different dtypes are then left to the
+    rule builder, which computes in their promoted dtype (``jnp.result_type``) and returns
+    each cotangent in its operand's dtype. Complex and real operands do not mix: the real
+    one's cotangent would be the real part of a complex product (cast it to complex).
+    """
+    strong = [a.dtype for a in operands.values() if not getattr(a, "weak_type", False)]
+    out = []
+    for a in operands.values():
+        if weak and getattr(a, "weak_type", False) and strong:
+            a = a.astype(jnp.result_type(a, *strong))
+        out.append(a)
+    kinds = {jnp.issubdtype(a.dtype, jnp.complexfloating) for a in out}
+    if len(kinds) > 1:
+        got = ", ".join(f"`{n}` {a.dtype}" for n, a in zip(operands, out, strict=True))
+        raise TypeError(
+            f"{fn}: complex and real operands do not mix ({got}): the gradient of the real one"
+            " would be the real part of a complex product; cast it, e.g. .astype(jnp.complex64)"
+        )
+    return tuple(out)
+
+
 def out_dtype(fn: str, preferred_element_type) -> np.dtype | None:
     """``preferred_element_type`` as ``None`` or a floating ``np.dtype``."""
     if preferred_element_type is None:

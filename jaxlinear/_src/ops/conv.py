@@ -36,13 +36,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlinear._src import ghost, vma
 from jaxlinear._src.bilinear import BatchRule, bilinear_op
-from jaxlinear._src.ops._checks import no_out_sharding, out_dtype
+from jaxlinear._src.ops._checks import no_out_sharding, out_dtype, promoted
 from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, layout_of
 from jaxlinear._src.validation import (
     _dtype,
     canonical_compute_dtype,
     canonical_precision,
     layer_inputs,
+    promoted_compute_dtype,
 )
 
 
@@ -516,11 +517,8 @@ def _conv_spec(
                 [x_shape[d] for d in lhs_spec[2:]], k_eff, strides, padding
             )
         )
-    if compute_dtype is None and x_dtype != w_dtype:
-        raise TypeError(
-            f"{fn}: `{x_name}` has dtype {x_dtype} but `{w_name}` has dtype {w_dtype}; cast"
-            " one" + (", or pass compute_dtype=" if names is _LAYER_NAMES else "")
-        )
+    if jnp.issubdtype(x_dtype, jnp.complexfloating) != jnp.issubdtype(w_dtype, jnp.complexfloating):
+        promoted(fn, {x_name: lhs, w_name: rhs})  # refuses complex with real, naming both
     dn = lax.ConvDimensionNumbers(tuple(lhs_spec), tuple(rhs_spec), tuple(out_spec))
     return ConvSpec(strides, padding, lhs_dil, rhs_dil, dn, fgc, bgc)
 
@@ -583,7 +581,8 @@ def conv_general_dilated(
     Raises:
       ValueError: wrong ranks, malformed dimension numbers, strides, dilations, padding or
         group counts, channel counts that do not match.
-      TypeError: non-floating operands or operands of different dtypes.
+      TypeError: non-floating operands, complex and real operands mixed (operands of
+        other different dtypes are promoted, as ``jnp.result_type``; ``lax`` refuses them).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
@@ -806,11 +805,8 @@ def _layer_prepare(fn, params, x, options, precision, compute_dtype):
                 f"{fn}: `b` must have shape ({c_out},) for `W` of shape"
                 f" {tuple(W.shape)}, got {tuple(b.shape)}"
             )
-        if _dtype(fn, "b", b) != _dtype(fn, "W", W):
-            raise TypeError(
-                f"{fn}: `b` has dtype {_dtype(fn, 'b', b)} but `W` has dtype"
-                f" {_dtype(fn, 'W', W)}; they must match"
-            )
+        promoted(fn, {"x": x, "W": W, "b": b})  # refuses complex with real, naming them
+    compute_dtype = promoted_compute_dtype(layout, params, x, compute_dtype)  # as x * W + b
     kw = dict(compute_dtype=compute_dtype, spec=spec, precision=canonical_precision(precision))
     return x, W, b, kw
 
@@ -856,7 +852,8 @@ def conv(
       kernel_dilation, feature_group_count: Flax's names for ``dilation`` and ``groups``.
 
     Returns:
-      ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else in ``x.dtype``.
+      ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else
+      ``jnp.result_type(x, W, b)``.
 
     Raises:
       ValueError: ``x`` without a batch axis or of a rank other than ``W``'s, channels
@@ -864,9 +861,9 @@ def conv(
         fit them, the conversion from channels-first ``x`` or PyTorch's ``W``) or do not
         divide by ``groups``, bad ``strides``/``dilation``/``padding``, ``b`` not
         ``(C_out,)``.
-      TypeError: bad params structure, non-floating arrays, ``x`` and ``W`` of different
-        dtypes without ``compute_dtype``, ``b`` of another dtype than ``W``, an argument
-        given under both its names.
+      TypeError: bad params structure (a PyTorch ``OIHW`` state dict is refused with
+        ``jaxlinear.from_torch``), non-floating arrays, complex and real arrays mixed, an
+        argument given under both its names.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear

@@ -268,7 +268,7 @@ def conv_transpose(
     Raises:
       ValueError: wrong ranks, malformed dimension numbers, strides, dilations or padding,
         channel counts that do not match.
-      TypeError: non-floating operands, operands of different dtypes, non-bool flags.
+      TypeError: non-floating operands, complex and real operands mixed, non-bool flags.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear

@@ -175,6 +175,7 @@ def _canonical_dims(fn, lhs, rhs, dimension_numbers):
 def _prepare(fn, lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding):
     _checks.no_out_sharding(fn, out_sharding)
     lhs, rhs = _checks.operand(fn, "lhs", lhs), _checks.operand(fn, "rhs", rhs)
+    lhs, rhs = _checks.promoted(fn, {"lhs": lhs, "rhs": rhs}, weak=False)  # as lax promotes
     params = dict(
         dimension_numbers=_canonical_dims(fn, lhs, rhs, dimension_numbers),
         precision=canonical_precision(precision),

@@ -235,6 +235,7 @@ def _prepare(fn, subscripts, operands, precision, preferred_element_type, out_sh
             f"{fn}: expected exactly two operands (input, kernel), got {len(operands)}"
         )
     x, w = _checks.operand(fn, "x", operands[0]), _checks.operand(fn, "w", operands[1])
+    x, w = _checks.promoted(fn, {"x": x, "w": w})  # as jnp.result_type promotes
     params = dict(subscripts=_parse(fn, subscripts, x, w), precision=canonical_precision(precision))
     return x, w, _checks.out_dtype(fn, preferred_element_type), params
 
