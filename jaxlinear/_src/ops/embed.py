@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
@@ -186,8 +187,6 @@ def _prepare(fn, table, ids, mode="fill"):
     if mode == "clip":  # as jnp.take(mode="clip"): negative ids read row 0
         ids = jnp.clip(ids, 0, vocab - 1)
     elif mode == "checked":
-        from jax.experimental import checkify  # noqa: PLC0415 (only this mode needs it)
-
         checkify.check(
             jnp.all((ids >= -vocab) & (ids < vocab)),
             f"{fn}: `ids` out of range: every id must be in [-{vocab}, {vocab}) (V={vocab})",
@@ -253,8 +252,8 @@ def embed(table, ids, *, mode="fill"):
 def dual_embed(table, ids, *, mode="fill"):
     r"""``embed`` as a primitive with an explicit JVP and transpose: every transform works.
 
-    Same arguments (``mode`` included), result and validation as ``embed``. The JVP is the lookup of the
-    tangent table, ``embed(dtable, ids)``; the transpose is the scatter-add. ``jvp``,
+    Same arguments (``mode`` included), result and validation as ``embed``. The JVP is
+    the lookup of the tangent table, ``embed(dtable, ids)``; the transpose is the scatter-add. ``jvp``,
     ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``, ``grad``, ``vmap``
     (over ids or tables), ``jit``, ``shard_map``.
 
