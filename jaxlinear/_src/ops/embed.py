@@ -254,8 +254,8 @@ def dual_embed(table, ids, *, mode="fill"):
 
     Same arguments (``mode`` included), result and validation as ``embed``. The JVP is
     the lookup of the tangent table, ``embed(dtable, ids)``; the transpose is the
-    scatter-add. ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``, ``grad``, ``vmap``
-    (over ids or tables), ``jit``, ``shard_map``.
+    scatter-add. ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``,
+    ``grad``, ``vmap`` (over ids or tables), ``jit``, ``shard_map``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
