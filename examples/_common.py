@@ -31,9 +31,16 @@ def parser(description: str, *, steps: int, smoke_steps: int = 3) -> argparse.Ar
 
 
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Read the command line. ``--smoke`` also turns off most of XLA's optimizations
+    (``jax_disable_most_optimizations``): a few steps on tiny arrays cost compilation
+    only, and that halves it."""
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = args.smoke_steps if args.smoke else args.default_steps
+    if args.smoke:
+        import jax
+
+        jax.config.update("jax_disable_most_optimizations", True)
     return args
 
 
@@ -98,9 +105,7 @@ def digits(*, smoke: bool = False, seed: int = 0):
     data = load_digits()
     x = (data.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
     y = data.target.astype(np.int32)  # (1797,)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.25, random_state=seed, stratify=y
-    )
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
     if smoke:
         x_tr, y_tr, x_te, y_te = x_tr[:200], y_tr[:200], x_te[:100], y_te[:100]
     return x_tr, y_tr, x_te, y_te
@@ -112,5 +117,7 @@ def shuffled_batches(n: int, batch_size: int, steps: int, *, seed: int = 0) -> n
     rng = np.random.default_rng(seed)
     per_epoch = n // batch_size
     epochs = -(-steps // per_epoch)
-    rows = [rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, -1) for _ in range(epochs)]
+    rows = [
+        rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, -1) for _ in range(epochs)
+    ]
     return np.concatenate(rows)[:steps]

@@ -1,4 +1,4 @@
-"""A small CNN on scikit-learn's 8×8 digits with ``jaxlinear.conv`` / ``jaxlinear.linear`` and optax.
+"""A small CNN on scikit-learn's 8×8 digits with ``jaxlinear.conv``, ``jaxlinear.linear``, optax.
 
 Two 3×3 convolutions (the second with stride 2), then two dense layers, trained with Adam
 on cross-entropy. Every layer is a jaxlinear op: its backward pass is the explicit
@@ -11,6 +11,7 @@ and a correlation of input and cotangent for the kernel).
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from examples import _common
 TARGET = 0.95  # test accuracy the full run must reach
 
 
+@functools.partial(jax.jit, static_argnames="width")  # one compilation, not one per shape
 def init_cnn(key, *, width: int = 16) -> dict:
     """Parameters of the CNN: two conv layers (``width``, ``2·width`` channels), two dense."""
     k1, k2, k3, k4 = jax.random.split(key, 4)

@@ -88,7 +88,10 @@ def train(args, data, *, private: bool):
         clipped, norms = jaxlinear.clipped_grad(masked_loss, params, x, y, mask, clip_norm=C)
         leaves, treedef = jax.tree.flatten(clipped)
         keys = jax.random.split(key, len(leaves))
-        noisy = [g + sigma * C * jax.random.normal(k, g.shape, g.dtype) for g, k in zip(leaves, keys)]
+        noisy = [
+            g + sigma * C * jax.random.normal(k, g.shape, g.dtype)
+            for g, k in zip(leaves, keys, strict=True)
+        ]
         grads = jax.tree.map(lambda g: g / expected, jax.tree.unflatten(treedef, noisy))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         loss = jnp.sum(masked_loss(params, x, y, mask)) / jnp.maximum(jnp.sum(mask), 1)
@@ -105,7 +108,9 @@ def train(args, data, *, private: bool):
         return optax.apply_updates(params, updates), opt_state, loss, jnp.zeros(())
 
     step = dp_step if private else plain_step
-    print(f"-- {'DP-SGD' if private else 'non-private'}" + (f" (C={C}, σ={sigma})" if private else ""))
+    print(
+        f"-- {'DP-SGD' if private else 'non-private'}" + (f" (C={C}, σ={sigma})" if private else "")
+    )
     progress = _common.Progress(args.steps, lines=5)
     key = jax.random.key(args.seed + 1)
     losses, evals = [], []
@@ -124,7 +129,7 @@ def train(args, data, *, private: bool):
 
 def main(argv=None) -> dict:
     p = _common.parser(__doc__.splitlines()[0], steps=400)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch", type=int, default=64, help="expected batch size q·n")
     p.add_argument("--clip", type=float, default=1.0, help="clip norm C")
     p.add_argument("--sigma", type=float, default=1.2, help="noise multiplier σ")
