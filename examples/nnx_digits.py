@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     a1.legend()
     a2.plot(steps, np.abs(loss_plain - loss_expl), lw=0.8)
     a2.set(xlabel="step", ylabel="|difference|", ylim=(-TOLERANCE / 10, TOLERANCE))
-    a2.set_title(f"max {diff:.1e}" + (" (bit for bit)" if identical else ""), fontsize=10)
+    a2.set_title(f"max {diff:.1e}" + (" (bit for bit)" if identical else ""), fontsize=10, pad=14)
     fig.suptitle(f"Flax NNX CNN on digits: test accuracy {acc_expl:.1%}, same curve as plain Flax")
     _common.save(fig, args.out, "nnx_digits.png")
     return {"test_accuracy": acc_expl, "max_loss_difference": diff, "identical": identical}

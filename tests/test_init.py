@@ -56,7 +56,7 @@ def test_integer_seed_is_jax_random_key():
     key = jax.random.key(7)
     assert jnp.array_equal(jaxlinear.init(7, 3, 2).W, jaxlinear.init(key, 3, 2).W)
     assert jnp.array_equal(jaxlinear.init(np.int32(7), 3, 2).W, jaxlinear.init(key, 3, 2).W)
-    mlp, mlp_key = jaxlinear.init_mlp(7, [3, 4, 2]), jaxlinear.init_mlp(key, [3, 4, 2])
+    mlp, mlp_key = jaxlinear.init_mlp(7, [3, 2]), jaxlinear.init_mlp(key, [3, 2])
     assert all(jnp.array_equal(a.W, b.W) for a, b in zip(mlp, mlp_key, strict=True))
     conv = jaxlinear.init_conv(7, 3, 2, 4).W
     assert jnp.array_equal(conv, jaxlinear.init_conv(key, 3, 2, 4).W)
