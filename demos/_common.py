@@ -49,6 +49,21 @@ def normal_like(key, tree):
     return jax.tree.unflatten(treedef, new)
 
 
+def one_line(error: BaseException, verdict: str = "as expected", width: int = 110) -> str:
+    """``"TypeError as expected: can't apply forward-mode …"``: an exception in one line.
+
+    The first line of its message, cut at ``width`` characters with an ellipsis; an expected
+    error should read as a passing claim, not as a traceback.
+    """
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > width:
+        first = first[: width - 1].rstrip() + "…"
+    elif len(lines) > 1:
+        first += " …"
+    return f"{type(error).__name__} {verdict}: {first}"
+
+
 def fmt_shape(shape) -> str:
     """``(3, 2) -> "(3×2)"``."""
     return "(" + "×".join(str(d) for d in shape) + ")"
@@ -165,12 +180,14 @@ class Context:
 
     def raises(self, claim: str, exc_type, fn: Callable, *, match: str = ""):
         """Claim that ``fn()`` raises ``exc_type`` (a type or a tuple of them) with ``match``
-        in its message; show the error."""
+        in its message; the check line, then the error in one line (``one_line``)."""
         try:
             fn()
         except exc_type as e:
-            self.log(f"    {type(e).__name__}: {e}")
-            return self.check(claim, match in str(e))
+            check = self.check(claim, match in str(e))
+            verdict = "as expected" if check.passed else f"without {match!r} in its message"
+            self.log(f"         raises {one_line(e, verdict)}")
+            return check
         return self.check(claim + " (it did not raise)", False)
 
     # -- figures ------------------------------------------------------------------------

@@ -92,9 +92,19 @@ def run_one(module_name: str, *, out_dir: Path | None, small: bool = False, log=
     except Exception:  # report and go on to the next demo
         error = traceback.format_exc()
         log(error)
-    return Result(
+    result = Result(
         number(module_name), name, ctx.checks, time.perf_counter() - start, error, ctx.figures
     )
+    log(f"  --- {name}: {verdict(result)}")
+    return result
+
+
+def verdict(r: Result) -> str:
+    """One demo's outcome in one line: ``"5/5 checks passed (0.3 s)"``."""
+    text = f"{r.passed}/{len(r.checks)} checks passed ({r.seconds:.1f} s)"
+    if r.error is not None:
+        return f"FAILED, raised an exception; {text}"
+    return text if r.ok else f"FAILED; {text}"
 
 
 def summary(results: list[Result]) -> str:

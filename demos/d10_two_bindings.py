@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxlinear
-from demos._common import Context, affine, count_calls, normal_like
+from demos._common import Context, affine, count_calls, normal_like, one_line
 from jaxlinear._src import formulas
 
 
@@ -61,11 +61,12 @@ def run(ctx: Context):
         error = None
     except (TypeError, NotImplementedError) as e:
         error = e
-        ctx.say(f"    {type(e).__name__}: {str(e).splitlines()[0]}")
     ctx.check(
         "reverse-over-forward HVP through linear fails with JAX's no-forward-rule error",
         error is not None and any(phrase in str(error) for phrase in no_forward_rule),
     )
+    if error is not None:
+        ctx.say(f"         raises {one_line(error)}")
     with count_calls(formulas, "pushforward") as pushes, count_calls(formulas, "pullback") as pulls:
         Hv_dual = hvp_rof(loss(jaxlinear.dual_linear))
     ctx.say(
@@ -104,7 +105,7 @@ def run(ctx: Context):
         with count_calls(formulas, "pushforward") as pushes:
             Hv_lin = hvp_for(loss(jaxlinear.linear))
     except (TypeError, NotImplementedError) as e:  # JAX changed: the claim above is false
-        ctx.say(f"    this JAX ({jax.__version__}) refuses it: {e}")
+        ctx.say(f"    this JAX ({jax.__version__}) refuses it: {one_line(e, 'raised')}")
         ctx.check(claim + f": refused ({type(e).__name__})", False)
     else:
         ctx.say(

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import pytest
 
 from demos import _runner
-from demos._common import Context
+from demos._common import Context, one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,11 @@ def test_demo_checks_pass(demo_run, module_name):
         rf"^\s*{_runner.number(module_name)}\s+{short}\s+(\d+)/(\d+)\s", proc.stdout, re.M
     )
     assert row and row.groups() == (str(len(passed)),) * 2, "the summary row counts the same checks"
+    n = len(passed)
+    assert any(line.startswith(f"  --- {short}: {n}/{n} checks passed (") for line in lines)
+    assert not any(re.match(r"\s*\w*(Error|Exception): ", line) for line in lines), (
+        "an expected error prints as one line `raises TypeError as expected: ...`"
+    )
     figures = [line.split("figure: ", 1)[1] for line in lines if line.startswith("  figure: ")]
     assert sorted(Path(f).name for f in figures) == sorted(FIGURES.get(module_name, []))
     for figure in figures:
@@ -127,6 +132,12 @@ def test_raises_fails_when_nothing_is_raised():
     assert ctx.raises("right", TypeError, _raise_type_error, match="boom").passed
     with pytest.raises(ValueError):
         ctx.raises("other type propagates", TypeError, _raise_value_error)
+
+
+def test_one_line_error():
+    assert one_line(TypeError("first line\nsecond")) == "TypeError as expected: first line …"
+    long = one_line(ValueError("x" * 300), width=20)
+    assert long == "ValueError as expected: " + "x" * 19 + "…"
 
 
 def _raise_type_error():

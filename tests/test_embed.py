@@ -169,9 +169,49 @@ def test_bf16_table_gradient_rounds_once():
         (TABLE, IDS.astype(np.float32), TypeError,
          r"`ids` must have an integer dtype, got float32"),
         (TABLE, np.array([True]), TypeError, r"`ids` must have an integer dtype, got bool"),
-        (TABLE, "ids", TypeError, r"`ids` must be an integer array, got str"),
+        (TABLE, "ids", TypeError, r"`ids` must be an integer array \(a jax.Array or numpy"),
+        (TABLE, [0, 1], TypeError, r"`ids` must be an integer array .*, got list"),
+        (TABLE, (0, 1), TypeError, r"`ids` must be an integer array .*, got tuple"),
     ],
 )  # fmt: skip
 def test_errors(f, table, ids, error, match):
     with pytest.raises(error, match=f"^{f.__name__}: {match}"):
         jax.eval_shape(lambda: f(table, ids))
+
+
+@pytest.mark.parametrize("f", [jaxlinear.embed, jaxlinear.dual_embed])
+def test_unknown_mode(f):
+    with pytest.raises(ValueError, match=f"^{f.__name__}: `mode` must be one of"):
+        f(TABLE, IDS, mode="wrap")
+
+
+@pytest.mark.parametrize("f", [jaxlinear.embed, jaxlinear.dual_embed])
+def test_ids_as_numpy_or_int(f):
+    assert_trees_close(f(TABLE, np.int32(4)), TABLE[4], atol=0, rtol=0)
+    assert_trees_close(f(TABLE, IDS), TABLE[IDS], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("f", [jaxlinear.embed, jaxlinear.dual_embed])
+def test_mode_clip(f):
+    """As NumPy's ``take(mode="clip")``; the gradient as JAX's AD of ``jnp.take(mode="clip")``."""
+    g = _cotangent((len(OUT_OF_RANGE), D))
+    y, vjp = jax.vjp(lambda t: f(t, OUT_OF_RANGE, mode="clip"), TABLE)
+    assert_trees_close(y, np.take(TABLE, OUT_OF_RANGE, axis=0, mode="clip"), atol=0, rtol=0)
+    _, vjp_ref = jax.vjp(lambda t: jnp.take(t, OUT_OF_RANGE, axis=0, mode="clip"), TABLE)
+    assert_trees_close(vjp(g), vjp_ref(g))
+
+
+@pytest.mark.parametrize("f", [jaxlinear.embed, jaxlinear.dual_embed])
+def test_mode_checked(f):
+    from jax.experimental import checkify
+
+    name = f.__name__
+    match = rf"^{name}: `ids` out of range: every id must be in \[-5, 5\) \(V=5\)"
+    with pytest.raises(checkify.JaxRuntimeError, match=match):
+        f(TABLE, OUT_OF_RANGE, mode="checked")  # eager: raises at once
+    checked = checkify.checkify(jax.jit(lambda t, i: f(t, i, mode="checked")))
+    err, y = checked(TABLE, OUT_OF_RANGE)
+    assert err.get() is not None and err.get().startswith(f"{name}: `ids` out of range")
+    err, y = checked(TABLE, IDS % V - 2)  # in [-V, V): no error, the same as mode="fill"
+    assert err.get() is None
+    assert_trees_close(y, reference(jnp.asarray(TABLE), IDS % V - 2), atol=0, rtol=0)

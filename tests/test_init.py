@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxlinear
@@ -49,3 +50,25 @@ def test_options():
     assert jnp.array_equal(ones.W, jnp.ones((3, 2)))
     keys_differ = jaxlinear.init_mlp(jax.random.key(3), [4, 4, 4])
     assert not jnp.array_equal(keys_differ[0].W, keys_differ[1].W)
+
+
+def test_integer_seed_is_jax_random_key():
+    key = jax.random.key(7)
+    assert jnp.array_equal(jaxlinear.init(7, 3, 2).W, jaxlinear.init(key, 3, 2).W)
+    assert jnp.array_equal(jaxlinear.init(np.int32(7), 3, 2).W, jaxlinear.init(key, 3, 2).W)
+    mlp, mlp_key = jaxlinear.init_mlp(7, [3, 2]), jaxlinear.init_mlp(key, [3, 2])
+    assert all(jnp.array_equal(a.W, b.W) for a, b in zip(mlp, mlp_key, strict=True))
+    conv = jaxlinear.init_conv(7, 3, 2, 4).W
+    assert jnp.array_equal(conv, jaxlinear.init_conv(key, 3, 2, 4).W)
+    raw = jax.random.PRNGKey(7)  # old-style uint32[2] keys still work
+    assert jaxlinear.init(raw, 3, 2).W.shape == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "fn", [lambda k: jaxlinear.init(k, 3, 2), lambda k: jaxlinear.init_mlp(k, [3, 2]),
+           lambda k: jaxlinear.init_conv(k, 3, 2, 2)], ids=["init", "init_mlp", "init_conv"]
+)  # fmt: skip
+@pytest.mark.parametrize("key", [1.5, True, np.zeros(3)], ids=["float", "bool", "array"])
+def test_bad_key(fn, key):
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key such as jax.random.key\(0\)"):
+        fn(key)

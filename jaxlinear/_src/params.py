@@ -171,6 +171,31 @@ _SCHEMES["xavier_uniform"] = _SCHEMES["glorot_uniform"]
 SCHEMES = tuple(_SCHEMES)
 
 
+def as_key(fn: str, key) -> jax.Array:
+    """``key`` as a PRNG key: an integer seed ``s`` becomes ``jax.random.key(s)``.
+
+    Accepts a typed key (``jax.random.key``), a raw ``uint32[2]`` key
+    (``jax.random.PRNGKey``), or an integer seed (a Python or NumPy int, or a 0-d integer
+    array); anything else raises ``TypeError`` naming ``fn`` and suggesting ``jax.random.key(0)``.
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if isinstance(key, bool) or (dtype is not None and jnp.dtype(dtype) == jnp.bool_):
+        pass  # refused below: a boolean is no seed
+    elif isinstance(key, int) or (
+        dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(key) == 0
+    ):
+        return jax.random.key(key)
+    elif dtype is not None and jnp.dtype(dtype) == jnp.uint32 and jnp.shape(key) == (2,):
+        return key  # a raw key from jax.random.PRNGKey
+    shape = f" of shape {tuple(jnp.shape(key))} and dtype {dtype}" if dtype is not None else ""
+    raise TypeError(
+        f"{fn}: `key` must be a PRNG key such as jax.random.key(0) or an integer seed,"
+        f" got {type(key).__name__}{shape}"
+    )
+
+
 def _check_size(fn: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}")
@@ -200,7 +225,8 @@ def init(
     ==================================== ======================
 
     Args:
-      key: a PRNG key.
+      key: a PRNG key (``jax.random.key(0)``), or an integer seed, used as
+        ``jax.random.key(seed)``.
       d_in: input width (rows of ``W``).
       d_out: output width (columns of ``W``).
       bias: whether to create ``b`` (zeros ``(d_out,)``) or set it to ``None``.
@@ -217,6 +243,7 @@ def init(
       >>> p.W.shape, p.b.shape
       ((3, 2), (2,))
     """
+    key = as_key("init", key)
     _check_size("init", "d_in", d_in)
     _check_size("init", "d_out", d_out)
     if callable(scheme):
@@ -240,7 +267,8 @@ def init_mlp(
 ) -> list[Params]:
     """Initialize an MLP: ``sizes = [d_0, d_1, ..., d_L]`` gives ``L`` layers ``d_i -> d_{i+1}``.
 
-    Each layer is ``init(k_i, d_i, d_{i+1}, bias=bias, scheme=scheme, dtype=dtype)``.
+    Each layer is ``init(k_i, d_i, d_{i+1}, bias=bias, scheme=scheme, dtype=dtype)``, with
+    ``k_i`` split from ``key`` (a PRNG key, or an integer seed used as ``jax.random.key(seed)``).
 
     Examples:
       >>> import jax, jaxlinear
@@ -250,7 +278,7 @@ def init_mlp(
     sizes = list(sizes)
     if len(sizes) < 2:
         raise ValueError(f"init_mlp: `sizes` needs at least 2 entries (d_in, d_out), got {sizes}")
-    keys = jax.random.split(key, len(sizes) - 1)
+    keys = jax.random.split(as_key("init_mlp", key), len(sizes) - 1)
     return [
         init(k, d_in, d_out, bias=bias, scheme=scheme, dtype=dtype)
         for k, d_in, d_out in zip(keys, sizes[:-1], sizes[1:], strict=True)

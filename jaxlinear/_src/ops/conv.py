@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlinear._src import ghost, vma
 from jaxlinear._src.bilinear import BatchRule, bilinear_op
 from jaxlinear._src.ops._checks import no_out_sharding, out_dtype, promoted
-from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, layout_of
+from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, as_key, layout_of
 from jaxlinear._src.validation import (
     _dtype,
     canonical_compute_dtype,
@@ -919,7 +919,8 @@ def init_conv(
     the receptive field).
 
     Args:
-      key: a PRNG key.
+      key: a PRNG key (``jax.random.key(0)``), or an integer seed, used as
+        ``jax.random.key(seed)``.
       kernel_size: an int (1-D) or one int per spatial axis.
       c_in, c_out: input and output channels, both divisible by ``groups``.
       groups: feature groups.
@@ -937,6 +938,7 @@ def init_conv(
       ((3, 3, 2, 8), (8,))
     """
     fn = "init_conv"
+    key = as_key(fn, key)
     kernel = _check_window(fn, "kernel_size", _per_axis(kernel_size, 1), None)
     for name, v in (("c_in", c_in), ("c_out", c_out), ("groups", groups)):
         _check_count(fn, name, v)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
@@ -201,28 +202,47 @@ _RULE = _Rule()
 # --------------------------------------------------------------------------------------
 
 
-def _prepare(fn, table, ids):
-    """Check ``table`` (floating, 2-D) and ``ids`` (integer); return them as arrays."""
+MODES = ("fill", "clip", "checked")
+
+
+def _prepare(fn, table, ids, mode="fill"):
+    """Check ``table`` (floating, 2-D), ``ids`` (integer array) and ``mode``; return the
+    arrays, with ``ids`` clamped into ``[0, V)`` for ``mode="clip"`` and checked against
+    ``[-V, V)`` by ``checkify.check`` for ``mode="checked"``.
+
+    ``ids`` follow the rule of every other input: a ``jax.Array``, a NumPy array or a
+    scalar; a list or tuple is refused, as ``linear`` refuses one for ``x``.
+    """
     if isinstance(table, (np.ndarray, np.generic)):
         table = jnp.asarray(table)  # canonical under the x64 setting, as jnp would compute
     _dtype(fn, "table", table)
     if table.ndim != 2:
         raise ValueError(f"{fn}: `table` must be 2-D (V, d), got shape {tuple(table.shape)}")
-    if not hasattr(ids, "dtype"):
-        try:
-            ids = jnp.asarray(ids)
-        except TypeError:
-            raise TypeError(
-                f"{fn}: `ids` must be an integer array, got {type(ids).__name__}"
-            ) from None
+    if isinstance(ids, (int, np.ndarray, np.generic)) and not isinstance(ids, bool):
+        ids = jnp.asarray(ids)
+    if not (hasattr(ids, "dtype") and hasattr(ids, "shape")):
+        raise TypeError(
+            f"{fn}: `ids` must be an integer array (a jax.Array or numpy.ndarray),"
+            f" got {type(ids).__name__}"
+        )
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(
             f"{fn}: `ids` must have an integer dtype, got {ids.dtype} (shape {tuple(ids.shape)})"
         )
+    if mode not in MODES:
+        raise ValueError(f"{fn}: `mode` must be one of {MODES}, got {mode!r}")
+    vocab = table.shape[0]
+    if mode == "clip":  # as jnp.take(mode="clip"): negative ids read row 0
+        ids = jnp.clip(ids, 0, vocab - 1)
+    elif mode == "checked":
+        checkify.check(
+            jnp.all((ids >= -vocab) & (ids < vocab)),
+            f"{fn}: `ids` out of range: every id must be in [-{vocab}, {vocab}) (V={vocab})",
+        )
     return table, ids
 
 
-def embed(table, ids):
+def embed(table, ids, *, mode="fill"):
     r"""Embedding lookup ``table[ids]`` with its transpose written out (``custom_vjp``).
 
     The backward pass is the scatter-add of ``G`` into the rows of ``table``; rows looked
@@ -235,15 +255,24 @@ def embed(table, ids):
 
     Args:
       table: ``(V, d)`` floating.
-      ids: integer array of any shape. Ids in ``[-V, V)`` index as in NumPy; others read
-        a row of zeros and receive no gradient.
+      ids: integer array of any shape (a ``jax.Array``, a NumPy array or an int; not a
+        list). Ids in ``[-V, V)`` index as in NumPy.
+      mode: what an id outside ``[-V, V)`` does, in the spirit of ``jnp.take``:
+        ``"fill"`` (default): it reads a row of zeros and its cotangent is dropped;
+        ``"clip"``: every id is clamped into ``[0, V)`` first (as ``jnp.take(mode="clip")``:
+        a negative id reads row 0), and the clamped row gets its gradient;
+        ``"checked"``: a ``jax.experimental.checkify.check`` that every id is in
+        ``[-V, V)``; it raises at once outside ``jit``, and inside ``jit`` needs the
+        function wrapped in ``checkify.checkify`` (then ``err.throw()``), as any
+        ``checkify.check``.
 
     Returns:
       ``(*ids.shape, d)`` in ``table``'s dtype.
 
     Raises:
-      TypeError: ``table`` not floating, ``ids`` not integer.
-      ValueError: ``table`` not 2-D.
+      TypeError: ``table`` not floating, ``ids`` not an integer array.
+      ValueError: ``table`` not 2-D, an unknown ``mode``.
+      JaxRuntimeError: ``mode="checked"`` with an id out of range (from ``checkify``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
@@ -253,18 +282,28 @@ def embed(table, ids):
       [[5.0, 6.0], [1.0, 2.0], [5.0, 6.0]]
       >>> jax.grad(lambda t: jaxlinear.embed(t, ids).sum())(table).tolist()  # row 2 twice
       [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
+      >>> jaxlinear.embed(table, jnp.array([3, -4]), mode="clip").tolist()  # rows 2 and 0
+      [[5.0, 6.0], [1.0, 2.0]]
+
+      A bounds check under ``jit``, with ``checkify``:
+
+      >>> from jax.experimental import checkify
+      >>> f = checkify.checkify(jax.jit(lambda t, i: jaxlinear.embed(t, i, mode="checked")))
+      >>> err, y = f(table, jnp.array([0, 3]))
+      >>> print(err.get().split(" (`check` failed")[0])
+      embed: `ids` out of range: every id must be in [-3, 3) (V=3)
     """
-    table, ids = _prepare("embed", table, ids)
+    table, ids = _prepare("embed", table, ids, mode)
     return taps.call(_RULE, lambda ids, table, _: _embed(table, ids), ids, table)
 
 
-def dual_embed(table, ids):
+def dual_embed(table, ids, *, mode="fill"):
     r"""``embed`` as a primitive with an explicit JVP and transpose: every transform works.
 
-    Same arguments, result and validation as ``embed``. The JVP is the lookup of the
-    tangent table, ``embed(dtable, ids)``; the transpose is the scatter-add. ``jvp``,
-    ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``, ``grad``, ``vmap``
-    (over ids or tables), ``jit``, ``shard_map``.
+    Same arguments (``mode`` included), result and validation as ``embed``. The JVP is
+    the lookup of the tangent table, ``embed(dtable, ids)``; the transpose is the
+    scatter-add. ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``,
+    ``grad``, ``vmap`` (over ids or tables), ``jit``, ``shard_map``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
@@ -273,5 +312,5 @@ def dual_embed(table, ids):
       >>> f(jnp.array([[1.], [2.]]))[0].tolist()
       [[0.0], [3.0]]
     """
-    table, ids = _prepare("dual_embed", table, ids)
+    table, ids = _prepare("dual_embed", table, ids, mode)
     return taps.call(_RULE, lambda ids, table, _: embed_p.bind(table, ids), ids, table)
