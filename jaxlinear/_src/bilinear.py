@@ -353,10 +353,10 @@ class BilinearOp:
         return self._pushforward_fn(x, w, dx, dw, db, **kw)
 
     def pullback(self, x, w, g, *, wrt=_NAMES, b=None, **kw):
-        """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype."""
-        dx, dw, db = self._pullback_fn(x, w, g, wrt=tuple(wrt), **kw)
-        if db is not None and b is not None:
-            db = db.astype(b.dtype)
+        """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype,
+        summed wide and rounded once to it (a float32 ``b`` beside a bfloat16 ``w`` too)."""
+        dx, dw, _ = self._pullback_fn(x, w, g, wrt=tuple(n for n in wrt if n != "b"), **kw)
+        db = bias_cotangent(g, (w if b is None else b).dtype) if "b" in wrt else None
         return dx, dw, db
 
     def _out_aval(self, x, w, *operands, compute_dtype, out_dtype, **params):
@@ -646,7 +646,9 @@ class BilinearOp:
             return [None] * len(args)
         names = [n for n, m in zip(_NAMES, mask, strict=True) if m]
         wrt = tuple(n for n, t in zip(names, tangents, strict=True) if ad.is_undefined_primal(t))
-        by_name = dict(zip(_NAMES, self.pullback(x, w, ct, wrt=wrt, **kw), strict=True))
+        b_like = next((t.aval for n, t in zip(names, tangents, strict=True) if n == "b"), None)
+        cts = self.pullback(x, w, ct, wrt=wrt, b=b_like, **kw)
+        by_name = dict(zip(_NAMES, cts, strict=True))
         out = [None, None]
         for n, t in zip(names, tangents, strict=True):
             if not ad.is_undefined_primal(t):
