@@ -15,7 +15,9 @@ Cases (float32, CPU unless JAX has another default device):
   T = 64, n = 32: ``jaxlinear.embed`` for tokens and positions, ``jaxlinear.einsum``
   attention projections, ``jaxlinear.linear`` MLP (4d) and head, LayerNorm in plain jnp
   (its scales and biases take the per-leaf fallback), loss = mean over positions.
-  (Models: ``benchmarks/dp_models.py``.)
+- ``transformer_ln_einsum``: the same model with LayerNorm's scale written as
+  ``jaxlinear.einsum("btd,d->btd", x̂, scale)`` and its bias added right after: every leaf
+  structural, no fallback. (Models: ``benchmarks/dp_models.py``.)
 
 Implementations, each ``jax.jit``-ed, all on the same data and the same loss function:
 
@@ -40,7 +42,7 @@ sample to about ``--target-s``; then, round by round, take one sample of each in
 random order. Ratios are formed per round and reported as median (min–max). Temp bytes:
 ``memory_analysis().temp_size_in_bytes`` of each compiled program.
 
-Where the cost goes (``cnn``, ``transformer``; ``--no-breakdown`` skips it): each
+Where the cost goes (the models; ``--no-breakdown`` skips it): each
 jaxlinear op call of the model alone, on the input it sees in the model and a random
 output cotangent ``g``, as the one-layer loss ``ℓ_i = ⟨op(w, x_i), g_i⟩``, whose
 per-example gradient is exactly that layer's ``w̄_i``: ``per_example_grad_norms`` of it
@@ -92,6 +94,16 @@ def cases(smoke: bool) -> list[dict]:
             dict(name="seq_T16", kind="mlp", n=4, sizes=[8, 8, 8, 4], T=16),
             dict(name="cnn", kind="cnn", n=4, hw=8, convs=((4, 1), (8, 2), (8, 1), (8, 2))),
             dict(name="transformer", kind="transformer", n=2, T=8, vocab=16, d=8, heads=2),
+            dict(
+                name="transformer_ln_einsum",
+                kind="transformer",
+                n=2,
+                T=8,
+                vocab=16,
+                d=8,
+                heads=2,
+                ln="einsum",
+            ),
         ]
     return [
         dict(name="mlp", kind="mlp", n=128, sizes=[512, 512, 512, 10], T=None),
@@ -99,6 +111,16 @@ def cases(smoke: bool) -> list[dict]:
         dict(name="seq_T512", kind="mlp", n=32, sizes=[128, 128, 128, 10], T=512),
         dict(name="cnn", kind="cnn", n=128, hw=32, convs=dp_models.CNN_CONVS),
         dict(name="transformer", kind="transformer", n=32, T=64, vocab=512, d=128, heads=4),
+        dict(
+            name="transformer_ln_einsum",
+            kind="transformer",
+            n=32,
+            T=64,
+            vocab=512,
+            d=128,
+            heads=4,
+            ln="einsum",
+        ),
     ]
 
 
@@ -430,9 +452,10 @@ def _shape(r: dict) -> str:
     if c["kind"] == "cnn":
         chans = "→".join(str(ch) for ch in (3, *(co for co, _ in c["convs"])))
         return f"cnn ({c['n']}, {c['hw']}, {c['hw']}, 3), conv {chans}, head 10"
+    ln = "LayerNorm by jaxlinear.einsum" if c.get("ln") == "einsum" else "LayerNorm in jnp"
     return (
         f"transformer n={c['n']}, T={c['T']}, V={c['vocab']}, d={c['d']}, {c['heads']} heads,"
-        " 2 blocks"
+        f" 2 blocks, {ln}"
     )
 
 

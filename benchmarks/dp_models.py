@@ -119,15 +119,25 @@ def build_cnn(n=128, hw=32, channels=3, convs=CNN_CONVS, classes=10, seed=0):
 # -- Transformer LM ----------------------------------------------------------------------
 
 
-def _layer_norm(h, scale, bias, eps=1e-5):
-    """LayerNorm over the last axis, in plain jnp: ``scale``, ``bias`` of shape ``(d,)``."""
+def _standardize(h, eps=1e-5):
+    """``(h − mean) / sqrt(var + eps)`` over the last axis."""
     mu = jnp.mean(h, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(h - mu), axis=-1, keepdims=True)
+    return (h - mu) * jax.lax.rsqrt(var + eps)
+
+
+def _layer_norm(h, scale, bias):
+    """LayerNorm over the last axis, in plain jnp: ``scale``, ``bias`` of shape ``(d,)``."""
     lead = (1,) * (h.ndim - 1)
-    return (h - mu) * jax.lax.rsqrt(var + eps) * scale.reshape(*lead, -1) + bias.reshape(*lead, -1)
+    return _standardize(h) * scale.reshape(*lead, -1) + bias.reshape(*lead, -1)
 
 
-def build_transformer(n=32, T=64, vocab=512, d=128, heads=4, blocks=2, seed=0):
+def _ln_scale(w, h):
+    """LayerNorm's scale as a jaxlinear op (per-example rule included): ``h ⊙ w``."""
+    return jaxlinear.einsum("btd,d->btd", h, w)
+
+
+def build_transformer(n=32, T=64, vocab=512, d=128, heads=4, blocks=2, ln="jnp", seed=0):
     """A pre-LayerNorm character LM: ``blocks`` × (causal attention, MLP d → 4d → d).
 
     Token and learned position embeddings by ``jaxlinear.embed`` (the positions are ids
@@ -135,6 +145,9 @@ def build_transformer(n=32, T=64, vocab=512, d=128, heads=4, blocks=2, seed=0):
     ``jaxlinear.einsum`` (``"btd,dhk->bthk"``, ``"bthk,hkd->btd"``, no biases), MLP and
     the untied head by ``jaxlinear.linear``, LayerNorm in plain jnp. Loss: next-token
     cross-entropy, mean over the ``T`` positions of each example.
+
+    ``ln="einsum"``: LayerNorm's scale by ``jaxlinear.einsum("btd,d->btd", ...)`` and its
+    bias added right after it, so that they too have a structural route (no fallback).
     """
     k = d // heads
     keys = iter(jax.random.split(jax.random.key(seed), 6 * blocks + 4))
@@ -165,22 +178,28 @@ def build_transformer(n=32, T=64, vocab=512, d=128, heads=4, blocks=2, seed=0):
     def proj_out(w, h):
         return jaxlinear.einsum("bthk,hkd->btd", h, w)
 
+    def norm(h, p, name, layer):
+        if ln == "jnp":
+            return _layer_norm(h, p["scale"], p["bias"])
+        h = layer(name, (*name.split("."), "scale"), _ln_scale, p["scale"], _standardize(h))
+        return h + p["bias"].reshape(1, 1, -1)
+
     def forward(params, ids, layer=_direct):
         positions = jnp.broadcast_to(jnp.arange(T, dtype=ids.dtype), ids.shape)
         h = layer("tok", ("tok",), jaxlinear.embed, params["tok"], ids)
         h = h + layer("pos", ("pos",), jaxlinear.embed, params["pos"], positions)
         for i in range(blocks):
             b, name = params[f"block{i}"], f"block{i}"
-            a = _layer_norm(h, b["ln1"]["scale"], b["ln1"]["bias"])
+            a = norm(h, b["ln1"], f"{name}.ln1", layer)
             q, kk, v = (layer(f"{name}.{w}", (name, w), proj_in, b[w], a) for w in "qkv")
             s = jnp.einsum("bthk,bshk->bhts", q, kk) * k**-0.5
             s = jnp.where(causal, s, -1e9)
             att = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, axis=-1), v)
             h = h + layer(f"{name}.o", (name, "o"), proj_out, b["o"], att)
-            a = _layer_norm(h, b["ln2"]["scale"], b["ln2"]["bias"])
+            a = norm(h, b["ln2"], f"{name}.ln2", layer)
             u = jax.nn.gelu(layer(f"{name}.up", (name, "up"), jaxlinear.linear, b["up"], a))
             h = h + layer(f"{name}.down", (name, "down"), jaxlinear.linear, b["down"], u)
-        h = _layer_norm(h, params["ln_f"]["scale"], params["ln_f"]["bias"])
+        h = norm(h, params["ln_f"], "ln_f", layer)
         return layer("head", ("head",), jaxlinear.linear, params["head"], h)  # (n, T, V)
 
     def loss(params, ids, targets):
