@@ -46,8 +46,9 @@ Where the cost goes (the models; ``--no-breakdown`` skips it): each
 jaxlinear op call of the model alone, on the input it sees in the model and a random
 output cotangent ``g``, as the one-layer loss ``ℓ_i = ⟨op(w, x_i), g_i⟩``, whose
 per-example gradient is exactly that layer's ``w̄_i``: ``per_example_grad_norms`` of it
-(forward + the layer's route) and ``jax.grad`` of its sum (forward + ``w̄``), against the
-forward alone, interleaved; plus XLA's flop counts (``cost_analysis()``) of the three.
+(the layer's route alone: the loss is linear in ``y``, so XLA drops the forward) and
+``jax.grad`` of its sum (the weight gradient ``w̄`` alone), interleaved; plus XLA's flop
+counts (``cost_analysis()``) of both.
 The fallback leaves' cost is ``clipped`` − ``clipped_structural``.
 """
 
@@ -365,14 +366,18 @@ def run_case(case: dict, rounds: int, target_s: float, seed: int, breakdown: boo
 
 
 def _layer_fns(layer, g):
-    """Forward, ``jax.grad`` and ``per_example_grad_norms`` of ``ℓ_i = ⟨op(w, x_i), g_i⟩``."""
+    """``jax.grad`` and ``per_example_grad_norms`` of ``ℓ_i = ⟨op(w, x_i), g_i⟩``.
+
+    The loss is linear in ``y``, so XLA drops the forward pass from both programs: the
+    first is the layer's weight gradient ``w̄ = B_wᵀ(g; x)`` alone (what ``jax.grad`` of
+    the model spends on this layer's weight), the second its per-example route alone.
+    """
 
     def losses(w, x, g):
         y = layer.op(w, x)
         return jnp.sum(y * g, axis=tuple(range(1, y.ndim)))
 
     return losses, {
-        "fwd": lambda w, x, g: jnp.sum(losses(w, x, g)),
         "grad": jax.grad(lambda w, x, g: jnp.sum(losses(w, x, g))),
         "norms": lambda w, x, g: jaxlinear.per_example_grad_norms(
             losses, w, x, g, fallback="raise"
@@ -408,17 +413,10 @@ def layer_breakdown(layers, rounds: int, target_s: float, seed: int) -> list[dic
         )
     samples = _interleave(fns, rounds, target_s, seed)
     for k, row in enumerate(rows):
-        fwd = samples[(k, "fwd")]
-        extra = lambda what, fwd=fwd, k=k: statistics.median(  # noqa: E731
-            max(t - f, 0.0) for t, f in zip(samples[(k, what)], fwd, strict=True)
-        )
-        row["median_s"] = {what: statistics.median(samples[(k, what)]) for what in _WHATS}
-        row["route_s"] = extra("norms")  # the norms' time beyond the forward
-        row["w_bar_s"] = extra("grad")  # w̄'s time beyond the forward
+        row["route_s"] = statistics.median(samples[(k, "norms")])
+        row["w_bar_s"] = statistics.median(samples[(k, "grad")])
+        row["route / w_bar"] = _ratio(samples, (k, "norms"), (k, "grad"))
     return rows
-
-
-_WHATS = ("fwd", "grad", "norms")
 
 
 # --------------------------------------------------------------------------------------
@@ -514,27 +512,26 @@ def report(results: list[dict]) -> str:
         grad_s = r["median_s"]["grad"]
         lines += [
             "",
-            f"Where the cost goes, {r['case']['name']} (each layer alone, interleaved; route ="
-            " its per-example rule; times beyond the layer's forward; % of the model's jax.grad):",
+            f"Where the cost goes, {r['case']['name']}: each layer alone, interleaved, on the"
+            " input it sees in the model and a random cotangent; *route*: the time of its"
+            " per-example norms (its rule alone; % of the model's jax.grad); *w̄*: its weight"
+            " gradient alone (what jax.grad spends on it); flops by XLA's cost analysis.",
             "",
-            "| layer | x → y | route | norms: time (% of grad) | w̄: time | norms ÷ w̄"
-            " | flops: norms / w̄ |",
+            "| layer | x → y | route | route: time (% of model grad) | w̄: time"
+            " | route ÷ w̄ (per round) | flops: route / w̄ |",
             "|---|---|---|---|---|---|---|",
         ]
         tot_route = tot_w = 0.0
         for row in r["layers"]:
-            f = row["flops"]
-            fn = fw = None
-            if None not in (f["fwd"], f["grad"], f["norms"]):
-                fn, fw = f["norms"] - f["fwd"], f["grad"] - f["fwd"]
+            fn, fw = row["flops"]["norms"], row["flops"]["grad"]
             tot_route += row["route_s"]
             tot_w += row["w_bar_s"]
-            flop_cell = "–" if fn is None else f"{_fmt_f(fn)} / {_fmt_f(fw)}"
+            flop_cell = "–" if None in (fn, fw) else f"{_fmt_f(fn)} / {_fmt_f(fw)}"
             lines.append(
                 f"| {row['layer']} | {row['x']} → {row['y']} | {row['route']}"
                 f" | {_fmt_s(row['route_s'])} ({100 * row['route_s'] / grad_s:.0f}%)"
                 f" | {_fmt_s(row['w_bar_s'])}"
-                f" | {row['route_s'] / max(row['w_bar_s'], 1e-9):.2f} | {flop_cell} |"
+                f" | {_fmt_r(row['route / w_bar'])} | {flop_cell} |"
             )
         q = r["ratios"]
         extra = (q["clipped / grad"]["median"] - 1) * grad_s
