@@ -1,6 +1,7 @@
 """Per-example gradient norms and DP-SGD clipping: jaxlinear against vmap(grad) and jax_privacy.
 
-``python -m benchmarks.bench_per_example [--smoke] [--only CASES] [--rounds R] [--json PATH]``
+``python -m benchmarks.bench_per_example [--smoke] [--only CASES] [--rounds R] [--route R]
+[--no-breakdown] [--json PATH]``
 
 Cases (float32, CPU unless JAX has another default device):
 
@@ -573,8 +574,27 @@ def main(argv=None) -> dict:
     p.add_argument("--target-s", type=float, default=None, help="seconds per sample (0.03)")
     p.add_argument("--only", default="", help="comma-separated case names")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-layer timings")
+    p.add_argument(
+        "--route",
+        choices=("auto", "gram", "per_example"),
+        default="auto",
+        help="force every ghost rule to take (gram) or decline (per_example) its Gram route,"
+        " to compare the routes layer by layer (default: fastDP's rule, 2T² ≤ p·d)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
+    from jaxlinear._src import ghost  # (private: the rule every op's ghost route asks)
+
+    rule = ghost.gram_pays
+    if a.route != "auto":
+        ghost.gram_pays = lambda T, d, p, route=a.route: route == "gram"
+    try:
+        return _main(a)
+    finally:
+        ghost.gram_pays = rule
+
+
+def _main(a) -> dict:
     rounds = a.rounds or (1 if a.smoke else 30)
     target_s = a.target_s or (0.001 if a.smoke else 0.03)
     selected = [c for c in cases(a.smoke) if not a.only or c["name"] in a.only.split(",")]
@@ -591,6 +611,7 @@ def main(argv=None) -> dict:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "rounds": rounds,
+        "route": a.route,
         "load_avg_1min": [load0, os.getloadavg()[0]],
         "seconds": time.time() - start,
     }
