@@ -46,7 +46,8 @@ def run(ctx: Context):
     #   per_example: form w̄_i (n kernels, through the op's own transpose), else.
     # jaxlinear.clipped_grad reads these from each op's rule; only one forward and one
     # backward pass go through the network, and the clipped sum of each layer is its
-    # transpose applied to G with example i's rows scaled by c_i = min(1, C/‖∇ℓ_i‖).
+    # transpose applied to G with example i's rows scaled by c_i = min(1, C/‖∇ℓ_i‖)
+    # (or Σ_i c_i w̄_i, where the route has formed the w̄_i anyway).
     n, C, sigma, lr = 64, 6.0, 0.6, 0.1
     steps = 80 if ctx.small else 150
     rng = np.random.default_rng(24)
