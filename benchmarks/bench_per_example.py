@@ -417,6 +417,13 @@ def layer_breakdown(layers, rounds: int, target_s: float, seed: int) -> list[dic
         row["route_s"] = statistics.median(samples[(k, "norms")])
         row["w_bar_s"] = statistics.median(samples[(k, "grad")])
         row["route / w_bar"] = _ratio(samples, (k, "norms"), (k, "grad"))
+        # clipped_grad's extra over jax.grad for this layer: a per-example route replaces
+        # the layer's w̄ (its clipped sum is Σ c_i w̄_i, a cheap contraction); a ghost route
+        # comes on top of it (its clipped sum is one w̄ with g's rows scaled).
+        row["extra_s"] = statistics.median(
+            (t - w if "per_example" in row["route"] else t)
+            for t, w in zip(samples[(k, "norms")], samples[(k, "grad")], strict=True)
+        )
     return rows
 
 
@@ -426,6 +433,10 @@ def layer_breakdown(layers, rounds: int, target_s: float, seed: int) -> list[dic
 
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} µs"
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:+.2f} ms"
 
 
 def _fmt_b(b: int) -> str:
@@ -516,30 +527,34 @@ def report(results: list[dict]) -> str:
             f"Where the cost goes, {r['case']['name']}: each layer alone, interleaved, on the"
             " input it sees in the model and a random cotangent; *route*: the time of its"
             " per-example norms (its rule alone; % of the model's jax.grad); *w̄*: its weight"
-            " gradient alone (what jax.grad spends on it); flops by XLA's cost analysis.",
+            " gradient alone (what jax.grad spends on it); flops by XLA's cost analysis;"
+            " *extra*: what the layer adds to clipped_grad over jax.grad, estimated as"
+            " route − w̄ for a per-example route (its clipped sum Σ c_i w̄_i replaces w̄) and"
+            " route for the others (their clipped sum is one more w̄, in place of jax.grad's).",
             "",
             "| layer | x → y | route | route: time (% of model grad) | w̄: time"
-            " | route ÷ w̄ (per round) | flops: route / w̄ |",
-            "|---|---|---|---|---|---|---|",
+            " | route ÷ w̄ (per round) | flops: route / w̄ | extra in clipped_grad (est.) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        tot_route = tot_w = 0.0
+        tot_route = tot_w = tot_extra = 0.0
         for row in r["layers"]:
             fn, fw = row["flops"]["norms"], row["flops"]["grad"]
             tot_route += row["route_s"]
             tot_w += row["w_bar_s"]
+            tot_extra += row["extra_s"]
             flop_cell = "–" if None in (fn, fw) else f"{_fmt_f(fn)} / {_fmt_f(fw)}"
             lines.append(
-                f"| {row['layer']} | {row['x']} → {row['y']} | {row['route']}"
+                f"| {row['layer']} | {tuple(row['x'])} → {tuple(row['y'])} | {row['route']}"
                 f" | {_fmt_s(row['route_s'])} ({100 * row['route_s'] / grad_s:.0f}%)"
                 f" | {_fmt_s(row['w_bar_s'])}"
-                f" | {_fmt_r(row['route / w_bar'])} | {flop_cell} |"
+                f" | {_fmt_r(row['route / w_bar'])} | {flop_cell} | {_fmt_ms(row['extra_s'])} |"
             )
         q = r["ratios"]
         extra = (q["clipped / grad"]["median"] - 1) * grad_s
         fb = q.get("(clipped - clipped_structural) / grad")
         lines.append(
             f"| **all layers** | | | {_fmt_s(tot_route)} ({100 * tot_route / grad_s:.0f}%)"
-            f" | {_fmt_s(tot_w)} | | |"
+            f" | {_fmt_s(tot_w)} | | | {_fmt_ms(tot_extra)} ({100 * tot_extra / grad_s:.0f}%) |"
         )
         lines += [
             "",
