@@ -355,8 +355,9 @@ class BilinearOp:
     def pullback(self, x, w, g, *, wrt=_NAMES, b=None, **kw):
         """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype,
         summed wide and rounded once to it (a float32 ``b`` beside a bfloat16 ``w`` too)."""
-        dx, dw, _ = self._pullback_fn(x, w, g, wrt=tuple(n for n in wrt if n != "b"), **kw)
-        db = bias_cotangent(g, (w if b is None else b).dtype) if "b" in wrt else None
+        dx, dw, db = self._pullback_fn(x, w, g, wrt=tuple(wrt), **kw)
+        if db is not None and b is not None and db.dtype != b.dtype:
+            db = bias_cotangent(g, b.dtype)  # (XLA drops the first, unused sum)
         return dx, dw, db
 
     def _out_aval(self, x, w, *operands, compute_dtype, out_dtype, **params):
