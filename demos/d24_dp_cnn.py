@@ -49,7 +49,7 @@ def run(ctx: Context):
     # transpose applied to G with example i's rows scaled by c_i = min(1, C/‖∇ℓ_i‖)
     # (or Σ_i c_i w̄_i, where the route has formed the w̄_i anyway).
     n, C, sigma, lr = 64, 6.0, 0.6, 0.1
-    steps = 80 if ctx.small else 150
+    steps = 40 if ctx.small else 150
     rng = np.random.default_rng(24)
 
     def layer(*shape):  # He-normal W (fan-in: every axis but the last), zero b

@@ -1,9 +1,8 @@
 """The digits CNN in Flax NNX, put on jaxlinear's explicit rules, against plain Flax.
 
 The network of ``cnn_digits`` written as an ``nnx.Module``. One copy is plain Flax; the
-other is the same module with its convolutions and dense layers running jaxlinear's ops,
-through Flax's own injection points (``nnx.Conv(..., conv_general_dilated=...)``,
-``nnx.Linear(..., dot_general=...)``). Both start from the same initial weights and see the
+other is the same module put on jaxlinear's ops by ``jaxlinear.nnx.explicit(model)`` (its
+convolutions and dense layers through Flax's injection points). Both start from the same initial weights and see the
 same batches; the script checks that their loss curves agree step for step.
 
     python -m examples.nnx_digits            # full run
@@ -25,6 +24,7 @@ import optax
 from flax import nnx
 
 import jaxlinear
+import jaxlinear.nnx
 from examples import _common
 
 # The loss curves must agree to this, elementwise (absolute). Measured: they are bit for bit
@@ -35,16 +35,13 @@ TOLERANCE = 1e-5
 
 
 class CNN(nnx.Module):
-    """``(n, 8, 8, 1)`` images -> ``(n, 10)`` logits; ``conv_general_dilated`` and
-    ``dot_general`` are Flax's injection points (default: Flax's own, ``jax.lax``'s)."""
+    """``(n, 8, 8, 1)`` images -> ``(n, 10)`` logits, in plain Flax."""
 
-    def __init__(self, rngs: nnx.Rngs, *, width: int = 16, **ops):
-        conv_ops = {k: v for k, v in ops.items() if k == "conv_general_dilated"}
-        dense_ops = {k: v for k, v in ops.items() if k == "dot_general"}
-        self.conv1 = nnx.Conv(1, width, (3, 3), rngs=rngs, **conv_ops)
-        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), strides=2, rngs=rngs, **conv_ops)
-        self.fc1 = nnx.Linear(4 * 4 * 2 * width, 64, rngs=rngs, **dense_ops)
-        self.fc2 = nnx.Linear(64, 10, rngs=rngs, **dense_ops)
+    def __init__(self, rngs: nnx.Rngs, *, width: int = 16):
+        self.conv1 = nnx.Conv(1, width, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), strides=2, rngs=rngs)
+        self.fc1 = nnx.Linear(4 * 4 * 2 * width, 64, rngs=rngs)
+        self.fc2 = nnx.Linear(64, 10, rngs=rngs)
 
     def __call__(self, x):
         h = jax.nn.relu(self.conv1(x))  # (n, 8, 8, 16)
@@ -54,19 +51,10 @@ class CNN(nnx.Module):
 
 
 def explicit_cnn(rngs: nnx.Rngs, *, width: int = 16) -> CNN:
-    """THE SWAP POINT: the CNN on jaxlinear's explicit rules.
-
-    Today through Flax's injection points. Once ``jaxlinear.nnx.explicit`` exists, this
-    whole body becomes one line::
-
-        return jaxlinear.nnx.explicit(CNN(rngs, width=width))
-    """
-    return CNN(
-        rngs,
-        width=width,
-        conv_general_dilated=jaxlinear.conv_general_dilated,
-        dot_general=jaxlinear.dot_general,
-    )
+    """The CNN on jaxlinear's explicit rules: the plain Flax model, converted in one call
+    (its ``Conv`` and ``Linear`` layers get jaxlinear's ops through their injection points;
+    ``jaxlinear.nnx.report(model)`` lists what each module runs)."""
+    return jaxlinear.nnx.explicit(CNN(rngs, width=width))
 
 
 def train(model: CNN, x_tr, y_tr, x_te, y_te, batches, *, lr: float, label: str):
