@@ -2,8 +2,9 @@
 
 The network of ``cnn_digits`` written as an ``nnx.Module``. One copy is plain Flax; the
 other is the same module put on jaxlinear's ops by ``jaxlinear.nnx.explicit(model)`` (its
-convolutions and dense layers through Flax's injection points). Both start from the same initial weights and see the
-same batches; the script checks that their loss curves agree step for step.
+convolutions and dense layers through Flax's injection points). Both start from the same
+initial weights and see the same batches; the script checks that their loss curves agree
+step for step.
 
     python -m examples.nnx_digits            # full run
     python -m examples.nnx_digits --smoke    # a few steps, seconds
