@@ -29,6 +29,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # the same to the tolerances used). The subprocesses (demos, simulated devices, JAX's
 # default configuration) inherit it. Benchmarks and demos run outside the suite optimise.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+# Several processes share 2 cores (workers, the demo run, subprocesses): one thread each for
+# XLA:CPU's Eigen kernels rather than thread pools that compete.
+if "--xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
 
 import demo_run
 import jax
