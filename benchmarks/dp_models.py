@@ -152,20 +152,20 @@ def build_transformer(n=32, T=64, vocab=512, d=128, heads=4, blocks=2, ln="jnp",
     k = d // heads
     keys = iter(jax.random.split(jax.random.key(seed), 6 * blocks + 4))
     normal = lambda shape, std: std * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
-    ln = lambda: {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}  # noqa: E731
+    ln_params = lambda: {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}  # noqa: E731
     params = {"tok": normal((vocab, d), 0.02), "pos": normal((T, d), 0.02)}
     for i in range(blocks):
         params[f"block{i}"] = {
-            "ln1": ln(),
+            "ln1": ln_params(),
             "q": normal((d, heads, k), d**-0.5),
             "k": normal((d, heads, k), d**-0.5),
             "v": normal((d, heads, k), d**-0.5),
             "o": normal((heads, k, d), d**-0.5),
-            "ln2": ln(),
+            "ln2": ln_params(),
             "up": jaxlinear.init(next(keys), d, 4 * d),
             "down": jaxlinear.init(next(keys), 4 * d, d),
         }
-    params["ln_f"] = ln()
+    params["ln_f"] = ln_params()
     params["head"] = jaxlinear.init(next(keys), d, vocab)
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(0, vocab, size=(n, T + 1)), jnp.int32)
