@@ -428,12 +428,29 @@ def check_fsdp_and_sequence(c: Checker, mesh2d, name: str, layer):
         0.0,
         f"{g[0].W.sharding.spec}",
     )
-    expected = [("all-gather", D_IN * D_OUT), ("reduce-scatter", D_IN * D_OUT // n)]
+    # The shard is the residual: W gathered again in the backward pass (two all-gathers).
+    expected = [("all-gather", D_IN * D_OUT)] * 2 + [("reduce-scatter", D_IN * D_OUT // n)]
     check_ops(
         c,
-        f"{tag} grad: + reduce-scatter of dW, psum of db only",
+        f"{tag} grad: + all-gather of W again, reduce-scatter of dW, psum of db only",
         ops,
         [*expected, ("all-reduce", D_OUT)],
+    )
+    kept = jax.grad(
+        loss_of(
+            lambda p, x: jaxlinear.fsdp_linear(
+                p, x, mesh=data_only, axis="data", layer=layer, residuals="gathered"
+            )
+        ),
+        argnums=(0, 1),
+    )
+    g, ops = run_and_collectives(kept, p, x)
+    c.close(f"{tag}, residuals='gathered': grad == single device", g, ref_g)
+    check_ops(
+        c,
+        f"{tag}, residuals='gathered' grad: one all-gather, reduce-scatter, psum of db",
+        ops,
+        [expected[0], *expected[2:], ("all-reduce", D_OUT)],
     )
 
     layers, x = data(jax.random.key(21), (D_IN, HIDDEN, D_OUT))

@@ -52,10 +52,10 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxlinear._src import taps, vma
+from jaxlinear._src import fsdp, taps, vma
 
 _NAMES = ("x", "w", "b")  # the operands, in order; also the names used in `wrt`
-_RESERVED = ("compute_dtype", "out_dtype", "preferred_element_type", "mask")
+_RESERVED = ("compute_dtype", "out_dtype", "preferred_element_type", "mask", "gather")
 
 
 def accumulation_dtype(dtype) -> np.dtype:
@@ -203,6 +203,14 @@ def _aval(a):
     return a.aval if ad.is_undefined_primal(a) else vma._aval(a)
 
 
+def _resolve(w, gather):
+    """``(w, gather)``: a weight marked by ``fsdp_gather`` becomes its shard and its
+    ``Gather`` (not while a per-example pass records: its rules read whole weights)."""
+    if gather is None and taps._ACTIVE.get() is not None:
+        return w, None
+    return fsdp.resolve(w, gather)
+
+
 def _zeros_to_none(tangents):
     return [None if (t is None or type(t) is ad.Zero) else t for t in tangents]
 
@@ -342,26 +350,40 @@ class BilinearOp:
     def _composed_pushforward(self, x, w, dx, dw, db, **kw):
         return apply_pushforward(self.forward_fn, x, w, dx, dw, db, **kw)
 
-    def forward(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
-        """``y = B(x, w) + b``, policy applied: cast, accumulate wide, add ``b``, round once."""
+    def forward(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, gather=None, **params):
+        """``y = B(x, w) + b``, policy applied: cast, accumulate wide, add ``b``, round once.
+        With ``gather`` (``fsdp.Gather``), ``w`` is a shard, gathered here."""
+        if gather is not None:
+            w = gather.gather(w, after=x)
         return apply_forward(
             self.forward_fn, x, w, b, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
         )
 
-    def pushforward(self, x, w, dx=None, dw=None, db=None, **kw):
-        """``dy = B(dx, w) + B(x, dw) + db``; a ``None`` tangent is zero and its term skipped."""
+    def pushforward(self, x, w, dx=None, dw=None, db=None, *, gather=None, **kw):
+        """``dy = B(dx, w) + B(x, dw) + db``; a ``None`` tangent is zero and its term skipped.
+        With ``gather``, ``w`` and ``dw`` are shards, gathered here."""
+        if gather is not None:
+            w = gather.gather(w, after=x if dx is None else dx)
+            dw = None if dw is None else gather.gather(dw)
         return self._pushforward_fn(x, w, dx, dw, db, **kw)
 
-    def pullback(self, x, w, g, *, wrt=_NAMES, b=None, **kw):
+    def pullback(self, x, w, g, *, wrt=_NAMES, b=None, gather=None, **kw):
         """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype,
-        summed wide and rounded once to it (a float32 ``b`` beside a bfloat16 ``w`` too)."""
+        summed wide and rounded once to it (a float32 ``b`` beside a bfloat16 ``w`` too).
+        With ``gather``, ``w`` is a shard: gathered again here (after ``g``: the FSDP
+        residual policy), and ``w̄`` comes back reduce-scattered to the shard."""
+        if gather is not None:
+            w = gather.gather(w, after=g) if "x" in wrt else gather.whole_aval(_aval(w))
         dx, dw, db = self._pullback_fn(x, w, g, wrt=tuple(wrt), **kw)
+        if gather is not None and dw is not None:
+            dw = gather.scatter(dw)
         if db is not None and b is not None and db.dtype != b.dtype:
             db = bias_cotangent(g, b.dtype)  # (XLA drops the first, unused sum)
         return dx, dw, db
 
-    def _out_aval(self, x, w, *operands, compute_dtype, out_dtype, **params):
+    def _out_aval(self, x, w, *operands, compute_dtype, out_dtype, gather=None, **params):
         """``y``'s abstract value; varying along every manual axis any operand varies along."""
+        w_shard, w = w, w if gather is None else gather.whole_type(w)
         shape = out_shape(
             self.forward_fn, x, w, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
         )
@@ -371,7 +393,7 @@ class BilinearOp:
             aval = x.update(shape=shape, dtype=out, weak_type=False, sharding=sharding)
         else:
             aval = x.update(shape=shape, dtype=out, weak_type=False)
-        axes = frozenset().union(*(vma.varying_axes(a) for a in (x, w, *operands)))
+        axes = frozenset().union(*(vma.varying_axes(a) for a in (x, w_shard, *operands)))
         return vma.with_varying(aval, axes)
 
     # ---------------------------------------------------------------------------------
@@ -411,7 +433,16 @@ class BilinearOp:
         return vma.psum_to(dx, x), vma.psum_to(dw, w), db
 
     def custom_vjp(
-        self, x, w, b=None, *, compute_dtype=None, out_dtype=None, residuals="exact", **params
+        self,
+        x,
+        w,
+        b=None,
+        *,
+        compute_dtype=None,
+        out_dtype=None,
+        residuals="exact",
+        gather=None,
+        **params,
     ):
         r"""``y = B(x, w) + b`` as a ``jax.custom_vjp``: reverse mode through the transposes.
 
@@ -426,6 +457,10 @@ class BilinearOp:
           residuals: ``"exact"`` (default): the forward pass saves ``x`` and ``w`` as
             given; ``"compute"``: it saves them cast to ``compute_dtype`` (less memory,
             no recast in the backward pass; the same cotangents, in the primals' dtypes).
+          gather: an ``fsdp.Gather`` (FSDP): ``w`` is a shard, gathered in the forward
+            pass, saved as the shard and gathered again in the backward pass; ``w̄``
+            comes back reduce-scattered. ``None``: ``w`` as given, unless it is a weight
+            marked by ``fsdp_gather`` (then its shard and its ``Gather``).
           **params: the op's static (hashable) parameters, passed to its three functions.
 
         Returns:
@@ -435,8 +470,9 @@ class BilinearOp:
             raise ValueError(
                 f"{self.name}: `residuals` must be 'exact' or 'compute', got {residuals!r}"
             )
+        w, gather = _resolve(w, gather)
         static = _Static(
-            self._static(compute_dtype, out_dtype, params),
+            self._static(compute_dtype, out_dtype, params, gather),
             None if b is None else jnp.dtype(b.dtype),
             residuals,
             jnp.dtype(x.dtype),
@@ -445,7 +481,7 @@ class BilinearOp:
         apply = functools.partial(self._custom_vjp, static)
         return taps.call(_Rule(self, static.kw), apply, x, w, b)
 
-    def _static(self, compute_dtype, out_dtype, params):
+    def _static(self, compute_dtype, out_dtype, params, gather=None):
         for k in _RESERVED[2:]:
             if k in params:
                 raise TypeError(f"{self.name}: `{k}` is set by the builder, not an op parameter")
@@ -462,19 +498,24 @@ class BilinearOp:
                     f"{self.name}: parameter `{k}` must be hashable (static), got"
                     f" {type(v).__name__} {v!r}; use tuples, not lists"
                 ) from None
+        if gather is not None:
+            kw["gather"] = gather
         return tuple(sorted(kw.items()))
 
     # ---------------------------------------------------------------------------------
     # Binding 2: the dual primitives (explicit JVP and explicit transposes).
 
-    def dual(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
+    def dual(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, gather=None, **params):
         r"""``y = B(x, w) + b`` as a primitive with an explicit JVP *and* explicit transposes.
 
-        Same arguments as ``custom_vjp``. Supports every transform: ``jvp``, ``jacfwd``,
-        ``hessian``, ``linearize``, ``linear_transpose`` in ``x`` or in ``(w, b)``,
-        ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``.
+        Same arguments as ``custom_vjp`` (but ``residuals``). Supports every transform:
+        ``jvp``, ``jacfwd``, ``hessian``, ``linearize``, ``linear_transpose`` in ``x`` or
+        in ``(w, b)``, ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``. With
+        ``gather`` the primitives take the shard: their linearization saves it, and
+        their transposes gather again.
         """
-        static = self._static(compute_dtype, out_dtype, params)
+        w, gather = _resolve(w, gather)
+        static = self._static(compute_dtype, out_dtype, params, gather)
         kw = dict(static)
 
         def apply(x, w, b):
@@ -554,6 +595,8 @@ class BilinearOp:
         """
         pushforward = "mask" in kw
         if self._batch_hook is None or (pushforward and dx is None and dw is None):
+            return None
+        if kw.get("gather") is not None:  # FSDP: jax.vmap of the formulas (they gather)
             return None
         b, b_dim = (rest[0], rest_dim[0]) if rest else (None, None)
         dims = (x_dim, w_dim, dx_dim, dw_dim, b_dim)

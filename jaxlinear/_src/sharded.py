@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlinear._src import formulas
+from jaxlinear._src.fsdp import fsdp_gather
 from jaxlinear._src.linear import _prepare, linear
 from jaxlinear._src.params import Params
 from jaxlinear._src.validation import plain_params_only
@@ -148,15 +149,28 @@ def _row_local(params, x, *, axis, layer, kw, scatter_dim=None):
     return y + b.reshape(-1).astype(y.dtype)[(None,) * (y.ndim - 1)]  # b added once, after
 
 
-def _gather_rows(params, axis):
+_FSDP_RESIDUALS = ("shard", "gathered")
+
+
+def _check_residuals(fn: str, residuals) -> None:
+    if residuals not in _FSDP_RESIDUALS:
+        raise ValueError(f"{fn}: `residuals` must be 'shard' or 'gathered', got {residuals!r}")
+
+
+def _gather_rows(params, axis, residuals="shard"):
     """FSDP: ``W``'s rows all-gathered over ``axis``; ``b`` untouched.
 
     ``(d_in/n, d_out) -> (d_in, d_out)``. The adjoint (JAX's transpose of ``all_gather``)
-    reduce-scatters ``dW`` back to this device's rows.
+    reduce-scatters ``dW`` back to this device's rows. ``residuals="shard"``: the gathered
+    ``W`` is marked (``fsdp_gather``), so the layer saves the shard and gathers again in
+    the backward pass; ``"gathered"``: the layer keeps the gathered ``W``.
     """
-    if isinstance(params, Params):
-        return params._replace(W=lax.all_gather(params.W, axis, axis=0, tiled=True))
-    return {**params, "W": lax.all_gather(params["W"], axis, axis=0, tiled=True)}
+    W = params.W if isinstance(params, Params) else params["W"]
+    if residuals == "shard":
+        W = fsdp_gather(W, axis)
+    else:
+        W = lax.all_gather(W, axis, axis=0, tiled=True)
+    return params._replace(W=W) if isinstance(params, Params) else {**params, "W": W}
 
 
 def data_parallel_linear(
@@ -218,6 +232,7 @@ def fsdp_linear(
     layer: Callable | None = None,
     precision=None,
     compute_dtype=None,
+    residuals: str = "shard",
 ):
     r"""Fully sharded data parallel (FSDP, ZeRO-3) ``Y = X W + b``: ``x`` and ``W`` sharded.
 
@@ -235,8 +250,13 @@ def fsdp_linear(
     followed by an all-gather), while storing ``1/n`` of ``W`` and of ``dW``.
     JAX transposes ``all_gather`` into ``psum_scatter`` itself; the layer's pullback
     rule leaves the gathered ``W``'s cotangent unsummed because that ``W`` varies over
-    ``axis`` (``all_gather``'s output type). The gathered ``W`` is one of the layer's
-    residuals (held until the backward pass).
+    ``axis`` (``all_gather``'s output type).
+
+    Memory (``residuals="shard"``, the default): the layer saves its *shard* of ``W`` for
+    the backward pass and gathers ``W`` again there (``fsdp_gather``), as PyTorch FSDP and
+    ZeRO-3 do: one more all-gather per step, and a gathered ``W`` lives only while its
+    layer runs. ``residuals="gathered"`` keeps the gathered ``W`` from the forward pass
+    (one all-gather, ``|W|`` more memory per layer until its backward pass).
 
     Args:
       params: ``Params(W, b)`` or ``{"W", "b"}``: ``W: (d_in, d_out)`` with ``d_in``
@@ -246,6 +266,8 @@ def fsdp_linear(
       axis: the mesh axis (or tuple of axes) ``x``'s batch and ``W``'s rows are sharded over.
       layer: ``linear`` (default) or ``dual_linear``.
       precision, compute_dtype: passed to the layer.
+      residuals: ``"shard"`` (default): re-gather ``W`` in the backward pass;
+        ``"gathered"``: keep the gathered ``W`` as a residual.
 
     Returns:
       ``Y: (batch, ..., d_out)``, sharded over ``axis`` along the batch. Gradients come
@@ -258,13 +280,14 @@ def fsdp_linear(
       >>> jaxlinear.fsdp_linear(p, jnp.ones((4, 3)), mesh=mesh).tolist()[0]
       [3.0, 3.0]
     """
+    _check_residuals("fsdp_linear", residuals)
     layout, layer, kw = _tensor_parallel_setup(
         "fsdp_linear", params, x, mesh, axis, axis, layer, 0, precision, compute_dtype
     )
     in_specs = (_param_specs(params, layout, P(axis, None), None), _spec(x.ndim, axis))
 
     def body(p, x):  # p.W: (d_in/n, d_out) -> gathered (d_in, d_out); x: (batch/n, ..., d_in)
-        return layer(_gather_rows(p, axis), x, **kw)
+        return layer(_gather_rows(p, axis, residuals), x, **kw)
 
     return _shard_map(body, mesh, in_specs, _spec(x.ndim, axis), params, x)
 
@@ -393,6 +416,7 @@ def tensor_parallel_mlp(
     layer: Callable | None = None,
     precision=None,
     compute_dtype=None,
+    residuals: str = "shard",
 ):
     r"""A Megatron-style MLP block: column-parallel layer, activation, row-parallel layer.
 
@@ -421,6 +445,8 @@ def tensor_parallel_mlp(
     over ``batch_axis`` along their rows (``W_1: P(batch_axis, axis)``, ``W_2: P((axis,
     batch_axis), None)``) and all-gathered over ``batch_axis`` before use; their
     gradients come back reduce-scattered, sharded like the weights (see ``fsdp_linear``).
+    With ``residuals="shard"`` (default) each layer saves its shard and gathers again in
+    the backward pass; ``"gathered"`` keeps the gathered weights as residuals.
 
     Args:
       layers: two layers' params ``[p1, p2]``, e.g. ``init_mlp(key, [d, h, d])``;
@@ -437,6 +463,7 @@ def tensor_parallel_mlp(
       activation: elementwise function between the two layers.
       layer: ``linear`` (default) or ``dual_linear``.
       precision, compute_dtype: passed to both layers.
+      residuals: with ``fsdp``: ``"shard"`` (default) or ``"gathered"`` (see ``fsdp_linear``).
 
     Returns:
       ``Y: (..., d_out)``, replicated over ``axis`` (sharded over it along
@@ -450,6 +477,7 @@ def tensor_parallel_mlp(
       (4, 3)
     """
     fn = "tensor_parallel_mlp"
+    _check_residuals(fn, residuals)
     layers = list(layers)
     if len(layers) != 2:
         raise ValueError(f"{fn}: `layers` must hold two layers' params, got {len(layers)}")
@@ -480,7 +508,7 @@ def tensor_parallel_mlp(
 
     def block(p1, p2, x):
         if fsdp:  # this device's rows of W_1 and W_2, gathered over batch_axis
-            p1, p2 = _gather_rows(p1, batch_axis), _gather_rows(p2, batch_axis)
+            p1, p2 = _gather_rows(p1, batch_axis, residuals), _gather_rows(p2, batch_axis, residuals)
         if seq is not None:  # (..., s/n, ..., d_in) -> (..., s, ..., d_in): the whole sequence
             x = lax.all_gather(x, axis, axis=seq, tiled=True)
         h = activation(layer(p1, x, **kw))  # (..., h/n): this device's hidden columns
