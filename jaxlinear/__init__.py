@@ -13,6 +13,8 @@ from jaxlinear._src.convert import from_flax as from_flax
 from jaxlinear._src.convert import from_torch as from_torch
 from jaxlinear._src.convert import to_flax as to_flax
 from jaxlinear._src.convert import to_torch as to_torch
+from jaxlinear._src.fsdp import Gather as Gather
+from jaxlinear._src.fsdp import fsdp_gather as fsdp_gather
 from jaxlinear._src.dual import dual_linear as dual_linear
 from jaxlinear._src.jacobian import dense_jacobian as dense_jacobian
 from jaxlinear._src.jacobian import jacobian_blocks as jacobian_blocks
@@ -55,6 +57,7 @@ __all__ = [
     "AdjointTestResult",
     "BatchRule",
     "BilinearOp",
+    "Gather",
     "Params",
     "Route",
     "RouteReport",
@@ -79,6 +82,7 @@ __all__ = [
     "embed",
     "from_flax",
     "from_torch",
+    "fsdp_gather",
     "fsdp_linear",
     "init",
     "init_conv",

@@ -471,6 +471,15 @@ class BilinearOp:
                 f"{self.name}: `residuals` must be 'exact' or 'compute', got {residuals!r}"
             )
         w, gather = _resolve(w, gather)
+        if gather is not None and gather.spec is not None:  # under jit: on the shards
+            bind = functools.partial(
+                self.custom_vjp,
+                compute_dtype=compute_dtype,
+                out_dtype=out_dtype,
+                residuals=residuals,
+                **params,
+            )
+            return self._on_shards(bind, x, w, b, gather, compute_dtype, out_dtype, params)
         static = _Static(
             self._static(compute_dtype, out_dtype, params, gather),
             None if b is None else jnp.dtype(b.dtype),
@@ -480,6 +489,13 @@ class BilinearOp:
         )
         apply = functools.partial(self._custom_vjp, static)
         return taps.call(_Rule(self, static.kw), apply, x, w, b)
+
+    def _on_shards(self, bind, x, w, b, gather, compute_dtype, out_dtype, params):
+        """A weight marked ``fsdp_gather(..., spec=)`` under ``jit``: see ``fsdp.on_shards``."""
+        cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
+        items = tuple(sorted(params.items()))
+        y_axis = _example_axis(self.forward_fn, tuple(x.shape), tuple(w.shape), cd, acc, items)
+        return fsdp.on_shards(self.name, bind, x, w, b, gather, y_axis)
 
     def _static(self, compute_dtype, out_dtype, params, gather=None):
         for k in _RESERVED[2:]:
@@ -515,6 +531,11 @@ class BilinearOp:
         their transposes gather again.
         """
         w, gather = _resolve(w, gather)
+        if gather is not None and gather.spec is not None:  # under jit: on the shards
+            bind = functools.partial(
+                self.dual, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
+            )
+            return self._on_shards(bind, x, w, b, gather, compute_dtype, out_dtype, params)
         static = self._static(compute_dtype, out_dtype, params, gather)
         kw = dict(static)
 

@@ -131,6 +131,48 @@ class Gather(NamedTuple):
         return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
 
 
+def on_shards(fn: str, bind, x, w, b, gather: Gather, y_axis):
+    """Under ``jax.jit``: ``bind(x, w_shard, b, gather=...)`` inside a ``shard_map`` manual
+    over ``gather.axis`` only (the other mesh axes stay with the compiler), with ``x``'s
+    axis 0 (the batch) and ``y``'s ``y_axis`` sharded over it, ``w`` over its ``dim``.
+
+    So the op runs on each device's examples and shard exactly as inside ``shard_map``:
+    the residual policy above, with the collectives in its rules (XLA's own partitioning
+    of a sharded weight under ``jit`` gathers every layer's weight at once).
+    """
+    names = _names(gather.axis)
+    mesh = gather.mesh if gather.mesh is not None else jax.sharding.get_abstract_mesh()
+    sizes = dict(getattr(mesh, "shape", {}))
+    if not all(a in sizes for a in names):
+        raise ValueError(
+            f"{fn}: a weight marked by `fsdp_gather` under jit needs a mesh with axis"
+            f" {gather.axis!r} (pass `mesh=` to fsdp_gather or use `jax.set_mesh`); got {mesh}"
+        )
+    n = math.prod(sizes[a] for a in names)
+    if y_axis is None or x.ndim == 0 or x.shape[0] % n:
+        raise ValueError(
+            f"{fn}: a weight marked by `fsdp_gather` under jit needs `x`'s axis 0 (the batch,"
+            f" shape {x.shape}) divisible by the {n} devices of {gather.axis!r} and kept as"
+            " an axis of the output"
+        )
+    inner = gather._replace(spec=None, mesh=None)
+    w_spec = P(*(gather.axis if i == gather.dim else None for i in range(w.ndim)))
+    specs = (P(gather.axis), w_spec) + (() if b is None else (P(),))
+
+    def body(x, w, *b):
+        return bind(x, w, *(b or [None]), gather=inner)
+
+    out_spec = P(*(None,) * y_axis, gather.axis)
+    run = jax.shard_map(
+        body,
+        mesh=gather.mesh,
+        in_specs=specs,
+        out_specs=out_spec,
+        axis_names=frozenset(names),
+    )
+    return run(x, w, *(() if b is None else (b,)))
+
+
 # --------------------------------------------------------------------------------------
 # Marking: fsdp_gather's result, recognised by the ops that receive it.
 

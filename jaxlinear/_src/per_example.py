@@ -384,7 +384,8 @@ def _zeros_like_type(aval):
     """Zeros of ``aval``'s shape and dtype, laid out as ``aval`` says on meshes with Explicit
     axes (so the cotangent of ``Z_k``, like ``y_k``, stays sharded over the examples)."""
     sharding = aval.sharding if vma._explicit_mesh(aval) is not None else None
-    return jnp.zeros(aval.shape, aval.dtype, out_sharding=sharding)
+    zeros = jnp.zeros(aval.shape, aval.dtype, out_sharding=sharding)
+    return vma.varying_like(zeros, aval)  # inside shard_map: varying like y (else g is psummed)
 
 
 def _bias_rows(g, y_axis, axes):

@@ -59,6 +59,13 @@ def _sorted(axes):
     return tuple(sorted(axes, key=str))
 
 
+def varying_like(a, like):
+    """``a`` cast to vary along the manual axes ``like`` varies along (*replicate*; no-op
+    outside ``shard_map``): e.g. zeros standing in for a value that varies."""
+    axes = varying_axes(like) - varying_axes(a)
+    return lax.pcast(a, _sorted(axes), to="varying") if axes else a
+
+
 def psum_to(ct, primal):
     """Sum the cotangent ``ct`` over the manual axes along which it varies but ``primal`` does not.
 
