@@ -13,9 +13,9 @@ from jaxlinear._src.convert import from_flax as from_flax
 from jaxlinear._src.convert import from_torch as from_torch
 from jaxlinear._src.convert import to_flax as to_flax
 from jaxlinear._src.convert import to_torch as to_torch
+from jaxlinear._src.dual import dual_linear as dual_linear
 from jaxlinear._src.fsdp import Gather as Gather
 from jaxlinear._src.fsdp import fsdp_gather as fsdp_gather
-from jaxlinear._src.dual import dual_linear as dual_linear
 from jaxlinear._src.jacobian import dense_jacobian as dense_jacobian
 from jaxlinear._src.jacobian import jacobian_blocks as jacobian_blocks
 from jaxlinear._src.linear import linear as linear

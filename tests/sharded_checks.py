@@ -694,6 +694,273 @@ def check_per_example_data_parallel(c: Checker, n: int):
             )
 
 
+# --------------------------------------------------------------------------------------
+# FSDP residuals: the shard saved, the weight gathered again in the backward pass.
+
+
+def _collective_sizes(compiled):
+    """``[(opcode, element count)]`` of every array a compiled program's collectives return."""
+    return sorted(
+        (m.group(1), math.prod(int(d) for d in dims.split(",") if d))
+        for line in compiled.as_text().splitlines()
+        for m in [COLLECTIVE.search(line.split("metadata=")[0])]
+        if m and "=" in line[: m.start()]
+        for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", line[line.index("=") + 1 : m.start()])
+    )
+
+
+def _family_fsdp_cases():
+    """``(name, custom_vjp f, dual f, reference, x, w, w's sharded dim)``: every op of the
+    family, its weight's ``dim`` of size 8 (sharded over the devices), ``x``'s axis 0 the
+    batch (sharded too). ``f(x, w)`` takes the whole ``w`` (marked by ``fsdp_gather``)."""
+    rng = np.random.default_rng(25)
+    normal = lambda *shape: rng.normal(size=shape)  # noqa: E731
+    dn_dot = (((1, 2), (1, 0)), ((), ()))
+    conv_kw = dict(
+        window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    ct_kw = dict(strides=(2,), padding="SAME")
+    return [
+        ("linear", lambda x, w: jaxlinear.linear((w, None), x),
+         lambda x, w: jaxlinear.dual_linear((w, None), x), lambda x, w: x @ w,
+         normal(16, 8), normal(8, 4), 0),
+        ("dot_general", lambda x, w: jaxlinear.dot_general(x, w, dn_dot),
+         lambda x, w: jaxlinear.dual_dot_general(x, w, dn_dot),
+         lambda x, w: lax.dot_general(x, w, dn_dot), normal(16, 3, 8), normal(8, 3, 5), 0),
+        ("einsum", lambda x, w: jaxlinear.einsum("btd,dhk->bthk", x, w),
+         lambda x, w: jaxlinear.dual_einsum("btd,dhk->bthk", x, w),
+         lambda x, w: jnp.einsum("btd,dhk->bthk", x, w), normal(16, 2, 8), normal(8, 2, 3), 0),
+        ("conv", lambda x, w: jaxlinear.conv_general_dilated(x, w, **conv_kw),
+         lambda x, w: jaxlinear.dual_conv_general_dilated(x, w, **conv_kw),
+         lambda x, w: lax.conv_general_dilated(x, w, **conv_kw),
+         normal(16, 5, 5, 2), normal(3, 3, 2, 8), 3),
+        ("conv_transpose", lambda x, w: jaxlinear.conv_transpose(x, w, **ct_kw),
+         lambda x, w: jaxlinear.dual_conv_transpose(x, w, **ct_kw),
+         lambda x, w: lax.conv_transpose(x, w, **ct_kw), normal(16, 4, 3), normal(2, 3, 8), 2),
+        ("embed", lambda ids, t: jaxlinear.embed(t, ids),
+         lambda ids, t: jaxlinear.dual_embed(t, ids), lambda ids, t: t[ids],
+         rng.integers(0, 8, size=(16, 3)), normal(8, 4), 0),
+    ]  # fmt: skip
+
+
+def check_fsdp_family(c: Checker, n: int):
+    """Every op of the family, both bindings, its weight marked by ``fsdp_gather`` inside
+    ``shard_map`` (weight and batch sharded over all ``n`` devices): value and gradients
+    equal one-device JAX AD of the plain ``lax``/``jnp`` op (float64, 1e-12), and the
+    gradient program gathers the weight twice (forward, backward: the shard is the
+    residual) and reduce-scatters its gradient once, with no weight-sized all-reduce.
+    ``embed``'s backward pass never reads the table: one gather."""
+    mesh = jax.make_mesh((n,), ("data",))
+    for name, f_vjp, f_dual, ref, x, w, dim in _family_fsdp_cases():
+        w_spec = P(*("data" if i == dim else None for i in range(w.ndim)))
+        put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+        xs, ws = put(x, P("data")), put(w, w_spec)
+        diff_x = np.issubdtype(x.dtype, np.floating)
+        argnums = (0, 1) if diff_x else (1,)
+        want_y = ref(x, w)
+        want_g = jax.grad(lambda x, w, ref=ref: jnp.sum(jnp.sin(ref(x, w))), argnums=argnums)(x, w)
+        w_size = w.size
+        for binding, f in (("custom_vjp", f_vjp), ("dual", f_dual)):
+
+            def body(x, w, f=f, dim=dim):
+                return f(x, jaxlinear.fsdp_gather(w, "data", dim=dim))
+
+            sm = jax.shard_map(body, mesh=mesh, in_specs=(P("data"), w_spec), out_specs=P("data"))
+            grad = jax.grad(lambda x, w, sm=sm: jnp.sum(jnp.sin(sm(x, w))), argnums=argnums)
+            tag = f"FSDP {name} ({binding}, {n} devices, fsdp_gather)"
+            both = lambda x, w, sm=sm, grad=grad: (sm(x, w), grad(x, w))  # noqa: E731
+            compiled = jax.jit(both).lower(xs, ws).compile()
+            y, got = compiled(xs, ws)  # one program: Y and the gradients
+            c.close(f"{tag}: forward == one device (float64)", y, want_y, 1e-12)
+            c.close(f"{tag}: grad == one-device AD (float64)", got, want_g, 1e-12)
+            c.record(
+                f"{tag}: w̄ sharded like w", got[-1].sharding.spec == w_spec, 0.0,
+                f"{got[-1].sharding.spec}",
+            )  # fmt: skip
+            ops = _collective_sizes(compiled)
+            gathers = [k for op, k in ops if op == "all-gather" and k == w_size]
+            scatters = [k for op, k in ops if op == "reduce-scatter" and k == w_size // n]
+            big = [k for op, k in ops if op == "all-reduce" and k >= w_size // n]
+            want = 1 if name == "embed" else 2
+            c.record(
+                f"{tag}: {want} all-gather(s) of w, 1 reduce-scatter of w̄, no w-sized all-reduce",
+                len(gathers) == want and len(scatters) == 1 and not big,
+                0.0,
+                f"HLO: {ops}",
+            )
+
+
+def _mlp_grad(f, layers, x):
+    """``jax.grad`` of an 8-layer-style tanh MLP made of ``f(p, h)``, compiled."""
+
+    def loss(layers, x):
+        h = x
+        for p in layers:
+            h = jnp.tanh(f(p, h))
+        return jnp.sum(h**2)
+
+    return jax.jit(jax.grad(loss)).lower(layers, x).compile()
+
+
+def check_fsdp_memory(c: Checker, n: int):
+    """``memory_analysis()`` of a tanh MLP's gradient (L layers, ``W: (d, d)``, float32)
+    with weights and batch sharded over ``n`` devices: with the shard as residual, at
+    most two gathered weights are live (temp ≤ 2·|W| + activations); keeping the gathered
+    weights holds all L of them. The same under plain ``jit`` (``fsdp_gather(spec=)``) on
+    Auto and Explicit meshes. Bytes, not time."""
+    L, d, tokens = 4, 256, 8 * n
+    rng = np.random.default_rng(26)
+    layers = [
+        Params(
+            jnp.asarray(rng.normal(size=(d, d)) / d**0.5, jnp.float32),
+            jnp.asarray(rng.normal(size=d), jnp.float32),
+        )
+        for _ in range(L)
+    ]
+    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    W_bytes, act = d * d * 4, (tokens // n) * d * 4  # one gathered W; one local activation
+    bound = 2 * W_bytes + 4 * L * act
+    data = jax.make_mesh((n,), ("data",))
+    temps = {}
+    for residuals in ("gathered", "shard"):
+        compiled = _mlp_grad(
+            lambda p, h, r=residuals: jaxlinear.fsdp_linear(p, h, mesh=data, residuals=r),
+            layers,
+            x,
+        )
+        temps[residuals] = compiled.memory_analysis().temp_size_in_bytes
+        ops = _collective_sizes(compiled)
+        n_gather = sum(op == "all-gather" and k == d * d for op, k in ops)
+        n_scatter = sum(op == "reduce-scatter" and k == d * d // n for op, k in ops)
+        big = [k for op, k in ops if op == "all-reduce" and k >= d * d // n]
+        # The shard as residual: L gathers forward, L (or L - 1: XLA may reuse the last
+        # layer's, still live) backward; the gathered W kept: L.
+        want = (2 * L - 1, 2 * L) if residuals == "shard" else (L,)
+        c.record(
+            f"FSDP {L}-layer MLP, residuals={residuals!r}: all-gathers {n_gather} in {want},"
+            f" {L} reduce-scatters, no W-sized all-reduce",
+            n_gather in want and n_scatter == L and not big,
+            0.0,
+            f"HLO: {ops}",
+        )
+    c.record(
+        f"FSDP {L}-layer MLP (d={d}, {n} devices): temp {temps['shard'] / 2**20:.2f} MiB with"
+        f" the shard as residual ≤ 2·|W| + activations = {bound / 2**20:.2f} MiB",
+        temps["shard"] <= bound,
+        0.0,
+    )
+    c.record(
+        f"FSDP {L}-layer MLP: residuals='gathered' holds every gathered W"
+        f" ({temps['gathered'] / 2**20:.2f} MiB ≥ {L}·|W|)",
+        temps["gathered"] >= L * W_bytes,
+        0.0,
+    )
+    ref_g = jax.grad(
+        lambda layers, x: jnp.sum(
+            functools.reduce(lambda h, p: jnp.tanh(ref_affine(p, h)), layers, x) ** 2
+        )
+    )(f64(layers), f64(x))
+    for types in ((AxisType.Auto,), (AxisType.Explicit,)):
+        mesh = jax.make_mesh((n,), ("data",), axis_types=types)
+        put = lambda a, s, mesh=mesh: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+        sharded = [Params(put(p.W, P("data", None)), put(p.b, P())) for p in layers]
+        xs = put(x, P("data"))
+
+        def layer(p, h):
+            return jaxlinear.linear((jaxlinear.fsdp_gather(p.W, "data", spec=P("data")), p.b), h)
+
+        tag = f"FSDP under plain jit ({types[0].name} axes, fsdp_gather(spec=))"
+        with jax.set_mesh(mesh):
+            compiled = _mlp_grad(layer, sharded, xs)
+            plain = _mlp_grad(ref_affine, sharded, xs)
+            g = compiled(sharded, xs)
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        c.close(f"{tag}: grad == one device", g, ref_g)
+        specs = {q.W.sharding.spec for q in g}
+        c.record(f"{tag}: dW sharded like W", specs == {P("data", None)}, 0.0, f"{specs}")
+        ops = _collective_sizes(compiled)
+        big = [k for op, k in ops if op == "all-reduce" and k >= d * d // n]
+        n_scatter = sum(op == "reduce-scatter" and k == d * d // n for op, k in ops)
+        c.record(
+            f"{tag}: temp {temp / 2**20:.2f} MiB ≤ {bound / 2**20:.2f} MiB (plain x @ W:"
+            f" {plain.memory_analysis().temp_size_in_bytes / 2**20:.2f} MiB); {L}"
+            " reduce-scatters, no W-sized all-reduce",
+            temp <= bound and n_scatter == L and not big,
+            0.0,
+            f"HLO: {ops}",
+        )
+
+
+def check_clipped_grad_fsdp(c: Checker, n: int):
+    """DP-SGD on FSDP-sharded weights (the guide's recipe): inside ``shard_map`` over the
+    batch axis, gather the weights, ``clipped_grad`` on the device's examples, and
+    reduce-scatter the clipped gradient. Norms are per example, local; the gradient comes
+    back sharded like the weights; no weight-sized all-reduce. Values against ``vmap`` of
+    ``grad`` of the plain model on one device, float64."""
+    rng = np.random.default_rng(27)
+    sizes = (16, 32, 8)
+    params = [
+        Params(rng.normal(size=(a, b)) / a**0.5, rng.normal(size=b))
+        for a, b in itertools.pairwise(sizes)
+    ]
+    x, y = rng.normal(size=(2 * n, sizes[0])), rng.normal(size=(2 * n, sizes[-1]))
+
+    def loss(p, x, y, lin=jaxlinear.linear):
+        return jnp.sum((lin(p[1], jnp.tanh(lin(p[0], x))) - y) ** 2, axis=-1)
+
+    per_example = jax.vmap(
+        lambda x, y: jax.grad(lambda p: loss(p, x[None], y[None], ref_affine)[0])(params)
+    )(x, y)
+    norms = np.sqrt(
+        sum(np.sum(np.reshape(a, (2 * n, -1)) ** 2, 1) for a in jax.tree.leaves(per_example))
+    )
+    want = jax.tree.map(lambda a: np.tensordot(np.minimum(1.0, 1.0 / norms), a, 1), per_example)
+    specs = [Params(P("data", None), P())] * len(params)
+
+    def step(p, x, y):  # this device's rows of every W, and its examples
+        whole = [q._replace(W=lax.all_gather(q.W, "data", axis=0, tiled=True)) for q in p]
+        g, norms = jaxlinear.clipped_grad(loss, whole, x, y, clip_norm=1.0, fallback="raise")
+        g = [  # dW: this device's rows of the sum over every device's examples
+            Params(lax.psum_scatter(q.W, "data", tiled=True), lax.psum(q.b, "data")) for q in g
+        ]
+        return g, norms
+
+    for types in ((AxisType.Auto,), (AxisType.Explicit,)):
+        mesh = jax.make_mesh((n,), ("data",), axis_types=types)
+        put = lambda a, s, mesh=mesh: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+        args = (
+            [Params(put(q.W, P("data", None)), put(q.b, P())) for q in params],
+            put(x, P("data")),
+            put(y, P("data")),
+        )
+        f = jax.jit(
+            jax.shard_map(
+                step,
+                mesh=mesh,
+                in_specs=(specs, P("data"), P("data")),
+                out_specs=(specs, P("data")),
+            )
+        )
+        compiled = f.lower(*args).compile()
+        g, got = compiled(*args)
+        tag = f"clipped_grad on FSDP-sharded weights ({types[0].name} axes, {n} devices)"
+        c.close(f"{tag}: norms == vmap(grad) on one device", got, norms, 1e-12)
+        c.close(f"{tag}: clipped gradient == one device", g, want, 1e-12)
+        c.record(
+            f"{tag}: dW sharded like W", all(q.W.sharding.spec == P("data", None) for q in g), 0.0
+        )
+        ops = _collective_sizes(compiled)
+        w_min = min(a * b for a, b in itertools.pairwise(sizes))
+        big = [k for op, k in ops if op == "all-reduce" and k >= w_min]
+        scattered = sorted(k for op, k in ops if op == "reduce-scatter")
+        c.record(
+            f"{tag}: dW reduce-scattered, no weight-sized all-reduce",
+            not big and scattered == sorted(a * b // n for a, b in itertools.pairwise(sizes)),
+            0.0,
+            f"HLO: {ops}",
+        )  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expect-devices", type=int, default=None)
@@ -738,6 +1005,9 @@ def main(argv=None) -> int:
         c.run(f"{name} grad values", check_grad_values_float64, explicit, name, layer)
 
     c.run("per-example data parallel", check_per_example_data_parallel, n)
+    c.run("FSDP family", check_fsdp_family, n)
+    c.run("FSDP memory", check_fsdp_memory, n)
+    c.run("clipped_grad FSDP", check_clipped_grad_fsdp, n)
 
     failed = [name for name, passed, _ in c.results if not passed]
     print(f"{len(c.results) - len(failed)}/{len(c.results)} checks passed")

@@ -149,3 +149,38 @@ def test_fsdp_and_sequence_parallel_one_device_and_errors():
     narrow = [jaxlinear.Params(jnp.zeros((4, 4)), None)] * 2
     with pytest.raises(ValueError, match=r"not divisible by the 8 devices of \('model', 'data'\)"):
         jaxlinear.tensor_parallel_mlp(narrow, x, mesh=mesh, batch_axis="data", fsdp=True)
+
+
+def test_fsdp_gather_one_device_and_errors():
+    # 8-device values, gradients, HLO and memory: sharded_checks.py. Here: 1 device, errors.
+    params, x = make_layer(jax.random.key(0), (4,), 3, 2)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def body(W, b, x):
+        return jaxlinear.linear((jaxlinear.fsdp_gather(W, "data"), b), x)
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P("data"))
+    loss = lambda p, x: jnp.sum(jnp.sin(f(p.W, p.b, x)))  # noqa: E731
+    ref_loss = lambda p, x: jnp.sum(jnp.sin(reference(p, x)))  # noqa: E731
+    assert_trees_close(jax.jit(jax.grad(loss))(params, x), jax.grad(ref_loss)(params, x))
+    for residuals in ("shard", "gathered"):
+        y = jaxlinear.fsdp_linear(params, x, mesh=mesh, residuals=residuals)
+        assert_trees_close(y, reference(params, x))
+    with pytest.raises(ValueError, match=r"fsdp_linear: `residuals` must be 'shard' or 'gathered'"):
+        jaxlinear.fsdp_linear(params, x, mesh=mesh, residuals="exact")
+    with pytest.raises(ValueError, match=r"fsdp_gather: `dim` must be an axis of `w` \(shape"):
+        jaxlinear.fsdp_gather(params.W, "data", dim=2)
+    with pytest.raises(ValueError, match=r"fsdp_gather: `spec` .* must shard axis 0 of `w`"):
+        jaxlinear.fsdp_gather(params.W, "data", spec=P(None, "data"))
+    with (
+        jax.set_mesh(mesh),
+        pytest.raises(
+            ValueError, match=r"affine: a weight marked by `fsdp_gather` under jit needs"
+        ),
+    ):
+        W = jax.device_put(params.W, NamedSharding(mesh, P("data")))
+        jax.jit(
+            lambda W, x: jaxlinear.linear(
+                (jaxlinear.fsdp_gather(W, "data", spec=P("data")), None), x[0]
+            )
+        )(W, x)

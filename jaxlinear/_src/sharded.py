@@ -508,7 +508,10 @@ def tensor_parallel_mlp(
 
     def block(p1, p2, x):
         if fsdp:  # this device's rows of W_1 and W_2, gathered over batch_axis
-            p1, p2 = _gather_rows(p1, batch_axis, residuals), _gather_rows(p2, batch_axis, residuals)
+            p1, p2 = (
+                _gather_rows(p1, batch_axis, residuals),
+                _gather_rows(p2, batch_axis, residuals),
+            )
         if seq is not None:  # (..., s/n, ..., d_in) -> (..., s, ..., d_in): the whole sequence
             x = lax.all_gather(x, axis, axis=seq, tiled=True)
         h = activation(layer(p1, x, **kw))  # (..., h/n): this device's hidden columns
