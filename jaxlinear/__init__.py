@@ -16,6 +16,7 @@ from jaxlinear._src.convert import to_torch as to_torch
 from jaxlinear._src.dual import dual_linear as dual_linear
 from jaxlinear._src.fsdp import Gather as Gather
 from jaxlinear._src.fsdp import fsdp_gather as fsdp_gather
+from jaxlinear._src.fsdp import fsdp_gather_tree as fsdp_gather_tree
 from jaxlinear._src.jacobian import dense_jacobian as dense_jacobian
 from jaxlinear._src.jacobian import jacobian_blocks as jacobian_blocks
 from jaxlinear._src.linear import linear as linear
@@ -83,6 +84,7 @@ __all__ = [
     "from_flax",
     "from_torch",
     "fsdp_gather",
+    "fsdp_gather_tree",
     "fsdp_linear",
     "init",
     "init_conv",

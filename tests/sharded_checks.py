@@ -961,6 +961,76 @@ def check_clipped_grad_fsdp(c: Checker, n: int):
         )  # fmt: skip
 
 
+def check_fsdp_nnx(c: Checker, n: int):
+    """A whole Flax NNX model, its kernels annotated ``nnx.with_partitioning`` over
+    ``"data"``, under plain ``jit`` on an Explicit mesh: ``jaxlinear.nnx.explicit`` and
+    ``fsdp_gather_tree`` inside the loss give the gradients of the plain NNX model,
+    sharded like the kernels, with each kernel gathered again in the backward pass (the
+    last layer's may be reused) and reduce-scattered."""
+    try:
+        from flax import nnx
+    except ImportError:
+        c.record("FSDP NNX model [flax not installed: skipped]", True)
+        return
+    import jaxlinear.nnx as jnnx
+
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", None))
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(16, 32, kernel_init=init, rngs=rngs)
+            self.l2 = nnx.Linear(32, 16, kernel_init=init, rngs=rngs)
+            self.l3 = nnx.Linear(16, 8, kernel_init=init, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l3(jnp.tanh(self.l2(jnp.tanh(self.l1(x)))))
+
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Explicit,))
+    x = jax.random.normal(jax.random.key(28), (2 * n, 16), jnp.float32)
+    is_spec = lambda s: s is None or isinstance(s, P)  # noqa: E731
+    grads = {}
+    with jax.set_mesh(mesh):
+        for mode in ("plain", "fsdp"):
+            model = Model(nnx.Rngs(0))
+            if mode == "fsdp":
+                jnnx.explicit(model)
+            graphdef, state = nnx.split(model)
+            specs = nnx.get_partition_spec(state)
+            state = jax.tree.map(
+                lambda v, s: jax.device_put(v, NamedSharding(mesh, s or P())),
+                state,
+                specs,
+                is_leaf=is_spec,
+            )
+
+            def loss(state, x, mode=mode, graphdef=graphdef, specs=specs):
+                if mode == "fsdp":
+                    state = jaxlinear.fsdp_gather_tree(state, specs, "data")
+                return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)))
+
+            xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+            compiled = jax.jit(jax.grad(loss)).lower(state, xs).compile()
+            grads[mode] = compiled(state, xs)
+            ops = _collective_sizes(compiled)
+    tag = f"FSDP NNX model under jit ({n} devices, explicit + fsdp_gather_tree)"
+    c.close(f"{tag}: grads == the plain NNX model's", grads["fsdp"], grads["plain"])
+    kernels = [v for v in jax.tree.leaves(grads["fsdp"]) if v.ndim == 2]
+    c.record(
+        f"{tag}: kernels' grads sharded like the kernels",
+        all(v.sharding.spec == P("data", None) for v in kernels),
+        0.0,
+    )
+    sizes = [16 * 32, 32 * 16, 16 * 8]
+    gathers = sorted(k for op, k in ops if op == "all-gather" and k in sizes)
+    scatters = sorted(k for op, k in ops if op == "reduce-scatter")
+    c.record(
+        f"{tag}: kernels gathered again in the backward pass, reduce-scattered",
+        len(gathers) >= 2 * len(sizes) - 1 and scatters == sorted(k // n for k in sizes),
+        0.0,
+        f"HLO: {ops}",
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expect-devices", type=int, default=None)
@@ -1008,6 +1078,7 @@ def main(argv=None) -> int:
     c.run("FSDP family", check_fsdp_family, n)
     c.run("FSDP memory", check_fsdp_memory, n)
     c.run("clipped_grad FSDP", check_clipped_grad_fsdp, n)
+    c.run("FSDP NNX", check_fsdp_nnx, n)
 
     failed = [name for name, passed, _ in c.results if not passed]
     print(f"{len(c.results) - len(failed)}/{len(c.results)} checks passed")

@@ -246,6 +246,39 @@ def fsdp_gather(w, axis, *, dim: int = 0, spec: P | None = None, mesh=None):
     return whole
 
 
+def fsdp_gather_tree(tree, specs, axis, *, mesh=None, in_shard_map: bool = False):
+    r"""``fsdp_gather`` on every leaf of ``tree`` whose ``PartitionSpec`` shards it over ``axis``.
+
+    For whole models: gather a model's parameters (an ``nnx.State``, an Equinox model's
+    arrays, a dict) inside the loss, and every op of the family that receives one of the
+    gathered weights saves its shard and gathers again in the backward pass. Leaves whose
+    spec does not name ``axis`` (biases, norms' scales, replicated weights) and ``None``
+    specs are returned unchanged.
+
+    Args:
+      tree: a pytree of arrays (the weights as stored: global arrays laid out as ``specs``
+        under ``jit``; this device's shards inside ``shard_map``).
+      specs: a pytree of ``PartitionSpec`` (or ``None``) matching ``tree``'s leaves, e.g.
+        ``nnx.get_partition_spec(state)`` or the ``in_specs`` given to ``shard_map``.
+      axis: the FSDP mesh axis.
+      mesh: for ``jit`` on Auto axes without ``jax.set_mesh``.
+      in_shard_map: ``True`` inside ``shard_map`` (``axis`` manual), ``False`` under ``jit``.
+
+    Returns:
+      ``tree`` with those leaves gathered (see ``fsdp_gather``).
+    """
+
+    def one(leaf, spec):
+        spec = getattr(spec, "value", spec)  # an nnx.Variable holding its spec
+        if not isinstance(spec, P) or axis not in tuple(spec):
+            return leaf
+        dim = tuple(spec).index(axis)
+        return fsdp_gather(leaf, axis, dim=dim, spec=None if in_shard_map else spec, mesh=mesh)
+
+    is_spec = lambda s: s is None or isinstance(s, P)  # noqa: E731
+    return jax.tree.map(lambda s, leaf: one(leaf, s), specs, tree, is_leaf=is_spec)
+
+
 def resolve(w, gather):
     """``(w, gather)`` for an op about to bind on ``w``: a weight marked by ``fsdp_gather``
     becomes ``(its shard, its Gather)``; anything else is returned as it is."""
