@@ -269,7 +269,7 @@ def fsdp_gather_tree(tree, specs, axis, *, mesh=None, in_shard_map: bool = False
     """
 
     def one(leaf, spec):
-        spec = getattr(spec, "value", spec)  # an nnx.Variable holding its spec
+        spec = spec.get_value() if hasattr(spec, "get_value") else spec  # an nnx.Variable
         if not isinstance(spec, P) or axis not in tuple(spec):
             return leaf
         dim = tuple(spec).index(axis)
