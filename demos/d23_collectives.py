@@ -144,7 +144,13 @@ def _demo(ctx: Context):
             lambda p, x: jaxlinear.fsdp_linear(p, x, mesh=dp),
             lin,
             put((p1, X), (Pm(P("data", None), P()), P("data")), dp),
-            [("fwd", ag, "W", d * h), ("bwd", rs, "dW", d * h), ("bwd", ar, "db", h)],
+            # The shard is the residual: the backward pass gathers W again (section 3).
+            [
+                ("fwd", ag, "W", d * h),
+                ("bwd", ag, "W again", d * h),
+                ("bwd", rs, "dW", d * h),
+                ("bwd", ar, "db", h),
+            ],
         ),
         "sequence-parallel MLP": (
             "model",
@@ -221,7 +227,54 @@ def _demo(ctx: Context):
         ]
         ctx.say(f"  | {name} | {axis} ({N}) | {cols[0]} | {cols[1]} | {sent:,.0f} |")
 
-    # -- 3. the dot-product test, mesh-wide -------------------------------------------------
+    # -- 3. FSDP's memory: the shard as residual ---------------------------------------------
+    # A layer's backward pass reads W (dX = G Wᵀ), so autodiff keeps the gathered W from
+    # the forward pass until then: at the turn of the step every layer's gathered W is
+    # live, and FSDP saves nothing. fsdp_linear (residuals="shard", the default) saves the
+    # shard instead and gathers W again in the backward pass (one more all-gather per
+    # layer), so at most two gathered weights are live. XLA's own accounting of the
+    # compiled gradient, per device (memory_analysis().temp_size_in_bytes):
+    L, d_m, tokens = (4, 128, 64) if ctx.small else (8, 1024, 64)
+    mlp_layers = [
+        jaxlinear.Params(normal(d_m, d_m, scale=d_m**-0.5), normal(d_m)) for _ in range(L)
+    ]
+    X_m = normal(tokens, d_m)
+    W_bytes, act = d_m * d_m * 4, tokens // N * d_m * 4
+
+    def temp_of(f):
+        def loss(layers, x):
+            for p in layers:
+                x = jnp.tanh(f(p, x))
+            return jnp.sum(x**2)
+
+        compiled = jax.jit(jax.grad(loss)).lower(mlp_layers, X_m).compile()
+        ops = collections.Counter(op for op, _, _ in _parse(compiled.as_text(), dp))
+        return compiled.memory_analysis().temp_size_in_bytes, ops
+
+    ctx.say(
+        "",
+        f"  {L}-layer tanh MLP, W: ({d_m}, {d_m}) ({W_bytes / 2**20:.2f} MiB gathered),"
+        f" {tokens} tokens, weights and batch over {N} devices:",
+    )
+    temps = {}
+    for residuals in ("gathered", "shard"):
+        temps[residuals], ops = temp_of(
+            lambda p, x, r=residuals: jaxlinear.fsdp_linear(p, x, mesh=dp, residuals=r)
+        )
+        ctx.say(
+            f"    residuals={residuals!r}: temp {temps[residuals] / 2**20:.2f} MiB per device;"
+            f" {dict(sorted(ops.items()))}"
+        )
+    ctx.check(
+        f"FSDP keeping the gathered W holds all {L} of them (temp ≥ {L}·|W|)",
+        temps["gathered"] >= L * W_bytes,
+    )
+    ctx.check(
+        "FSDP with the shard as residual: at most two gathered W live (temp ≤ 2·|W| + activations)",
+        temps["shard"] <= 2 * W_bytes + 4 * L * act,
+    )
+
+    # -- 4. the dot-product test, mesh-wide -------------------------------------------------
     # adjoint_test pairs global arrays with jnp.sum, which works on arrays laid out over a
     # mesh as on one device: so the test of a sharded layer's derivative runs as is (under
     # jit or not), provided every array lives on the mesh's devices. J v by dual_linear's
