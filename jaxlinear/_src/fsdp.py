@@ -219,7 +219,7 @@ def fsdp_gather(w, axis, *, dim: int = 0, spec: P | None = None, mesh=None):
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> from jax.sharding import PartitionSpec as P
-      >>> mesh = jax.make_mesh((1,), ("data",))  # one device here; the same code on many
+      >>> mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
       >>> def body(W, b, x):
       ...     return jaxlinear.linear((jaxlinear.fsdp_gather(W, "data"), b), x)
       >>> f = jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P(), P("data")),
