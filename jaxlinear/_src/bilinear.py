@@ -35,6 +35,10 @@ output dtype (``out_dtype``, default the compute dtype); cotangents come back in
 primal's dtype. Inside ``shard_map`` each cotangent is summed over the manual axes along
 which it varies but its primal does not (``vma.psum_to``): the adjoint of replication.
 
+Both bindings take ``gather=fsdp.Gather(axis, dim)`` (or a weight marked by
+``fsdp_gather``): ``w`` is then an FSDP shard, gathered in the forward pass, saved as the
+shard and gathered again in the backward pass, ``w̄`` reduce-scattered (``fsdp.py``).
+
 The builder validates nothing: a layer function checks shapes and dtypes first and
 passes hashable static parameters (tuples, not lists).
 """
