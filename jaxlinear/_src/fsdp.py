@@ -105,26 +105,20 @@ class Gather(NamedTuple):
             return lax.all_gather(w, self.axis, axis=self.dim, tiled=True)
         return self._constrain(w, self._whole_spec())
 
+    # Inside shard_map (``spec=None``; an op given a ``spec`` runs there, see on_shards):
+
     def scatter(self, w_bar):
-        """The adjoint of ``gather``: the shard's cotangent, summed over the devices."""
-        if self.spec is None:  # (..., d, ...) -> (..., d/n, ...): this device's block of Σ
-            return lax.psum_scatter(w_bar, self.axis, scatter_dimension=self.dim, tiled=True)
-        return self._constrain(w_bar, self.spec)
+        """The adjoint of ``gather``: the shard's cotangent, summed over the devices.
+
+        ``(..., d, ...) -> (..., d/n, ...)``: this device's block of the sum."""
+        return lax.psum_scatter(w_bar, self.axis, scatter_dimension=self.dim, tiled=True)
 
     def whole_type(self, aval):
-        """``whole_aval`` as a full abstract value (``aval.update``): on Explicit-axes
-        meshes with ``spec``, laid out as the gathered weight."""
-        whole = aval.update(shape=self.whole_aval(aval).shape)
-        sharding = getattr(aval, "sharding", None)
-        mesh = getattr(sharding, "mesh", None)
-        if self.spec is not None and AxisType.Explicit in tuple(getattr(mesh, "axis_types", ())):
-            whole = whole.update(sharding=NamedSharding(mesh, self._whole_spec()))
-        return whole
+        """The shard's abstract value with the gathered weight's shape."""
+        return aval.update(shape=self.whole_aval(aval).shape)
 
     def whole_aval(self, aval):
-        """The abstract value of the gathered weight, from the shard's."""
-        if self.spec is not None:
-            return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+        """The shape and dtype of the gathered weight, from the shard's."""
         n = math.prod(lax.axis_size(a) for a in _names(self.axis))
         shape = list(aval.shape)
         shape[self.dim] *= n
