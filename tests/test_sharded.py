@@ -163,6 +163,23 @@ def test_fsdp_gather_one_device_and_errors():
     loss = lambda p, x: jnp.sum(jnp.sin(f(p.W, p.b, x)))  # noqa: E731
     ref_loss = lambda p, x: jnp.sum(jnp.sin(reference(p, x)))  # noqa: E731
     assert_trees_close(jax.jit(jax.grad(loss))(params, x), jax.grad(ref_loss)(params, x))
+
+    # Under jax.vmap over the examples the mark is not used: tied to a batched x, the
+    # re-gathered W would be batched too (one copy per example). Every gather is W-sized.
+    def per_example(W, b, x):
+        W = jaxlinear.fsdp_gather(W, "data")
+        return jax.vmap(lambda x_i: jaxlinear.linear((W, b), x_i))(x)
+
+    g = jax.shard_map(per_example, mesh=mesh, in_specs=(P("data"), P(), P("data")),
+                      out_specs=P("data"))  # fmt: skip
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(jnp.sin(g(p.W, p.b, x)))))(params, x)
+    shapes = [
+        v.aval.shape
+        for e in _all_eqns(jaxpr.jaxpr)
+        if e.primitive.name == "all_gather"
+        for v in e.outvars
+    ]
+    assert shapes and all(s == params.W.shape for s in shapes), shapes
     for residuals in ("shard", "gathered"):
         y = jaxlinear.fsdp_linear(params, x, mesh=mesh, residuals=residuals)
         assert_trees_close(y, reference(params, x))
@@ -184,3 +201,14 @@ def test_fsdp_gather_one_device_and_errors():
                 (jaxlinear.fsdp_gather(W, "data", spec=P("data")), None), x[0]
             )
         )(W, x)
+
+
+def _all_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations' params."""
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)

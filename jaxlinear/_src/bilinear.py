@@ -207,12 +207,21 @@ def _aval(a):
     return a.aval if ad.is_undefined_primal(a) else vma._aval(a)
 
 
-def _resolve(w, gather):
+def _resolve(x, w, gather):
     """``(w, gather)``: a weight marked by ``fsdp_gather`` becomes its shard and its
-    ``Gather`` (not while a per-example pass records: its rules read whole weights)."""
+    ``Gather``; not while a per-example pass records (its rules read whole weights), nor
+    under ``jax.vmap`` of ``x`` alone (tied to a batched ``x``, the re-gathered weight
+    would be batched too: one copy per example)."""
     if gather is None and taps._ACTIVE.get() is not None:
         return w, None
+    if gather is None and _batched(x) and not _batched(w):
+        return w, None
     return fsdp.resolve(w, gather)
+
+
+def _batched(a) -> bool:
+    """Whether ``a`` carries a ``jax.vmap`` axis (a batching tracer's ``batch_dim``)."""
+    return getattr(a, "batch_dim", None) is not None
 
 
 def _zeros_to_none(tangents):
@@ -474,7 +483,7 @@ class BilinearOp:
             raise ValueError(
                 f"{self.name}: `residuals` must be 'exact' or 'compute', got {residuals!r}"
             )
-        w, gather = _resolve(w, gather)
+        w, gather = _resolve(x, w, gather)
         if gather is not None and gather.spec is not None:  # under jit: on the shards
             bind = functools.partial(
                 self.custom_vjp,
@@ -534,7 +543,7 @@ class BilinearOp:
         ``gather`` the primitives take the shard: their linearization saves it, and
         their transposes gather again.
         """
-        w, gather = _resolve(w, gather)
+        w, gather = _resolve(x, w, gather)
         if gather is not None and gather.spec is not None:  # under jit: on the shards
             bind = functools.partial(
                 self.dual, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
