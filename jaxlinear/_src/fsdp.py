@@ -42,6 +42,8 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlinear._src import vma
+
 
 def _names(axis) -> tuple:
     return axis if isinstance(axis, tuple) else (axis,)
@@ -50,12 +52,16 @@ def _names(axis) -> tuple:
 def _after(w, dep):
     """``w`` unchanged in value, but computed after ``dep`` (an exact ``+ 0``; see above).
 
-    The zero is ``0 · s`` for one finite entry ``s`` of ``dep`` (a non-finite one counts
-    as ``0``), so no value of ``dep`` changes ``w``.
+    The zero is ``0 · s`` for one entry ``s`` of ``dep`` (its sum where ``dep``'s type
+    carries an Explicit-axes sharding, which a reshape would have to state), a
+    non-finite ``s`` counting as ``0``: no value of ``dep`` changes ``w``.
     """
     if dep is None or not hasattr(dep, "ravel") or getattr(dep, "size", 0) == 0:
         return w
-    s = jnp.ravel(dep)[0]
+    if vma._explicit_mesh(dep) is not None:  # sharded in its type: no reshape, a sum
+        s = jnp.sum(dep)
+    else:
+        s = jnp.ravel(dep)[0]
     s = jnp.where(jnp.isfinite(s), s, jnp.zeros_like(s)).astype(w.dtype)
     return w + s * jnp.zeros((), w.dtype)
 
@@ -125,6 +131,17 @@ class Gather(NamedTuple):
         return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
 
 
+def _explicit_elsewhere(w, names) -> bool:
+    """Whether ``w``'s type shards it over an Explicit mesh axis not in ``names``."""
+    sharding = getattr(jax.typeof(w), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    types = dict(
+        zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ()), strict=False)
+    )
+    used = {a for e in getattr(sharding, "spec", ()) if e is not None for a in _names(e)}
+    return any(types.get(a) == AxisType.Explicit for a in used - set(names))
+
+
 def on_shards(fn: str, bind, x, w, b, gather: Gather, y_axis):
     """Under ``jax.jit``: ``bind(x, w_shard, b, gather=...)`` inside a ``shard_map`` manual
     over ``gather.axis`` only (the other mesh axes stay with the compiler), with ``x``'s
@@ -149,6 +166,12 @@ def on_shards(fn: str, bind, x, w, b, gather: Gather, y_axis):
             f" shape {x.shape}) divisible by the {n} devices of {gather.axis!r} and kept as"
             " an axis of the output"
         )
+    if _explicit_elsewhere(w, names):
+        # The weight is also sharded over other Explicit mesh axes (FSDP × tensor
+        # parallel): jax 0.10's psum_scatter cannot be lowered there inside a partially
+        # manual shard_map (an AssertionError in _reduce_scatter_lowering, measured). The
+        # op runs on the gathered weight instead: same values, the gathered weight kept.
+        return bind(x, gather.gather(w), b, gather=None)
     inner = gather._replace(spec=None, mesh=None)
     w_spec = P(*(gather.axis if i == gather.dim else None for i in range(w.ndim)))
     specs = (P(gather.axis), w_spec) + (() if b is None else (P(),))
