@@ -86,18 +86,24 @@ class Gather(NamedTuple):
 
     # -- the gather and its adjoint ----------------------------------------------------
 
-    def _constrain(self, a, spec):
-        mesh = self.mesh
-        if mesh is None:
-            mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+    def mesh_of(self, a):
+        """The mesh of ``spec``: ``mesh``, else ``a``'s own (Explicit axes), else the one set
+        with ``jax.set_mesh``."""
+        if self.mesh is not None:
+            return self.mesh
+        mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
         if mesh is None or not getattr(mesh, "axis_names", ()):
             mesh = jax.sharding.get_abstract_mesh()
+        return mesh
+
+    def _constrain(self, a, spec):
+        mesh = self.mesh_of(a)
+        if not getattr(mesh, "axis_names", ()):
+            return lax.with_sharding_constraint(a, spec)  # JAX's own error: no mesh
         explicit = any(t == AxisType.Explicit for t in tuple(getattr(mesh, "axis_types", ())))
         if explicit:
-            return jax.sharding.reshard(a, spec)
-        if isinstance(mesh, jax.sharding.Mesh):
-            return lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
-        return lax.with_sharding_constraint(a, spec)
+            return jax.sharding.reshard(a, NamedSharding(mesh, spec))
+        return lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
 
     def _whole_spec(self):
         entries = list(self.spec) + [None] * (self.dim + 1 - len(self.spec))
@@ -152,7 +158,7 @@ def on_shards(fn: str, bind, x, w, b, gather: Gather, y_axis):
     of a sharded weight under ``jit`` gathers every layer's weight at once).
     """
     names = _names(gather.axis)
-    mesh = gather.mesh if gather.mesh is not None else jax.sharding.get_abstract_mesh()
+    mesh = gather.mesh_of(w)
     sizes = dict(getattr(mesh, "shape", {}))
     if not all(a in sizes for a in names):
         raise ValueError(
@@ -182,7 +188,7 @@ def on_shards(fn: str, bind, x, w, b, gather: Gather, y_axis):
     out_spec = P(*(None,) * y_axis, gather.axis)
     run = jax.shard_map(
         body,
-        mesh=gather.mesh,
+        mesh=mesh,
         in_specs=specs,
         out_specs=out_spec,
         axis_names=frozenset(names),
