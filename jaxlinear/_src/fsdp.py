@@ -14,9 +14,10 @@ adjoint, the reduce-scatter:
     \bar w_k = \text{gather}^\top\bigl(B_w^\top(g; x)\bigr) = \text{reduce\_scatter}(\cdot)_k.
 
 Inside ``jax.shard_map`` the gather is ``lax.all_gather`` over the manual mesh axis and its
-adjoint ``lax.psum_scatter``; under plain ``jax.jit`` (``spec`` given) it is a sharding
-constraint to the unsharded layout and its adjoint the constraint back to ``spec`` (XLA
-turns them into the same all-gather and reduce-scatter).
+adjoint ``lax.psum_scatter``. Under plain ``jax.jit`` (``spec`` given), an op bound on a
+sharded global weight runs itself inside a ``shard_map`` manual over that axis only
+(``on_shards``), and so gathers the same way: XLA's own partitioning of a sharding
+constraint keeps every gathered weight (measured: ``benchmarks/RESULTS.md``).
 
 Each gather is made to depend on the value the op is about to use it with (``x`` in the
 forward pass, ``g`` in the backward pass), through an exact ``+ 0`` on the shard: XLA then
