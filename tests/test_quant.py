@@ -217,7 +217,8 @@ def test_products_match_reference_and_bound(name, recipe):
     operands quantized here and (2) the recipe's error bound around float64 AD."""
     case = CASES[name]
     x, w, c = _operands(case)
-    got = dict(zip(("forward", "grad_x", "grad_w"), _under_test(name, recipe, False)(x, w, c)))
+    products = ("forward", "grad_x", "grad_w")
+    got = dict(zip(products, _under_test(name, recipe, False)(x, w, c), strict=True))
     for product, (fn, a, b) in _plain_products(case, x, w, c).items():
         (fa, axis_a), (fb, axis_b) = RECIPES[recipe][product]
         ka, kb = case.kept[product]
@@ -301,8 +302,13 @@ def test_scales_never_zero_or_inf():
     def zero_grads(x, W, k):
         out = []
         for r in RECIPES:
-            f = lambda x, W: jnp.sum(jaxlinear.linear(jaxlinear.Params(W, None), x, quant=r))
-            h = lambda x, k: jnp.sum(jaxlinear.conv(jaxlinear.Params(k, None), x, quant=r))
+
+            def f(x, W, r=r):
+                return jnp.sum(jaxlinear.linear(jaxlinear.Params(W, None), x, quant=r))
+
+            def h(x, k, r=r):
+                return jnp.sum(jaxlinear.conv(jaxlinear.Params(k, None), x, quant=r))
+
             out += [f(x, W), *jax.grad(f, (0, 1))(x, W)]
             out += [h(x[None, :, :, None], k), *jax.grad(h, (0, 1))(x[None, :, :, None], k)]
         return out
@@ -357,7 +363,9 @@ def test_recipe_errors():
     with pytest.raises(ValueError, match=r"linear: `quant` must be None, a jaxlinear.Recipe"):
         jaxlinear.linear(jaxlinear.Params(w, None), x, quant="fp4")
     with pytest.raises(ValueError, match=r"Recipe: `forward.lhs.format` must be one of"):
-        jaxlinear.Recipe.make(forward=("e3m4", "e4m3"), grad_x="e4m3 e4m3".split(), grad_w=("e4m3", "e4m3"))
+        jaxlinear.Recipe.make(
+            forward=("e3m4", "e4m3"), grad_x=("e4m3", "e4m3"), grad_w=("e4m3", "e4m3")
+        )
     with pytest.raises(ValueError, match=r"`grad_w.accumulation` 'int32' needs two int8"):
         jaxlinear.Recipe.make(
             forward=("int8", "int8"), grad_x=("int8", "int8"), grad_w=("e4m3", "int8", "int32")
@@ -374,11 +382,69 @@ def test_custom_recipe_mixed_formats():
     )
     case = CASES["conv_strided_dilated"]
     x, w, c = _operands(case)
-    y, dx, dw = _under_test("conv_strided_dilated", r, False)(x, w, c)
+    y, _, dw = _under_test("conv_strided_dilated", r, False)(x, w, c)
     qx, sx = ref_quantize(x, "e4m3", (0,))
     qw, sw = ref_quantize(w, "e5m2", (3,))
-    ref = np.asarray(case.plain(qx.astype(np.float64) * sx, qw.astype(np.float64) * sw))
-    size = np.asarray(case.plain(np.abs(qx * sx).astype(np.float64), np.abs(qw * sw).astype(np.float64)))
+    dx, dw_ = qx.astype(np.float64) * sx, qw.astype(np.float64) * sw  # dequantized
+    ref, size = np.asarray(case.plain(dx, dw_)), np.asarray(case.plain(np.abs(dx), np.abs(dw_)))
     np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 1e-5 * size + 1e-30)
     exact_dw = _plain_products(case, x, w, c)["grad_w"][0](c, x)
     np.testing.assert_allclose(dw, exact_dw, rtol=0.05, atol=0.05 * np.abs(exact_dw).max())
+
+
+def test_nnx_explicit_quant_per_layer():
+    """``jaxlinear.nnx.explicit(model, quant=...)``: a function of the path keeps the
+    first layer in full precision; the quantized layer equals the functional op with the
+    same recipe, bit for bit, under ``nnx.jit``; ``report`` names the recipe."""
+    nnx = pytest.importorskip("flax.nnx")
+    import jaxlinear.nnx
+
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(
+        nnx.Linear(8, 6, rngs=rngs, param_dtype=jnp.float32),
+        nnx.Linear(6, 3, rngs=rngs, param_dtype=jnp.float32),
+    )
+    jaxlinear.nnx.explicit(model, quant=lambda path, m: None if path == "layers.0" else "int8")
+    runs = {r.path: r.runs for r in jaxlinear.nnx.report(model)}
+    assert runs == {
+        "layers.0": "jaxlinear.dot_general",
+        "layers.1": "jaxlinear.dot_general (quant=int8)",
+    }
+    x = np.asarray(jax.random.normal(jax.random.key(3), (5, 8)), F32)
+    got = nnx.jit(lambda m, x: m(x))(model, x)
+    a, b = model.layers[0], model.layers[1]
+
+    @jax.jit
+    def by_hand(x):
+        h = x @ a.kernel[...] + a.bias[...][None]
+        return jaxlinear.linear(jaxlinear.Params(b.kernel[...], b.bias[...]), h, quant="int8")
+
+    np.testing.assert_array_equal(got, by_hand(x))
+
+
+def test_equinox_explicit_quant_per_layer():
+    """``jaxlinear.equinox.explicit(model, quant=...)`` under ``vmap`` (rows = examples):
+    the last layer kept in full precision, the others as ``linear(..., quant)``."""
+    eqx = pytest.importorskip("equinox")
+    import jaxlinear.equinox
+
+    mlp = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
+    new = jaxlinear.equinox.explicit(
+        mlp, quant=lambda path, layer: None if path == ".layers[1]" else "fp8_rowwise"
+    )
+    runs = [r.runs for r in jaxlinear.equinox.report(new).rows]
+    assert runs == [
+        "jaxlinear.linear (custom_vjp, quant=fp8_rowwise) on weight.T",
+        "jaxlinear.linear (custom_vjp) on weight.T",
+    ]
+    x = np.asarray(jax.random.normal(jax.random.key(3), (5, 4)), F32)
+    got = jax.jit(jax.vmap(new))(x)
+    l0, l1 = mlp.layers
+
+    @jax.jit
+    def by_hand(x):
+        p0 = jaxlinear.Params(l0.weight.T, l0.bias)
+        h = jax.nn.relu(jaxlinear.linear(p0, x, quant="fp8_rowwise"))
+        return h @ l1.weight.T + l1.bias[None]
+
+    np.testing.assert_allclose(got, by_hand(x), rtol=1e-6, atol=1e-6)
