@@ -189,25 +189,28 @@ def _under_test(name, recipe, dual):
     return run
 
 
-def _plain_products(case, x, w, c):
-    """The three products of the plain op, float64: ``(y, x̄, w̄)`` as functions of their
-    two operands (JAX's own AD for the transposes)."""
-    x64, w64 = jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64)
+@functools.cache
+def _plain_products(name):
+    """The three products of the plain op in float64, each ``(a, b) -> result`` jitted
+    (one compilation per product and case): ``y = B(x, w)``, and ``x̄``, ``w̄`` from JAX's
+    own AD of the plain op (``grad_x(g, w)``, ``grad_w(g, x)``)."""
+    case = CASES[name]
+    x_aval = jax.ShapeDtypeStruct(case.x_shape, jnp.float64)
+    w_aval = jax.ShapeDtypeStruct(case.w_shape, jnp.float64)
 
-    def fwd(a, b):
-        return case.plain(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64))
+    def grad_x(g, w):
+        return jax.linear_transpose(lambda x: case.plain(x, w), x_aval)(g)[0]
 
-    def grad_x(g, b):
-        return jax.vjp(lambda x: case.plain(x, jnp.asarray(b, jnp.float64)), x64)[1](
-            jnp.asarray(g, jnp.float64)
-        )[0]
+    def grad_w(g, x):
+        return jax.linear_transpose(lambda w: case.plain(x, w), w_aval)(g)[0]
 
-    def grad_w(g, a):
-        return jax.vjp(lambda w: case.plain(jnp.asarray(a, jnp.float64), w), w64)[1](
-            jnp.asarray(g, jnp.float64)
-        )[0]
+    return {"forward": jax.jit(case.plain), "grad_x": jax.jit(grad_x), "grad_w": jax.jit(grad_w)}
 
-    return {"forward": (fwd, x, w), "grad_x": (grad_x, c, w), "grad_w": (grad_w, c, x)}
+
+def _products(name, x, w, c):
+    """``product -> (f64 function, lhs, rhs)`` at this case's operands."""
+    fns, args = _plain_products(name), {"forward": (x, w), "grad_x": (c, w), "grad_w": (c, x)}
+    return {k: (fns[k], *(np.asarray(a, np.float64) for a in args[k])) for k in fns}
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -219,7 +222,7 @@ def test_products_match_reference_and_bound(name, recipe):
     x, w, c = _operands(case)
     products = ("forward", "grad_x", "grad_w")
     got = dict(zip(products, _under_test(name, recipe, False)(x, w, c), strict=True))
-    for product, (fn, a, b) in _plain_products(case, x, w, c).items():
+    for product, (fn, a, b) in _products(name, x, w, c).items():
         (fa, axis_a), (fb, axis_b) = RECIPES[recipe][product]
         ka, kb = case.kept[product]
         qa, sa = ref_quantize(a, fa, ka if axis_a else ())
@@ -306,12 +309,12 @@ def test_scales_never_zero_or_inf():
             def f(x, W, r=r):
                 return jnp.sum(jaxlinear.linear(jaxlinear.Params(W, None), x, quant=r))
 
-            def h(x, k, r=r):
-                return jnp.sum(jaxlinear.conv(jaxlinear.Params(k, None), x, quant=r))
-
             out += [f(x, W), *jax.grad(f, (0, 1))(x, W)]
-            out += [h(x[None, :, :, None], k), *jax.grad(h, (0, 1))(x[None, :, :, None], k)]
-        return out
+
+        def h(x, k):  # the scales are the same code for every op: one convolution
+            return jnp.sum(jaxlinear.conv(jaxlinear.Params(k, None), x, quant="fp8_rowwise"))
+
+        return [*out, h(x[None, :, :, None], k), *jax.grad(h, (0, 1))(x[None, :, :, None], k)]
 
     for v in zero_grads(z, jnp.zeros((4, 2), jnp.float32), jnp.zeros((2, 2, 1, 3), jnp.float32)):
         assert np.all(np.asarray(v) == 0), v
@@ -328,7 +331,7 @@ def test_vmap_keeps_rows():
 
 
 def test_training_step_traces_once():
-    """A jitted step of a conv + dense model with ``quant="fp8_hybrid"`` traces once."""
+    """A jitted step of a conv + dense model with ``quant="int8"`` traces once."""
     traces = []
     k = jax.random.split(jax.random.key(0), 2)
     params = {
@@ -341,7 +344,7 @@ def test_training_step_traces_once():
         traces.append(1)
 
         def loss(p):
-            h = jax.nn.relu(jaxlinear.conv(p["conv"], x, strides=1, quant="fp8_hybrid"))
+            h = jax.nn.relu(jaxlinear.conv(p["conv"], x, strides=1, quant="int8"))
             out = jaxlinear.linear(p["dense"], h.reshape(x.shape[0], -1), quant="int8")
             return jnp.mean((out - y) ** 2)
 
@@ -386,9 +389,10 @@ def test_custom_recipe_mixed_formats():
     qx, sx = ref_quantize(x, "e4m3", (0,))
     qw, sw = ref_quantize(w, "e5m2", (3,))
     dx, dw_ = qx.astype(np.float64) * sx, qw.astype(np.float64) * sw  # dequantized
-    ref, size = np.asarray(case.plain(dx, dw_)), np.asarray(case.plain(np.abs(dx), np.abs(dw_)))
+    fwd = _plain_products("conv_strided_dilated")["forward"]
+    ref, size = np.asarray(fwd(dx, dw_)), np.asarray(fwd(np.abs(dx), np.abs(dw_)))
     np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 1e-5 * size + 1e-30)
-    exact_dw = _plain_products(case, x, w, c)["grad_w"][0](c, x)
+    exact_dw = _plain_products("conv_strided_dilated")["grad_w"](*(np.float64(a) for a in (c, x)))
     np.testing.assert_allclose(dw, exact_dw, rtol=0.05, atol=0.05 * np.abs(exact_dw).max())
 
 
