@@ -452,3 +452,23 @@ def test_equinox_explicit_quant_per_layer():
         return h @ l1.weight.T + l1.bias[None]
 
     np.testing.assert_allclose(got, by_hand(x), rtol=1e-6, atol=1e-6)
+
+
+def test_int8_accumulates_in_float32_where_int32_could_overflow():
+    """``w̄ = Xᵀ G`` over 140,000 rows could exceed int32 (``127² · 140000 > 2³¹``): that
+    product accumulates in float32 (traced only, no array of that size is made)."""
+    p = jaxlinear.Params(jnp.ones((2, 3), jnp.float32), None)
+
+    def loss(p, x):
+        return jaxlinear.linear(p, x, quant="int8").sum()
+
+    x = jax.ShapeDtypeStruct((140_000, 2), jnp.float32)
+    eqns = jax.make_jaxpr(jax.grad(loss, (0, 1)))(p, x).jaxpr.eqns
+    accs = [str(e.params["preferred_element_type"]) for e in eqns if "dot" in str(e.primitive)]
+    assert sorted(accs) == ["float32", "int32", "int32"], accs  # w̄; y and x̄ (d ≤ 3 terms)
+
+
+def test_complex_operands_are_refused():
+    p = jaxlinear.Params(jnp.ones((2, 3), jnp.complex64), None)
+    with pytest.raises(TypeError, match="quant: a recipe quantizes real floating operands"):
+        jaxlinear.linear(p, jnp.ones((1, 2), jnp.complex64), quant="int8")

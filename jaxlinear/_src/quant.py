@@ -24,8 +24,10 @@ value ``F.max``: 448 for e4m3, 57344 for e5m2, 127 for int8):
 ``rne`` rounds to the nearest value of the format, ties to even (XLA's conversion for
 fp8; ``jnp.round`` then a cast for int8). ``P(q_a, q_b)`` runs *in the low format*, with
 the recipe's accumulation dtype (float32 for fp8, int32 for int8) as
-``preferred_element_type``, and the scales multiply its result in float32. The
-bfloat16 and float32 formats are not scaled (``s = 1``, ``q = a`` cast).
+``preferred_element_type``, and the scales multiply its result in float32 (an int8
+product that could sum more than ``2³¹ / 127²`` terms into one element accumulates in
+float32 instead: int32 could overflow). The bfloat16 and float32 formats are not scaled
+(``s = 1``, ``q = a`` cast). Complex operands are refused.
 
 Scales are *dynamic and stateless* (torchao's "dynamic scaling"): computed from the
 current values in every call, nothing kept between steps. Scaling granularity:
@@ -272,6 +274,15 @@ def _on_result(s, amap, out_ndim):
     return vals.reshape(shape)
 
 
+def _terms(a, a_map, b, b_map) -> int:
+    """An upper bound on the terms summed into one result element: the elements of either
+    operand per index of its kept axes."""
+    return min(
+        int(np.prod(t.shape, dtype=np.int64)) // max(1, int(np.prod([t.shape[i] for i, _ in m])))
+        for t, m in ((a, a_map), (b, b_map))
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _takes_mixed(fn, shapes, acc, params):
     """Whether ``fn`` takes operands of two different formats (``lax.dot_general`` does,
@@ -305,9 +316,17 @@ def product(fn, a, b, spec: Product, maps, /, *args, **params):
         axes the product keeps (the op's ``scale_axes`` rule); ``()``: per tensor only.
     """
     a_map, b_map = maps
+    for t in (a, b):
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            raise TypeError(
+                f"quant: a recipe quantizes real floating operands, got {t.dtype} (shape"
+                f" {tuple(t.shape)}); complex products have no fp8/int8 form here"
+            )
     qa, sa = quantize_operand(a, spec.lhs, [i for i, _ in a_map])
     qb, sb = quantize_operand(b, spec.rhs, [i for i, _ in b_map])
     acc = jnp.dtype(spec.accumulation)
+    if acc == jnp.int32 and _terms(a, a_map, b, b_map) * 127**2 >= 2**31:
+        acc = jnp.dtype(jnp.float32)  # int32 could overflow: sum the exact products in float32
     if qa.dtype != qb.dtype:
         shapes = tuple((tuple(np.shape(t)), jnp.dtype(t.dtype)) for t in (qa, qb, *args))
         if not _takes_mixed(fn, shapes, acc, tuple(sorted(params.items()))):
