@@ -158,6 +158,17 @@ CASES = {
         lambda x, w: lax.conv_transpose(x, w, (2, 2), "SAME", dimension_numbers=NHWC),
         {"forward": ((0,), (3,)), "grad_x": ((0,), (2,)), "grad_w": ((3,), (3,))},
     ),
+    "conv_transpose_kernel": Case(  # transpose_kernel: w read as (kH, kW, O, I), flipped
+        (2, 4, 4, 3),
+        (3, 3, 4, 3),
+        lambda x, w, q, dual: jaxlinear.conv_transpose(
+            x, w, (2, 1), "VALID", transpose_kernel=True, quant=q
+        ),
+        lambda x, w: lax.conv_transpose(
+            x, w, (2, 1), "VALID", dimension_numbers=NHWC, transpose_kernel=True
+        ),
+        {"forward": ((0,), (2,)), "grad_x": ((0,), (3,)), "grad_w": ((3,), (3,))},
+    ),
     "bilinear_op_user": Case(  # no scale_axes rule: every scale per tensor
         (12,),
         (3,),
@@ -213,8 +224,10 @@ def _products(name, x, w, c):
     return {k: (fns[k], *(np.asarray(a, np.float64) for a in args[k])) for k in fns}
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
-@pytest.mark.parametrize("name", list(CASES))
+ALL = [(n, r) for n in CASES if n != "conv_transpose_kernel" for r in RECIPES]
+
+
+@pytest.mark.parametrize(("name", "recipe"), [*ALL, ("conv_transpose_kernel", "int8")])
 def test_products_match_reference_and_bound(name, recipe):
     """Forward, x̄ and w̄ of ``op(..., quant=recipe)`` against (1) the plain op on the
     operands quantized here and (2) the recipe's error bound around float64 AD."""
