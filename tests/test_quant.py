@@ -256,8 +256,15 @@ def test_products_match_reference_and_bound(name, recipe):
         )
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
-@pytest.mark.parametrize("name", ["dense", "conv_strided_dilated", "einsum"])
+DUAL = [
+    *((n, r) for n in ("dense", "conv_strided_dilated", "einsum") for r in RECIPES),
+    ("dot_general_batch", "int8"),
+    ("conv_transpose", "fp8_rowwise"),
+    ("bilinear_op_user", "fp8_hybrid"),
+]
+
+
+@pytest.mark.parametrize(("name", "recipe"), DUAL)
 def test_dual_binding_follows_the_recipe(name, recipe):
     """``dual``: the same y, x̄, w̄ as ``custom_vjp`` (bit for bit); its JVP is the recipe's
     forward product of each tangent (``jvp(f)(x; ẋ) = f(ẋ, w)`` for a bilinear f)."""
