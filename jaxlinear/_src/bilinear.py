@@ -34,6 +34,9 @@ as ``preferred_element_type``), the bias added in that dtype, one final rounding
 output dtype (``out_dtype``, default the compute dtype); cotangents come back in each
 primal's dtype. Inside ``shard_map`` each cotangent is summed over the manual axes along
 which it varies but its primal does not (``vma.psum_to``): the adjoint of replication.
+With ``quant=`` (a ``Recipe``, ``quant.py``) each of the three products runs in fp8 or
+int8 with dynamic scales; the op's optional ``scale_axes`` rule says which axes may carry
+a per-row or per-channel scale.
 
 The builder validates nothing: a layer function checks shapes and dtypes first and
 passes hashable static parameters (tuples, not lists).
