@@ -3,23 +3,18 @@ r"""Low-precision products: recipes, dynamic scales, quantize / dequantize.
 A bilinear layer's training step is three products, and the builder (``bilinear.py``)
 writes each one down; a ``Recipe`` says how each is computed:
 
-========  ===========================  =======================
-product   formula                      operands (``lhs``, ``rhs``)
-========  ===========================  =======================
-forward   ``y = B(x, w)``              ``(x, w)``
-grad_x    ``x̄ = B_xᵀ(g; w)``           ``(g, w)``
-grad_w    ``w̄ = B_wᵀ(g; x)``           ``(g, x)``
-========  ===========================  =======================
+| product | formula | operands (``lhs``, ``rhs``) |
+|---|---|---|
+| ``forward`` | ``y = B(x, w)`` | ``(x, w)`` |
+| ``grad_x`` | ``x̄ = B_xᵀ(g; w)`` | ``(g, w)`` |
+| ``grad_w`` | ``w̄ = B_wᵀ(g; x)`` | ``(g, x)`` |
 
 For one product ``P(a, b)`` with operands in formats ``F_a``, ``F_b`` (largest finite
 value ``F.max``: 448 for e4m3, 57344 for e5m2, 127 for int8):
 
-.. math::
-
-    s_a = \max|a| \cdot \mathrm{f32}(1 / F_a.\max) \ \text{(over the reduced axes; 1 where
-    that is 0 or not finite)}, \quad q_a = \mathrm{rne}_{F_a}(\mathrm{clip}(a / s_a, \pm F_a.\max))
-
-    P(a, b) \approx (s_a \otimes s_b) \odot P(q_a, q_b)
+    s_a = max|a| · f32(1 / F_a.max)     over the reduced axes; 1 where 0 or not finite
+    q_a = rne_F_a(clip(a / s_a, −F_a.max, F_a.max))
+    P(a, b) ≈ (s_a ⊗ s_b) ⊙ P(q_a, q_b)
 
 ``rne`` rounds to the nearest value of the format, ties to even (XLA's conversion for
 fp8; ``jnp.round`` then a cast for int8). ``P(q_a, q_b)`` runs *in the low format*, with
