@@ -3,7 +3,8 @@
 Modes:
   (default)      the full CPU suite (4-9 minutes on 2 cores, depending on other load)
   --smoke        tiny shapes, one round: every available implementation runs (CI)
-  --gpu          the accelerator suite, float32 and bfloat16 (--dtypes to choose)
+  --gpu          the accelerator suite, float32 and bfloat16 (--dtypes to choose), then
+                 the fp8 / int8 recipes against bfloat16 (benchmarks.bench_quant --gpu)
   --xla-flags    XLA:CPU dot options, each in its own process, interleaved (about 2 min)
 
 Writes ``results_<mode>.json``, ``results_<mode>.md`` and ``results_<mode>.png`` under
@@ -236,6 +237,11 @@ def main(argv=None) -> int:
         log(f"note: {note}")
     wall = results["meta"]["wall_s"]
     log(f"wrote {base}.json, .md{'' if note else ', .png'} in {wall:.0f} s")
+    if args.gpu and not args.only:  # the quantization recipes' rows (printed, not in the JSON)
+        from benchmarks import bench_quant
+
+        log("\nfp8 / int8 recipes against bfloat16 (python -m benchmarks.bench_quant --gpu):")
+        bench_quant.main(["--gpu"])
     if results["errors"]:
         log(f"{len(results['errors'])} implementation(s) failed: {', '.join(results['errors'])}")
         return 1

@@ -13,6 +13,14 @@ last 10%, in bits per character. Every weight-bearing op is jaxlinear's:
 
     python -m examples.char_transformer            # full run
     python -m examples.char_transformer --smoke    # a few steps, seconds
+    python -m examples.char_transformer --quant fp8  # weight products in fp8
+
+``--quant`` (``fp8`` = ``fp8_hybrid``, ``fp8_rowwise``, ``int8``; see
+``docs/guides/quantization.md``) runs every product with a weight (the attention
+projections, the MLP, the output layer) and its two transposes in that format;
+``--keep-ends`` keeps the output layer in float32 (the embeddings are lookups, never
+quantized). The attention scores and weighted values (activation × activation) stay
+float32.
 """
 
 from __future__ import annotations
@@ -83,11 +91,11 @@ def layer_norm(p, x):  # (..., d) -> (..., d)
     return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
 
 
-def attention(blk, x):
+def attention(blk, x, quant=None):
     """Causal multi-head self-attention: ``(b, t, d) -> (b, t, d)``."""
-    q = jaxlinear.einsum("btd,dhk->bthk", x, blk["q"])  # (b, t, h, k)
-    k = jaxlinear.einsum("btd,dhk->bthk", x, blk["k"])
-    v = jaxlinear.einsum("btd,dhk->bthk", x, blk["v"])
+    q = jaxlinear.einsum("btd,dhk->bthk", x, blk["q"], quant=quant)  # (b, t, h, k)
+    k = jaxlinear.einsum("btd,dhk->bthk", x, blk["k"], quant=quant)
+    v = jaxlinear.einsum("btd,dhk->bthk", x, blk["v"], quant=quant)
     # scores[b, h, t, s] = Σ_k q[b, t, h, k] k[b, s, h, k]: batch axes (b, h), contract k
     scores = jaxlinear.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # (b, h, t, s)
     t = x.shape[1]
@@ -95,23 +103,27 @@ def attention(blk, x):
     scores = jnp.where(causal, scores / math.sqrt(q.shape[-1]), -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)  # (b, h, t, s)
     out = jaxlinear.einsum("bhts,bshk->bthk", weights, v)  # (b, t, h, k)
-    return jaxlinear.einsum("bthk,hkd->btd", out, blk["o"])  # (b, t, d)
+    return jaxlinear.einsum("bthk,hkd->btd", out, blk["o"], quant=quant)  # (b, t, d)
 
 
-def lm(params, ids):
-    """``(b, t)`` character ids -> ``(b, t, vocab)`` next-character logits."""
+def lm(params, ids, quant=None, keep_ends=False):
+    """``(b, t)`` character ids -> ``(b, t, vocab)`` next-character logits; ``quant``: a
+    recipe for the weight products (``keep_ends``: not the output layer's)."""
     t = ids.shape[1]
     x = jaxlinear.embed(params["tok"], ids) + jaxlinear.embed(params["pos"], jnp.arange(t))[None]
     for blk in params["blocks"]:
-        x = x + attention(blk, layer_norm(blk["ln1"], x))
-        h = jax.nn.gelu(jaxlinear.linear(blk["fc1"], layer_norm(blk["ln2"], x)))  # (b, t, 4d)
-        x = x + jaxlinear.linear(blk["fc2"], h)
-    return jaxlinear.linear(params["head"], layer_norm(params["ln_f"], x))  # (b, t, vocab)
+        x = x + attention(blk, layer_norm(blk["ln1"], x), quant)
+        h = layer_norm(blk["ln2"], x)
+        h = jax.nn.gelu(jaxlinear.linear(blk["fc1"], h, quant=quant))  # (b, t, 4d)
+        x = x + jaxlinear.linear(blk["fc2"], h, quant=quant)
+    head_quant = None if keep_ends else quant
+    h = layer_norm(params["ln_f"], x)
+    return jaxlinear.linear(params["head"], h, quant=head_quant)  # (b, t, vocab)
 
 
-def loss_fn(params, ids):
+def loss_fn(params, ids, **quant):
     """Mean next-character cross-entropy (nats) of ``ids: (b, t + 1)``."""
-    logits = lm(params, ids[:, :-1])
+    logits = lm(params, ids[:, :-1], **quant)
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
 
@@ -128,7 +140,12 @@ def main(argv=None) -> dict:
     p.add_argument("--d", type=int, default=64, help="model width")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--sample", type=int, default=240, help="characters to sample at the end")
+    quants = {"fp8": "fp8_hybrid", "fp8_hybrid": "fp8_hybrid", "fp8_rowwise": "fp8_rowwise"}
+    quants["int8"] = "int8"
+    p.add_argument("--quant", choices=sorted(quants), default=None, help="low-precision recipe")
+    p.add_argument("--keep-ends", action="store_true", help="output layer in float32")
     args = _common.parse(p, argv)
+    quant = {"quant": quants.get(args.quant), "keep_ends": args.keep_ends}
     if args.smoke:
         args.batch, args.context, args.d, args.layers, args.sample = 4, 16, 16, 1, 20
 
@@ -161,14 +178,14 @@ def main(argv=None) -> dict:
 
     @jax.jit
     def step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+        loss, grads = jax.value_and_grad(functools.partial(loss_fn, **quant))(params, ids)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(args.seed)
     n_valid = 8 if args.smoke else 256  # fixed validation windows, the same every time
     valid_ids = windows(valid, rng.integers(0, len(valid) - T - 1, n_valid), T + 1)
-    eval_loss = jax.jit(loss_fn)
+    eval_loss = jax.jit(functools.partial(loss_fn, **quant))
 
     progress = _common.Progress(args.steps)
     losses, evals = [], []
@@ -186,7 +203,7 @@ def main(argv=None) -> dict:
     # 0.8), always feeding the last T characters (one compiled shape).
     @jax.jit
     def next_char(params, window, key):
-        return jax.random.categorical(key, lm(params, window[None])[0, -1] / 0.8)
+        return jax.random.categorical(key, lm(params, window[None], **quant)[0, -1] / 0.8)
 
     window = valid[:T].copy()
     key, out = jax.random.key(args.seed + 1), []
@@ -211,7 +228,8 @@ def main(argv=None) -> dict:
     ax.set_title(
         f"char transformer on pydoc_data.topics: validation {bpc:.2f} bits/char", fontsize=10
     )
-    _common.save(fig, args.out, "char_transformer.png")
+    name = f"char_transformer_{args.quant}{'_keep_ends' * args.keep_ends}" if args.quant else ""
+    _common.save(fig, args.out, f"{name or 'char_transformer'}.png")
     return {"valid_bpc": bpc, "seconds": progress.seconds}
 
 

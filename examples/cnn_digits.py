@@ -7,6 +7,13 @@ and a correlation of input and cotangent for the kernel).
 
     python -m examples.cnn_digits            # full run: test accuracy ≥ 95%
     python -m examples.cnn_digits --smoke    # a few steps, seconds
+    python -m examples.cnn_digits --quant int8          # every product in int8
+    python -m examples.cnn_digits --quant fp8 --keep-ends  # fp8, first/last layer float32
+
+``--quant`` trains with a low-precision recipe (``fp8`` is ``fp8_hybrid``; see
+``docs/guides/quantization.md``): the forward product and both transposes of every layer
+run in that format with dynamic scales; ``--keep-ends`` keeps ``conv1`` and ``fc2`` in
+float32.
 """
 
 from __future__ import annotations
@@ -41,30 +48,41 @@ def init_cnn(key, *, width: int = 16) -> dict:
     }
 
 
-def cnn(params: dict, x: jax.Array) -> jax.Array:
-    """``(n, 8, 8, 1)`` images -> ``(n, 10)`` logits."""
-    h = jax.nn.relu(jaxlinear.conv(params["conv1"], x))  # (n, 8, 8, 16)
-    h = jax.nn.relu(jaxlinear.conv(params["conv2"], h, strides=2))  # (n, 4, 4, 32)
+def cnn(params: dict, x: jax.Array, quant=None, keep_ends: bool = False) -> jax.Array:
+    """``(n, 8, 8, 1)`` images -> ``(n, 10)`` logits; ``quant``: a recipe for every layer
+    (``keep_ends``: not for the first and the last)."""
+    q_end = None if keep_ends else quant
+    h = jax.nn.relu(jaxlinear.conv(params["conv1"], x, quant=q_end))  # (n, 8, 8, 16)
+    h = jax.nn.relu(jaxlinear.conv(params["conv2"], h, strides=2, quant=quant))  # (n, 4, 4, 32)
     h = h.reshape(h.shape[0], -1)  # (n, 512)
-    h = jax.nn.relu(jaxlinear.linear(params["fc1"], h))  # (n, 64)
-    return jaxlinear.linear(params["fc2"], h)  # (n, 10)
+    h = jax.nn.relu(jaxlinear.linear(params["fc1"], h, quant=quant))  # (n, 64)
+    return jaxlinear.linear(params["fc2"], h, quant=q_end)  # (n, 10)
 
 
-def per_example_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+def per_example_loss(params: dict, x: jax.Array, y: jax.Array, **quant) -> jax.Array:
     """Cross-entropy of each example: ``(n,)``."""
-    return optax.softmax_cross_entropy_with_integer_labels(cnn(params, x), y)
+    return optax.softmax_cross_entropy_with_integer_labels(cnn(params, x, **quant), y)
 
 
-@jax.jit
-def accuracy(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.argmax(cnn(params, x), axis=-1) == y)
+@functools.partial(jax.jit, static_argnames=("quant", "keep_ends"))
+def accuracy(params: dict, x: jax.Array, y: jax.Array, **quant) -> jax.Array:
+    return jnp.mean(jnp.argmax(cnn(params, x, **quant), axis=-1) == y)
+
+
+QUANT = {"fp8": "fp8_hybrid", "fp8_hybrid": "fp8_hybrid", "fp8_rowwise": "fp8_rowwise"}
+QUANT["int8"] = "int8"
 
 
 def main(argv=None) -> dict:
     p = _common.parser(__doc__.splitlines()[0], steps=600)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--quant", choices=sorted(QUANT), default=None, help="low-precision recipe")
+    p.add_argument("--keep-ends", action="store_true", help="first/last layer in float32")
     args = _common.parse(p, argv)
+    quant = {"quant": QUANT.get(args.quant), "keep_ends": args.keep_ends}
+    if args.quant:
+        print(f"quantized: {quant['quant']}" + (" (conv1, fc2 in float32)" * args.keep_ends))
 
     x_tr, y_tr, x_te, y_te = _common.digits(smoke=args.smoke, seed=args.seed)
     print(f"digits: {len(x_tr)} training, {len(x_te)} test images, 8×8")
@@ -74,7 +92,9 @@ def main(argv=None) -> dict:
 
     @jax.jit
     def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(lambda p: per_example_loss(p, x, y).mean())(params)
+        loss, grads = jax.value_and_grad(lambda p: per_example_loss(p, x, y, **quant).mean())(
+            params
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -85,7 +105,7 @@ def main(argv=None) -> dict:
         params, opt_state, loss = step(params, opt_state, x_tr[idx], y_tr[idx])
         losses.append(float(loss))
         if progress.due(i):
-            acc = float(accuracy(params, x_te, y_te))
+            acc = float(accuracy(params, x_te, y_te, **quant))
             evals.append((i, acc))
             progress(i, losses[-1], test_acc=acc)
     acc = evals[-1][1]
@@ -99,8 +119,10 @@ def main(argv=None) -> dict:
     a2.plot(*zip(*evals, strict=True), marker="o")
     a2.axhline(TARGET, color="0.6", ls="--", lw=0.8)
     a2.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1))
-    fig.suptitle(f"CNN on digits, jaxlinear.conv + linear, Adam: test accuracy {acc:.1%}")
-    _common.save(fig, args.out, "cnn_digits.png")
+    tag = f", quant={quant['quant']}" + (" (ends float32)" * args.keep_ends) if args.quant else ""
+    fig.suptitle(f"CNN on digits, jaxlinear.conv + linear, Adam{tag}: test accuracy {acc:.1%}")
+    name = f"cnn_digits_{args.quant}{'_keep_ends' * args.keep_ends}" if args.quant else "cnn_digits"
+    _common.save(fig, args.out, f"{name}.png")
     return {"test_accuracy": acc, "seconds": progress.seconds}
 
 

@@ -45,6 +45,10 @@ from jaxlinear._src.per_example import RouteReport as RouteReport
 from jaxlinear._src.per_example import clipped_grad as clipped_grad
 from jaxlinear._src.per_example import per_example_grad_norms as per_example_grad_norms
 from jaxlinear._src.per_example import per_example_routes as per_example_routes
+from jaxlinear._src.quant import RECIPES as RECIPES
+from jaxlinear._src.quant import Operand as Operand
+from jaxlinear._src.quant import Product as Product
+from jaxlinear._src.quant import Recipe as Recipe
 from jaxlinear._src.sharded import column_parallel_linear as column_parallel_linear
 from jaxlinear._src.sharded import data_parallel_linear as data_parallel_linear
 from jaxlinear._src.sharded import fsdp_linear as fsdp_linear
@@ -59,7 +63,11 @@ __all__ = [
     "BatchRule",
     "BilinearOp",
     "Gather",
+    "Operand",
     "Params",
+    "Product",
+    "RECIPES",
+    "Recipe",
     "Route",
     "RouteReport",
     "adjoint_test",

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxlinear
+from jaxlinear._src import quant as _quant
 from jaxlinear._src.params import Params
 
 __all__ = ["BINDINGS", "Report", "Row", "explicit", "report"]
@@ -71,7 +72,11 @@ _OPS = {  # binding -> the jaxlinear functions a converted layer calls
 
 
 def _op(module, kind):
-    return _OPS[type(module).jaxlinear_binding][kind]
+    fn = _OPS[type(module).jaxlinear_binding][kind]
+    recipe = getattr(type(module), "jaxlinear_quant", None)
+    if recipe is None or kind == "embed":  # a lookup is a gather: nothing to quantize
+        return fn
+    return functools.partial(fn, quant=recipe)
 
 
 # --------------------------------------------------------------------------------------
@@ -166,8 +171,9 @@ _KNOWN = {
 
 
 @functools.cache
-def _converted_class(cls, binding):
-    """The subclass of ``cls`` whose ``__call__`` runs jaxlinear's op (one per binding)."""
+def _converted_class(cls, binding, quant=None):
+    """The subclass of ``cls`` whose ``__call__`` runs jaxlinear's op (one per binding and
+    quantization recipe)."""
     call = _KNOWN[cls][0]
     prefix = "Explicit" if binding == "custom_vjp" else "Dual"
     name = f"{prefix}{cls.__name__}"
@@ -177,6 +183,7 @@ def _converted_class(cls, binding):
         {
             "__call__": call,
             "jaxlinear_binding": binding,
+            "jaxlinear_quant": quant,
             "__module__": __name__,
             "__qualname__": name,
             "__doc__": f"``eqx.nn.{cls.__name__}`` on jaxlinear's explicit rules"
@@ -190,9 +197,9 @@ def _original_class(cls):
     return cls.__mro__[1] if getattr(cls, "__module__", None) == __name__ else cls
 
 
-def _convert(module, binding):
+def _convert(module, binding, quant=None):
     """A new ``module`` of the converted class, sharing every field's value."""
-    new = object.__new__(_converted_class(_original_class(type(module)), binding))
+    new = object.__new__(_converted_class(_original_class(type(module)), binding, quant))
     for f in dataclasses.fields(module):
         object.__setattr__(new, f.name, getattr(module, f.name))
     return new
@@ -203,7 +210,7 @@ def _is_known(x):
     return _original_class(type(x)) in _KNOWN
 
 
-def explicit(model, *, binding: str = "custom_vjp"):
+def explicit(model, *, binding: str = "custom_vjp", quant=None):
     r"""``model`` with every Equinox layer jaxlinear knows running on its explicit rules.
 
     A new pytree (Equinox modules are immutable); ``model`` is unchanged. Known layers:
@@ -219,6 +226,12 @@ def explicit(model, *, binding: str = "custom_vjp"):
       binding: ``"custom_vjp"`` (``linear``, ``conv_general_dilated``, ``embed``:
         reverse mode) or ``"dual"`` (``dual_linear``, ...: every transform, forward mode
         included).
+      quant: low-precision training (``docs/guides/quantization.md``): ``None`` (default),
+        a recipe (``"fp8_hybrid"``, ``"fp8_rowwise"``, ``"int8"`` or a
+        ``jaxlinear.Recipe``) for every converted layer, or a function ``(path, layer) ->
+        recipe | None`` choosing per layer (``path`` as ``report`` prints it, e.g.
+        ``".layers[0]"``): return ``None`` to keep a layer, such as the first and the
+        last, in full precision. Embeddings are lookups and are never quantized.
 
     Returns:
       The converted pytree. ``report(new)`` lists module path → what it runs, and the
@@ -242,9 +255,15 @@ def explicit(model, *, binding: str = "custom_vjp"):
         raise ValueError(
             f"jaxlinear.equinox.explicit: `binding` must be one of {BINDINGS}, got {binding!r}"
         )
-    return jax.tree.map(
-        lambda m: _convert(m, binding) if _is_known(m) else m, model, is_leaf=_is_known
-    )
+    choose = quant if callable(quant) else lambda path, layer: quant
+    resolve = functools.partial(_quant.resolve, "jaxlinear.equinox.explicit")
+
+    def convert(path, m):
+        if not _is_known(m):
+            return m
+        return _convert(m, binding, resolve(choose(jax.tree_util.keystr(path), m)))
+
+    return jax.tree_util.tree_map_with_path(convert, model, is_leaf=_is_known)
 
 
 # --------------------------------------------------------------------------------------
@@ -307,6 +326,8 @@ def _describe(module):
         _, kind, note = _KNOWN[_original_class(cls)]
         binding = cls.jaxlinear_binding
         fn = _OPS[binding][kind].__name__
+        if cls.jaxlinear_quant is not None and kind != "embed":
+            binding += f", quant={cls.jaxlinear_quant.name}"
         return f"jaxlinear.{fn} ({binding})" + (f" on {note}" if note else "")
     if cls is eqx.nn.MultiheadAttention:
         return (

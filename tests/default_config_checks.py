@@ -362,3 +362,18 @@ def test_bfloat16_params_with_numpy_x_promote_like_plain(f):
     np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
     grads = jax.grad(lambda p: jnp.sum(f(p, x)))(params)
     assert grads.W.dtype == grads.b.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("recipe", ["fp8_hybrid", "int8"])
+def test_quant_on_numpy_inputs(recipe):
+    """``quant=`` on NumPy float64 inputs with x64 off: float32 results and gradients (the
+    params' dtype as JAX gives it), near plain ``x @ W + b`` (a few % for fp8), no warning."""
+    params, x = numpy_layer(0, lead=(6,), d_in=8, d_out=4)
+    y = jaxlinear.linear(params, x, quant=recipe)
+    ref = plain(params, x)
+    assert y.dtype == F32
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=0.1 * float(jnp.abs(ref).max()))
+    g = jax.grad(lambda p: jnp.sum(jaxlinear.conv(p, x[None, :, :], quant=recipe)))(
+        jaxlinear.Params(np.ones((3, 8, 2)), np.zeros(2))
+    )
+    assert (g.W.dtype, g.b.dtype) == (F32, F32) and bool(jnp.all(jnp.isfinite(g.W)))

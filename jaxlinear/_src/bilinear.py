@@ -34,6 +34,9 @@ as ``preferred_element_type``), the bias added in that dtype, one final rounding
 output dtype (``out_dtype``, default the compute dtype); cotangents come back in each
 primal's dtype. Inside ``shard_map`` each cotangent is summed over the manual axes along
 which it varies but its primal does not (``vma.psum_to``): the adjoint of replication.
+With ``quant=`` (a ``Recipe``, ``quant.py``) each of the three products runs in fp8 or
+int8 with dynamic scales; the op's optional ``scale_axes`` rule says which axes may carry
+a per-row or per-channel scale.
 
 Both bindings take ``gather=fsdp.Gather(axis, dim)`` (or a weight marked by
 ``fsdp_gather``): ``w`` is then an FSDP shard, gathered in the forward pass, saved as the
@@ -57,9 +60,11 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxlinear._src import fsdp, taps, vma
+from jaxlinear._src import quant as _quant
 
 _NAMES = ("x", "w", "b")  # the operands, in order; also the names used in `wrt`
-_RESERVED = ("compute_dtype", "out_dtype", "preferred_element_type", "mask", "gather")
+_RESERVED = ("compute_dtype", "out_dtype", "quant", "preferred_element_type", "mask", "gather")
+_BUILDER_ONLY = ("preferred_element_type", "mask", "gather")  # never passed as op parameters
 
 
 def accumulation_dtype(dtype) -> np.dtype:
@@ -85,10 +90,20 @@ def _add_bias(y, b):
     return y + lax.expand_dims(b.astype(y.dtype), tuple(range(y.ndim - 1)))
 
 
-def apply_forward(forward, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
-    """``B(x, w) + b`` under the policy: cast, accumulate wide, add ``b``, round once."""
+def apply_forward(
+    forward, x, w, b=None, *, compute_dtype=None, out_dtype=None, quant=None, scale_axes=None,
+    **params,
+):  # fmt: skip
+    """``B(x, w) + b`` under the policy: cast, accumulate wide, add ``b``, round once.
+
+    ``quant``: a ``Recipe`` (``quant.py``); the product is then its ``forward`` product
+    (operands quantized with the op's ``scale_axes``), the rest of the policy unchanged.
+    """
     cd, acc, out = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
-    y = forward(x.astype(cd), w.astype(cd), preferred_element_type=acc, **params).astype(acc)
+    if quant is not None:  # --- quantization hook (quant.py) ---
+        y = _quant.apply(quant, "forward", forward, scale_axes, x, w, **params).astype(acc)
+    else:
+        y = forward(x.astype(cd), w.astype(cd), preferred_element_type=acc, **params).astype(acc)
     if b is not None:
         y = _add_bias(y, b)
     return y.astype(out)
@@ -102,8 +117,9 @@ def _out_shape(forward, x_shape, w_shape, cd, acc, params):
     return tuple(jax.eval_shape(fn, S(x_shape, cd), S(w_shape, cd)).shape)
 
 
-def out_shape(forward, x, w, *, compute_dtype=None, out_dtype=None, **params):
+def out_shape(forward, x, w, *, compute_dtype=None, out_dtype=None, quant=None, **params):
     """The shape of ``B(x, w)``; ``x`` and ``w`` need only ``.shape`` and ``.dtype``."""
+    del quant  # a recipe changes values, not shapes
     cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
     items = tuple(sorted(params.items()))
     return _out_shape(forward, tuple(x.shape), tuple(w.shape), cd, acc, items)
@@ -128,15 +144,26 @@ def _example_axis(forward, x_shape, w_shape, cd, acc, params):
 
 
 def apply_pushforward(
-    forward, x, w, dx=None, dw=None, db=None, *, compute_dtype=None, out_dtype=None, **params
-):
-    """The JVP ``B(dx, w) + B(x, dw) + db``, summed wide, rounded once; ``None`` = zero tangent."""
+    forward, x, w, dx=None, dw=None, db=None, *, compute_dtype=None, out_dtype=None,
+    quant=None, scale_axes=None, **params,
+):  # fmt: skip
+    """The JVP ``B(dx, w) + B(x, dw) + db``, summed wide, rounded once; ``None`` = zero tangent.
+
+    ``quant``: each term is the recipe's ``forward`` product (``dx`` quantized as ``x``,
+    ``dw`` as ``w``).
+    """
     cd, acc, out = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
+
+    def product(a, b):
+        if quant is not None:  # --- quantization hook (quant.py) ---
+            return _quant.apply(quant, "forward", forward, scale_axes, a, b, **params)
+        return forward(a.astype(cd), b.astype(cd), preferred_element_type=acc, **params)
+
     terms = []
     if dx is not None:
-        terms.append(forward(dx.astype(cd), w.astype(cd), preferred_element_type=acc, **params))
+        terms.append(product(dx, w))
     if dw is not None:
-        terms.append(forward(x.astype(cd), dw.astype(cd), preferred_element_type=acc, **params))
+        terms.append(product(x, dw))
     if terms:
         dy = functools.reduce(lambda a, t: a + t.astype(acc), terms[1:], terms[0].astype(acc))
     else:
@@ -157,16 +184,27 @@ def apply_pullback(
     wrt=_NAMES,
     compute_dtype=None,
     out_dtype=None,
+    quant=None,
+    scale_axes=None,
     **params,
 ):
     """The VJP ``(x̄, w̄, b̄)``; an entry not named in ``wrt`` is ``None`` and is not computed.
 
     ``x̄`` comes back in ``x``'s dtype, ``w̄`` and ``b̄`` in ``w``'s. The operand being
-    solved for needs only ``.shape`` and ``.dtype`` (an aval will do).
+    solved for needs only ``.shape`` and ``.dtype`` (an aval will do). ``quant``: ``x̄``
+    and ``w̄`` are the recipe's ``grad_x`` and ``grad_w`` products (``b̄`` stays exact).
     """
     cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
     gc = g.astype(cd)
     dx = dw = db = None
+    if quant is not None:  # --- quantization hook (quant.py) ---
+        if "x" in wrt:
+            dx = _quant.apply(quant, "grad_x", transpose_x, scale_axes, g, w, x, **params)
+            dx = dx.astype(x.dtype)
+        if "w" in wrt:
+            dw = _quant.apply(quant, "grad_w", transpose_w, scale_axes, g, x, w, **params)
+            dw = dw.astype(w.dtype)
+        wrt = tuple(n for n in wrt if n == "b")
     if "x" in wrt:
         dx = transpose_x(gc, w.astype(cd), x, preferred_element_type=acc, **params)
         dx = dx.astype(x.dtype)
@@ -337,9 +375,11 @@ class BilinearOp:
         pullback: Callable | None = None,
         pushforward: Callable | None = None,
         per_example: Callable | None = None,
+        scale_axes: Callable | None = None,
     ):
         self.name = name
         self.per_example_rule = per_example
+        self.scale_axes = scale_axes
         self.forward_fn, self.transpose_x, self.transpose_w = forward, transpose_x, transpose_w
         self._batch_hook, self._out_sharding = batch, out_sharding
         self._pullback_fn = pullback or self._composed_pullback
@@ -358,9 +398,11 @@ class BilinearOp:
     # The author's functions are looked up on the instance at call time, so a test can
     # wrap them (count calls, inject a wrong rule) and see what each transform runs.
     def _composed_pullback(self, x, w, g, **kw):
+        kw = {**kw, "scale_axes": self.scale_axes} if "quant" in kw else kw
         return apply_pullback(self.transpose_x, self.transpose_w, x, w, g, **kw)
 
     def _composed_pushforward(self, x, w, dx, dw, db, **kw):
+        kw = {**kw, "scale_axes": self.scale_axes} if "quant" in kw else kw
         return apply_pushforward(self.forward_fn, x, w, dx, dw, db, **kw)
 
     def forward(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, gather=None, **params):
@@ -368,6 +410,8 @@ class BilinearOp:
         With ``gather`` (``fsdp.Gather``), ``w`` is a shard, gathered here."""
         if gather is not None:
             w = gather.gather(w, after=x)
+        if "quant" in params:
+            params["scale_axes"] = self.scale_axes
         return apply_forward(
             self.forward_fn, x, w, b, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
         )
@@ -378,7 +422,9 @@ class BilinearOp:
         if gather is not None:
             w = gather.gather(w, after=x if dx is None else dx)
             dw = None if dw is None else gather.gather(dw)
-        return self._pushforward_fn(x, w, dx, dw, db, **kw)
+        # A recipe (kw["quant"]) goes through the composed products: a fused rule knows none.
+        fn = self._composed_pushforward if "quant" in kw else self._pushforward_fn
+        return fn(x, w, dx, dw, db, **kw)
 
     def pullback(self, x, w, g, *, wrt=_NAMES, b=None, gather=None, **kw):
         """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype,
@@ -387,7 +433,8 @@ class BilinearOp:
         residual policy), and ``w̄`` comes back reduce-scattered to the shard."""
         if gather is not None:
             w = gather.gather(w, after=g) if "x" in wrt else gather.whole_aval(_aval(w))
-        dx, dw, db = self._pullback_fn(x, w, g, wrt=tuple(wrt), **kw)
+        fn = self._composed_pullback if "quant" in kw else self._pullback_fn  # (see pushforward)
+        dx, dw, db = fn(x, w, g, wrt=tuple(wrt), **kw)
         if gather is not None and dw is not None:
             dw = gather.scatter(dw)
         if db is not None and b is not None and db.dtype != b.dtype:
@@ -397,6 +444,7 @@ class BilinearOp:
     def _out_aval(self, x, w, *operands, compute_dtype, out_dtype, gather=None, **params):
         """``y``'s abstract value; varying along every manual axis any operand varies along."""
         w_shard, w = w, w if gather is None else gather.whole_type(w)
+        params.pop("quant", None)
         shape = out_shape(
             self.forward_fn, x, w, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
         )
@@ -455,6 +503,7 @@ class BilinearOp:
         out_dtype=None,
         residuals="exact",
         gather=None,
+        quant=None,
         **params,
     ):
         r"""``y = B(x, w) + b`` as a ``jax.custom_vjp``: reverse mode through the transposes.
@@ -474,6 +523,9 @@ class BilinearOp:
             pass, saved as the shard and gathered again in the backward pass; ``w̄``
             comes back reduce-scattered. ``None``: ``w`` as given, unless it is a weight
             marked by ``fsdp_gather`` (then its shard and its ``Gather``).
+          quant: ``None``, a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``, ``"int8"``)
+            or a ``Recipe``: each of the three products in low precision with dynamic
+            scales (``jaxlinear._src.quant``); the bias and the output rounding as above.
           **params: the op's static (hashable) parameters, passed to its three functions.
 
         Returns:
@@ -490,11 +542,12 @@ class BilinearOp:
                 compute_dtype=compute_dtype,
                 out_dtype=out_dtype,
                 residuals=residuals,
+                quant=quant,
                 **params,
             )
             return self._on_shards(bind, x, w, b, gather, compute_dtype, out_dtype, params)
         static = _Static(
-            self._static(compute_dtype, out_dtype, params, gather),
+            self._static(compute_dtype, out_dtype, params, quant, gather),
             None if b is None else jnp.dtype(b.dtype),
             residuals,
             jnp.dtype(x.dtype),
@@ -510,8 +563,8 @@ class BilinearOp:
         y_axis = _example_axis(self.forward_fn, tuple(x.shape), tuple(w.shape), cd, acc, items)
         return fsdp.on_shards(self.name, bind, x, w, b, gather, y_axis)
 
-    def _static(self, compute_dtype, out_dtype, params, gather=None):
-        for k in _RESERVED[2:]:
+    def _static(self, compute_dtype, out_dtype, params, quant=None, gather=None):
+        for k in _BUILDER_ONLY:
             if k in params:
                 raise TypeError(f"{self.name}: `{k}` is set by the builder, not an op parameter")
         kw = dict(
@@ -519,6 +572,9 @@ class BilinearOp:
             out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
             **params,
         )
+        quant = _quant.resolve(self.name, quant)
+        if quant is not None:  # only then a parameter: the primitives' params stay as before
+            kw["quant"] = quant
         for k, v in kw.items():
             try:
                 hash(v)
@@ -534,22 +590,34 @@ class BilinearOp:
     # ---------------------------------------------------------------------------------
     # Binding 2: the dual primitives (explicit JVP and explicit transposes).
 
-    def dual(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, gather=None, **params):
+    def dual(
+        self,
+        x,
+        w,
+        b=None,
+        *,
+        compute_dtype=None,
+        out_dtype=None,
+        gather=None,
+        quant=None,
+        **params,
+    ):
         r"""``y = B(x, w) + b`` as a primitive with an explicit JVP *and* explicit transposes.
 
         Same arguments as ``custom_vjp`` (but ``residuals``). Supports every transform:
         ``jvp``, ``jacfwd``, ``hessian``, ``linearize``, ``linear_transpose`` in ``x`` or
         in ``(w, b)``, ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``. With
         ``gather`` the primitives take the shard: their linearization saves it, and
-        their transposes gather again.
+        their transposes gather again. With ``quant``, the JVP's terms are the recipe's
+        forward product and the transposes its gradient products.
         """
         w, gather = _resolve(x, w, gather)
         if gather is not None and gather.spec is not None:  # under jit: on the shards
             bind = functools.partial(
-                self.dual, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
+                self.dual, compute_dtype=compute_dtype, out_dtype=out_dtype, quant=quant, **params
             )
             return self._on_shards(bind, x, w, b, gather, compute_dtype, out_dtype, params)
-        static = self._static(compute_dtype, out_dtype, params, gather)
+        static = self._static(compute_dtype, out_dtype, params, quant, gather)
         kw = dict(static)
 
         def apply(x, w, b):
@@ -778,6 +846,7 @@ def bilinear_op(
     pullback: Callable | None = None,
     pushforward: Callable | None = None,
     per_example: Callable | None = None,
+    scale_axes: Callable | None = None,
 ) -> BilinearOp:
     r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
 
@@ -832,6 +901,13 @@ def bilinear_op(
         ``(route, sq, w̄_i: (n, *w.shape))`` (clipping then reuses them). Without it, or
         when it declines, the generic route forms each ``w̄_i`` with ``transpose_w`` under
         ``jax.vmap`` over the examples.
+      scale_axes: optional rule for quantization recipes (``quant=``) with per-axis
+        scaling: ``scale_axes(product, a_ndim, b_ndim, **params) -> (a_map, b_map)`` for
+        ``product`` in ``"forward"`` (operands ``x, w``; result ``y``), ``"grad_x"``
+        (``g, w``; ``x̄``) and ``"grad_w"`` (``g, x``; ``w̄``): for each operand, the
+        ``(operand axis, result axis)`` pairs of the axes the product carries straight
+        through to its result (a per-row or per-channel scale along them factors out of
+        the product). Without it, every scale is per tensor.
 
     Returns:
       A ``BilinearOp`` ``op``: ``op.custom_vjp(x, w, b=None, *, compute_dtype=None,
@@ -872,4 +948,5 @@ def bilinear_op(
         pullback=pullback,
         pushforward=pushforward,
         per_example=per_example,
+        scale_axes=scale_axes,
     )

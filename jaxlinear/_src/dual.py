@@ -22,6 +22,7 @@ So the forward-mode rule is ``pushforward`` and the reverse-mode rule is
 from __future__ import annotations
 
 from jaxlinear._src.linear import AFFINE, _prepare
+from jaxlinear._src.quant import resolve
 from jaxlinear._src.validation import layer_inputs
 
 # The dense instance of the rule builder (jaxlinear._src.bilinear) and its primitives.
@@ -29,7 +30,7 @@ affine_p = AFFINE.primitive  # "jaxlinear_affine"
 pushforward_p = AFFINE.pushforward_primitive  # "jaxlinear_affine_pushforward"
 
 
-def dual_linear(params, x, *, precision=None, compute_dtype=None):
+def dual_linear(params, x, *, precision=None, compute_dtype=None, quant=None):
     r"""The affine layer ``Y = X W + b`` with explicit forward- *and* reverse-mode rules.
 
     Same contract, validation and dtype policy as ``linear``; the JVP rule is
@@ -45,6 +46,9 @@ def dual_linear(params, x, *, precision=None, compute_dtype=None):
       x: ``(..., d_in)``.
       precision: passed to every matmul (forward, JVP and transpose).
       compute_dtype: e.g. ``jnp.bfloat16``: matmuls in this dtype, float32 accumulation.
+      quant: ``None`` (default), a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``,
+        ``"int8"``) or a ``jaxlinear.Recipe``: the forward product and both transposes in
+        low precision with dynamic scales (see ``docs/guides/quantization.md``).
 
     Returns:
       ``Y: (..., d_out)``, in ``compute_dtype`` if given, else ``jnp.result_type(x, W, b)``.
@@ -59,4 +63,5 @@ def dual_linear(params, x, *, precision=None, compute_dtype=None):
     params, x = layer_inputs(params, x)  # NumPy/weakly typed -> the arrays JAX computes on
     layout, precision, compute_dtype = _prepare("dual_linear", params, x, precision, compute_dtype)
     W, b = layout.unpack(params)
-    return AFFINE.dual(x, W, b, precision=precision, compute_dtype=compute_dtype)
+    quant = resolve("dual_linear", quant)
+    return AFFINE.dual(x, W, b, precision=precision, compute_dtype=compute_dtype, quant=quant)

@@ -15,6 +15,7 @@ from jaxlinear._src import formulas, ghost, vma
 from jaxlinear._src.bilinear import BatchRule, bilinear_op
 from jaxlinear._src.ops.dot_general import DOT_GENERAL
 from jaxlinear._src.params import Layout
+from jaxlinear._src.quant import resolve
 from jaxlinear._src.validation import (
     canonical_compute_dtype,
     canonical_precision,
@@ -178,6 +179,21 @@ def _affine_per_example(x, g, W_aval, *, y_axis, preferred_element_type, precisi
     return ghost.matmul_sq_norms(x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]))
 
 
+def _affine_scale_axes(product, a_ndim, b_ndim, *, precision):
+    """Quantization: the axes each product keeps (``bilinear_op``'s ``scale_axes``).
+
+    ``Y = X W``: ``x``'s rows and ``W``'s columns (d_out); ``X̄ = G Wᵀ``: ``g``'s rows and
+    ``W``'s d_in; ``W̄ = Xᵀ G``: ``g``'s and ``x``'s last axes (their columns).
+    """
+    del precision
+    rows = tuple((i, i) for i in range(a_ndim - 1))  # x's (or g's) leading axes
+    if product == "forward":  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+        return rows, ((1, a_ndim - 1),)
+    if product == "grad_x":  # (..., d_out) @ (d_in, d_out)ᵀ -> (..., d_in)
+        return rows, ((0, a_ndim - 1),)
+    return ((a_ndim - 1, 1),), ((b_ndim - 1, 0),)  # (n, d_in)ᵀ @ (n, d_out) -> (d_in, d_out)
+
+
 AFFINE = bilinear_op(
     "affine",
     formulas.matmul,
@@ -188,10 +204,11 @@ AFFINE = bilinear_op(
     pullback=_affine_pullback,
     pushforward=_affine_pushforward,
     per_example=_affine_per_example,
+    scale_axes=_affine_scale_axes,
 )
 
 
-def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
+def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact", quant=None):
     r"""The affine layer ``Y = X W + b`` with an explicit backward rule (``pullback``).
 
     .. math:: Y = X W + b, \qquad \bar X = G W^\top,\; \bar W = X^\top G,\; \bar b = \sum G
@@ -216,6 +233,9 @@ def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
         copies cast to it (the casts the forward pass makes anyway), so the backward
         pass does not cast again; the same gradients, bit for bit. Which one pays is
         measured in ``benchmarks/bench_memory.py`` (see ``benchmarks/RESULTS.md``).
+      quant: ``None`` (default), a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``,
+        ``"int8"``) or a ``jaxlinear.Recipe``: the forward product and both transposes in
+        low precision with dynamic scales (see ``docs/guides/quantization.md``).
 
     Returns:
       ``Y: (..., d_out)``, in ``compute_dtype`` if given, else in the dtype
@@ -241,8 +261,9 @@ def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
     params, x = layer_inputs(params, x)  # NumPy/weakly typed -> the arrays JAX computes on
     layout, precision, compute_dtype = _prepare("linear", params, x, precision, compute_dtype)
     W, b = layout.unpack(params)
+    quant = resolve("linear", quant)
     return AFFINE.custom_vjp(
-        x, W, b, precision=precision, compute_dtype=compute_dtype, residuals=residuals
+        x, W, b, precision=precision, compute_dtype=compute_dtype, residuals=residuals, quant=quant
     )
 
 

@@ -19,6 +19,7 @@ This module imports Flax; ``jaxlinear.nnx`` is its public face.
 
 from __future__ import annotations
 
+import functools
 import typing as tp
 
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from jaxlinear._src.ops import conv_transpose as _conv_transpose
 from jaxlinear._src.ops import dot_general as _dot_general
 from jaxlinear._src.ops import einsum as _einsum
 from jaxlinear._src.ops import embed as _embed
+from jaxlinear._src.quant import resolve as _resolve
 
 BINDINGS = ("custom_vjp", "dual")
 
@@ -44,9 +46,13 @@ _OPS = {
 }
 
 
-def _op(family: str, binding: str):
-    """jaxlinear's function for ``family`` (``"dot_general"``, ...) in ``binding``."""
-    return _OPS[family][BINDINGS.index(binding)]
+@functools.cache
+def _op(family: str, binding: str, quant=None):
+    """jaxlinear's function for ``family`` (``"dot_general"``, ...) in ``binding``; with a
+    ``quant`` recipe, that function with ``quant`` bound (one object per recipe, so equal
+    graphdefs stay equal)."""
+    fn = _OPS[family][BINDINGS.index(binding)]
+    return fn if quant is None or family == "embed" else functools.partial(fn, quant=quant)
 
 
 def _check_binding(fn: str, binding) -> str:
@@ -100,9 +106,10 @@ class Embed(nnx.Embed):
       [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
     """
 
-    def __init__(self, *args, binding: str = "custom_vjp", **kwargs):
+    def __init__(self, *args, binding: str = "custom_vjp", quant=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.binding = _check_binding("jaxlinear.nnx.Embed", binding)
+        self.quant = _resolve("jaxlinear.nnx.Embed", quant)  # for `attend` (a lookup is exact)
 
     def __call__(self, inputs, out_sharding=None):
         """``embedding[inputs]``: integer ``(...)`` -> ``(..., features)``."""
@@ -118,7 +125,7 @@ class Embed(nnx.Embed):
         """``query @ embeddingᵀ``: ``(..., features)`` -> ``(..., num_embeddings)``."""
         query, embedding = self.promote_dtype((query, self.embedding[...]), dtype=self.dtype)
         dimension_numbers = (((query.ndim - 1,), (1,)), ((), ()))  # (..., d) · (V, d)ᵀ
-        dot_general = _op("dot_general", self.binding)
+        dot_general = _op("dot_general", self.binding, getattr(self, "quant", None))
         return dot_general(query, embedding, dimension_numbers, out_sharding=out_sharding)
 
 
@@ -144,9 +151,10 @@ class ConvTranspose(nnx.ConvTranspose):
       [1.0, 1.0, 2.0, 2.0]
     """
 
-    def __init__(self, *args, binding: str = "custom_vjp", **kwargs):
+    def __init__(self, *args, binding: str = "custom_vjp", quant=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.binding = _check_binding("jaxlinear.nnx.ConvTranspose", binding)
+        self.quant = _resolve("jaxlinear.nnx.ConvTranspose", quant)
 
     def __call__(self, inputs):
         """``(*batch, *spatial, in_features) -> (*batch, *spatial', out_features)``."""
@@ -181,7 +189,7 @@ class ConvTranspose(nnx.ConvTranspose):
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
 
-        y = _op("conv_transpose", self.binding)(
+        y = _op("conv_transpose", self.binding, getattr(self, "quant", None))(
             inputs,
             kernel,
             strides,
@@ -335,7 +343,11 @@ _ATTENTION_NOTE = (
 
 
 def _ours(family: str, op) -> str | None:
-    """The name of jaxlinear's function ``op`` is (either binding), else ``None``."""
+    """The name of jaxlinear's function ``op`` is (either binding; with its recipe if
+    ``explicit`` bound one), else ``None``."""
+    if isinstance(op, functools.partial) and set(op.keywords) == {"quant"} and not op.args:
+        name = _ours(family, op.func)
+        return None if name is None else f"{name} (quant={op.keywords['quant'].name})"
     return next((fn.__name__ for fn in _OPS[family] if op is fn), None)
 
 
@@ -365,7 +377,10 @@ def _describe(module, own_params: tp.Sequence[str]) -> tuple[str, str] | None:
         return "untouched", f"its own {rule.attr} {_name(op)}"
     for flax_kind, (ours, flax_runs, our_runs) in _REPLACED.items():
         if kind is ours:
-            return "explicit", our_runs[module.binding]
+            recipe = getattr(module, "quant", None)
+            return "explicit", our_runs[module.binding] + (
+                f" (quant={recipe.name})" if recipe is not None else ""
+            )
         if kind is flax_kind:
             return "jax-ad", f"{flax_runs} (JAX's AD)"
     if isinstance(module, nnx.MultiHeadAttention):
@@ -447,7 +462,7 @@ def report(model) -> Report:
     return Report(rows)
 
 
-def explicit(model, *, binding: str = "custom_vjp", copy: bool = False):
+def explicit(model, *, binding: str = "custom_vjp", copy: bool = False, quant=None):
     r"""Put every linear layer of an NNX model on jaxlinear's explicit rules.
 
     Sets the op of each ``nnx.Linear``, ``LinearGeneral`` (``dot_general=``), ``Einsum``
@@ -473,6 +488,12 @@ def explicit(model, *, binding: str = "custom_vjp", copy: bool = False):
         identity, so shared modules and references to the model stay valid) and return
         it. ``True``: convert and return an ``nnx.clone`` of it; ``model`` is left as it
         was (the clone's Variables are new objects holding the same arrays).
+      quant: low-precision training (``docs/guides/quantization.md``): ``None`` (default),
+        a recipe (``"fp8_hybrid"``, ``"fp8_rowwise"``, ``"int8"`` or a
+        ``jaxlinear.Recipe``) for every converted layer, or a function ``(path, module)
+        -> recipe | None`` choosing per layer (``path`` as ``report`` prints it, e.g.
+        ``"layers.0"``): return ``None`` to keep a layer, such as the first and the last,
+        in full precision. Embedding lookups are never quantized (``attend`` is).
 
     Returns:
       The converted model (``model`` itself unless ``copy=True``).
@@ -493,21 +514,22 @@ def explicit(model, *, binding: str = "custom_vjp", copy: bool = False):
     fn = "jaxlinear.nnx.explicit"
     _check_binding(fn, binding)
     _check_model(fn, model)
+    choose = quant if callable(quant) else lambda path, module: quant
     if copy:
         model = nnx.clone(model)
-    for _, module, _ in _modules(model):
-        _convert(module, binding)
+    for path, module, _ in _modules(model):
+        _convert(module, binding, _resolve(fn, choose(".".join(map(str, path)), module)))
     return model
 
 
-def _convert(module, binding: str) -> None:
+def _convert(module, binding: str, quant=None) -> None:
     """Convert one module in place (if ``report`` would call it ``explicit`` or ``jax-ad``)."""
     kind = type(module)
     if kind in _INJECTED:
         status, _ = _describe(module, ())
         if status in ("explicit", "jax-ad"):
             rule = _INJECTED[kind]
-            setattr(module, rule.attr, _op(rule.family, binding))
+            setattr(module, rule.attr, _op(rule.family, binding, quant))
         return
     for flax_kind, (ours, _, _) in _REPLACED.items():
         if kind is flax_kind:
@@ -516,6 +538,7 @@ def _convert(module, binding: str) -> None:
             object.__setattr__(module, "__class__", ours)
         if kind in (flax_kind, ours):
             module.binding = binding
+            module.quant = quant
 
 
 def per_example_loss(model, loss, *, params=None):

@@ -38,6 +38,7 @@ from jaxlinear._src import ghost, vma
 from jaxlinear._src.bilinear import BatchRule, bilinear_op
 from jaxlinear._src.ops._checks import no_out_sharding, out_dtype, promoted
 from jaxlinear._src.params import _SCHEMES, SCHEMES, Params, as_key, layout_of
+from jaxlinear._src.quant import resolve
 from jaxlinear._src.validation import (
     _dtype,
     canonical_compute_dtype,
@@ -327,8 +328,32 @@ def batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, spec: ConvSpec, **
     return BatchRule({}, out_spec[1], w=fold, out=out)
 
 
+def scale_axes(product, a_ndim, b_ndim, *, spec: ConvSpec, **_):
+    """Quantization: the axes each product carries straight through to its result.
+
+    ``y``: ``x``'s batch axis (per example) and ``w``'s out-features; ``x̄``: ``g``'s batch
+    and ``w``'s in-features; ``w̄``: ``g``'s features and ``x``'s. Spatial axes are windows
+    (per tensor along them); a grouped in-feature axis and batch groups are per tensor.
+    """
+    del a_ndim, b_ndim
+    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+    plain = spec.feature_group_count == 1 and spec.batch_group_count == 1
+    batch_ok = spec.batch_group_count == 1
+    if product == "forward":  # (x, w) -> y
+        return ((lhs_spec[0], out_spec[0]),) * batch_ok, ((rhs_spec[0], out_spec[1]),)
+    if product == "grad_x":  # (g, w) -> x̄
+        return ((out_spec[0], lhs_spec[0]),) * batch_ok, ((rhs_spec[1], lhs_spec[1]),) * plain
+    return ((out_spec[1], rhs_spec[0]),), ((lhs_spec[1], rhs_spec[1]),) * plain  # (g, x) -> w̄
+
+
 CONV = bilinear_op(
-    "conv", forward, transpose_x, transpose_w, batch=batch, per_example=_per_example
+    "conv",
+    forward,
+    transpose_x,
+    transpose_w,
+    batch=batch,
+    per_example=_per_example,
+    scale_axes=scale_axes,
 )
 
 
@@ -549,6 +574,8 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
     out_sharding=None,
+    *,
+    quant=None,
 ):
     r"""``lax.conv_general_dilated`` with its two transposes written out (``custom_vjp``).
 
@@ -574,6 +601,9 @@ def conv_general_dilated(
       precision: passed to every convolution (forward and both transposes).
       preferred_element_type: dtype of the result (accumulation happens in it).
       out_sharding: accepted for Flax's sake; must be ``None``.
+      quant: ``None`` (default), a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``,
+        ``"int8"``) or a ``jaxlinear.Recipe``: the forward product and both transposes in
+        low precision with dynamic scales (see ``docs/guides/quantization.md``).
 
     Returns:
       The convolution, laid out by ``dimension_numbers``'s output spec.
@@ -604,7 +634,8 @@ def conv_general_dilated(
         preferred_element_type,
         out_sharding,
     )
-    return CONV.custom_vjp(lhs, rhs, out_dtype=y_dtype, **params)
+    quant = resolve(fn, quant)
+    return CONV.custom_vjp(lhs, rhs, out_dtype=y_dtype, quant=quant, **params)
 
 
 def dual_conv_general_dilated(
@@ -620,6 +651,8 @@ def dual_conv_general_dilated(
     precision=None,
     preferred_element_type=None,
     out_sharding=None,
+    *,
+    quant=None,
 ):
     r"""``conv_general_dilated`` with an explicit JVP *and* explicit transposes (a primitive).
 
@@ -646,7 +679,8 @@ def dual_conv_general_dilated(
         preferred_element_type,
         out_sharding,
     )
-    return CONV.dual(lhs, rhs, out_dtype=y_dtype, **params)
+    quant = resolve("dual_conv_general_dilated", quant)
+    return CONV.dual(lhs, rhs, out_dtype=y_dtype, quant=quant, **params)
 
 
 # --------------------------------------------------------------------------------------
@@ -823,6 +857,7 @@ def conv(
     compute_dtype=None,
     kernel_dilation=None,
     feature_group_count=None,
+    quant=None,
 ):
     r"""Convolution layer ``Y = conv(X, W) + b``, channels last, with explicit transposes.
 
@@ -850,6 +885,9 @@ def conv(
       precision: passed to every convolution, backward too.
       compute_dtype: e.g. ``jnp.bfloat16``: convolutions in this dtype, float32 accumulation.
       kernel_dilation, feature_group_count: Flax's names for ``dilation`` and ``groups``.
+      quant: ``None`` (default), a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``,
+        ``"int8"``) or a ``jaxlinear.Recipe``: the forward product and both transposes in
+        low precision with dynamic scales (see ``docs/guides/quantization.md``).
 
     Returns:
       ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else
@@ -876,7 +914,7 @@ def conv(
     """
     options = (strides, padding, dilation, kernel_dilation, groups, feature_group_count)
     x, W, b, kw = _layer_prepare("conv", params, x, options, precision, compute_dtype)
-    return CONV.custom_vjp(x, W, b, **kw)
+    return CONV.custom_vjp(x, W, b, quant=resolve("conv", quant), **kw)
 
 
 def dual_conv(
@@ -891,6 +929,7 @@ def dual_conv(
     compute_dtype=None,
     kernel_dilation=None,
     feature_group_count=None,
+    quant=None,
 ):
     r"""``conv`` with an explicit JVP *and* explicit transposes: every JAX transform works.
 
@@ -905,7 +944,7 @@ def dual_conv(
     """
     options = (strides, padding, dilation, kernel_dilation, groups, feature_group_count)
     x, W, b, kw = _layer_prepare("dual_conv", params, x, options, precision, compute_dtype)
-    return CONV.dual(x, W, b, **kw)
+    return CONV.dual(x, W, b, quant=resolve("dual_conv", quant), **kw)
 
 
 def init_conv(

@@ -33,6 +33,7 @@ from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.ops import conv
 from jaxlinear._src.ops._checks import out_dtype
 from jaxlinear._src.params import Params
+from jaxlinear._src.quant import resolve
 from jaxlinear._src.validation import _dtype, canonical_precision, layer_inputs
 
 
@@ -94,6 +95,7 @@ CONV_TRANSPOSE = bilinear_op(
     transpose_w,
     batch=conv.batch,
     per_example=_per_example,
+    scale_axes=conv.scale_axes,  # the flip acts on spatial axes only
 )
 
 
@@ -228,6 +230,8 @@ def conv_transpose(
     precision=None,
     preferred_element_type=None,
     use_consistent_padding=False,
+    *,
+    quant=None,
 ):
     r"""``lax.conv_transpose`` with its two transposes written out (``custom_vjp``).
 
@@ -261,6 +265,9 @@ def conv_transpose(
       preferred_element_type: dtype of the result (accumulation happens in it).
       use_consistent_padding: read ``(lo, hi)`` pairs as the forward convolution's
         padding, as ``"SAME"``/``"VALID"`` always are (PyTorch's convention).
+      quant: ``None`` (default), a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``,
+        ``"int8"``) or a ``jaxlinear.Recipe``: the forward product and both transposes in
+        low precision with dynamic scales (see ``docs/guides/quantization.md``).
 
     Returns:
       The transposed convolution, laid out by ``dimension_numbers``'s output spec.
@@ -294,7 +301,8 @@ def conv_transpose(
         preferred_element_type,
         use_consistent_padding,
     )
-    return CONV_TRANSPOSE.custom_vjp(lhs, rhs, out_dtype=y_dtype, **params)
+    quant = resolve("conv_transpose", quant)
+    return CONV_TRANSPOSE.custom_vjp(lhs, rhs, out_dtype=y_dtype, quant=quant, **params)
 
 
 def dual_conv_transpose(
@@ -308,6 +316,8 @@ def dual_conv_transpose(
     precision=None,
     preferred_element_type=None,
     use_consistent_padding=False,
+    *,
+    quant=None,
 ):
     r"""``conv_transpose`` with an explicit JVP *and* explicit transposes (a primitive).
 
@@ -337,4 +347,5 @@ def dual_conv_transpose(
         preferred_element_type,
         use_consistent_padding,
     )
-    return CONV_TRANSPOSE.dual(lhs, rhs, out_dtype=y_dtype, **params)
+    quant = resolve("dual_conv_transpose", quant)
+    return CONV_TRANSPOSE.dual(lhs, rhs, out_dtype=y_dtype, quant=quant, **params)

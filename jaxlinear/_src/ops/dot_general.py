@@ -20,6 +20,7 @@ from jax import lax
 from jaxlinear._src import ghost
 from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.ops import _checks
+from jaxlinear._src.quant import resolve
 from jaxlinear._src.validation import canonical_precision
 
 
@@ -123,8 +124,48 @@ def _size(a, axes):
     return int(np.prod([a.shape[i] for i in axes], dtype=int))
 
 
+def _scale_axes(product, a_ndim, b_ndim, *, dimension_numbers, precision):
+    """Quantization: the axes each product keeps, as ``(operand axis, result axis)`` pairs.
+
+    ``y``'s axes are (batch, ``x`` kept, ``w`` kept); ``x̄`` and ``w̄`` receive the batch
+    axes and the other operand's contracted axes in their own places.
+    """
+    del precision
+    (xc, wc), (xb, wb) = dimension_numbers
+    nb = len(xb)
+
+    def pairs(*seqs):  # (from, to) pairs of consecutive (from_seq, to_seq) arguments
+        it = iter(seqs)
+        return tuple(p for f in it for p in zip(f, next(it), strict=True))
+
+    if product == "forward":  # a = x, b = w
+        x_kept, w_kept = _remaining(a_ndim, xc, xb), _remaining(b_ndim, wc, wb)
+        n_x = nb + len(x_kept)
+        return (
+            pairs(xb, range(nb), x_kept, range(nb, n_x)),
+            pairs(wb, range(nb), w_kept, range(n_x, n_x + len(w_kept))),
+        )
+    # grad_x: (g, w) -> x̄; grad_w: (g, x) -> w̄: the same with the roles of x and w swapped
+    if product == "grad_w":
+        xc, wc, xb, wb = wc, xc, wb, xb
+    o_kept = b_ndim - len(wc) - nb  # the other operand's kept axes, contracted with g's
+    n_kept = a_ndim - nb - o_kept  # the result's own kept axes
+    r_kept = _remaining(nb + n_kept + len(xc), xc, xb)
+    first = nb if product == "grad_x" else nb + o_kept  # g: (batch, x kept, w kept)
+    return (
+        pairs(range(nb), xb, range(first, first + n_kept), r_kept),
+        pairs(wb, xb, wc, xc),
+    )
+
+
 DOT_GENERAL = bilinear_op(
-    "dot_general", forward, transpose_x, transpose_w, batch=_batch, per_example=_per_example
+    "dot_general",
+    forward,
+    transpose_x,
+    transpose_w,
+    batch=_batch,
+    per_example=_per_example,
+    scale_axes=_scale_axes,
 )
 
 
@@ -184,7 +225,14 @@ def _prepare(fn, lhs, rhs, dimension_numbers, precision, preferred_element_type,
 
 
 def dot_general(
-    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+    *,
+    quant=None,
 ):
     r"""``lax.dot_general`` whose backward pass is its two transposes, written out.
 
@@ -200,6 +248,9 @@ def dot_general(
       precision: as for ``lax.dot_general``, used in the forward and both transposes.
       preferred_element_type: dtype of the result (accumulation is at least float32).
       out_sharding: must be ``None`` (accepted because Flax passes it).
+      quant: ``None`` (default), a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``,
+        ``"int8"``) or a ``jaxlinear.Recipe``: the forward product and both transposes in
+        low precision with dynamic scales (see ``docs/guides/quantization.md``).
 
     Returns:
       ``(*batch, *lhs_kept, *rhs_kept)``, in ``preferred_element_type`` if given, else in
@@ -217,11 +268,19 @@ def dot_general(
     lhs, rhs, out_dtype, params = _prepare(
         "dot_general", lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding
     )
-    return DOT_GENERAL.custom_vjp(lhs, rhs, out_dtype=out_dtype, **params)
+    quant = resolve("dot_general", quant)
+    return DOT_GENERAL.custom_vjp(lhs, rhs, out_dtype=out_dtype, quant=quant, **params)
 
 
 def dual_dot_general(
-    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+    *,
+    quant=None,
 ):
     r"""``lax.dot_general`` with an explicit JVP *and* explicit transposes (every transform).
 
@@ -244,4 +303,5 @@ def dual_dot_general(
         preferred_element_type,
         out_sharding,
     )
-    return DOT_GENERAL.dual(lhs, rhs, out_dtype=out_dtype, **params)
+    quant = resolve("dual_dot_general", quant)
+    return DOT_GENERAL.dual(lhs, rhs, out_dtype=out_dtype, quant=quant, **params)

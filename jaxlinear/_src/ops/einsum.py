@@ -31,6 +31,7 @@ from jax import lax
 from jaxlinear._src import ghost
 from jaxlinear._src.bilinear import bilinear_op
 from jaxlinear._src.ops import _checks
+from jaxlinear._src.quant import resolve
 from jaxlinear._src.validation import canonical_precision
 
 
@@ -108,8 +109,23 @@ def _size(aval, letters, which):
     return int(np.prod([aval.shape[letters.index(c)] for c in which], dtype=int))
 
 
+def _scale_axes(product, a_ndim, b_ndim, *, subscripts, precision):
+    """Quantization: the letters each product keeps (an operand's letters in the result's)."""
+    del a_ndim, b_ndim, precision
+    xs, ws, ys = subscripts
+    terms = {"forward": (xs, ws, ys), "grad_x": (ys, ws, xs), "grad_w": (ys, xs, ws)}
+    a, b, out = terms[product]
+    return tuple(tuple((i, out.index(c)) for i, c in enumerate(t) if c in out) for t in (a, b))
+
+
 EINSUM = bilinear_op(
-    "einsum", forward, transpose_x, transpose_w, batch=_batch, per_example=_per_example
+    "einsum",
+    forward,
+    transpose_x,
+    transpose_w,
+    batch=_batch,
+    per_example=_per_example,
+    scale_axes=_scale_axes,
 )
 
 
@@ -240,7 +256,14 @@ def _prepare(fn, subscripts, operands, precision, preferred_element_type, out_sh
     return x, w, _checks.out_dtype(fn, preferred_element_type), params
 
 
-def einsum(subscripts, *operands, precision=None, preferred_element_type=None, out_sharding=None):
+def einsum(
+    subscripts,
+    *operands,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+    quant=None,
+):
     r"""Two-operand ``jnp.einsum`` whose backward pass is two einsums, written out.
 
     A ``jax.custom_vjp`` (``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jit``); the forward
@@ -262,6 +285,9 @@ def einsum(subscripts, *operands, precision=None, preferred_element_type=None, o
       precision: as for ``jnp.einsum``, used in the forward and both transposes.
       preferred_element_type: dtype of the result (accumulation is at least float32).
       out_sharding: must be ``None`` (accepted because Flax passes it).
+      quant: ``None`` (default), a recipe name (``"fp8_hybrid"``, ``"fp8_rowwise"``,
+        ``"int8"``) or a ``jaxlinear.Recipe``: the forward product and both transposes in
+        low precision with dynamic scales (see ``docs/guides/quantization.md``).
 
     Returns:
       ``y`` with axes ``Y``, in ``preferred_element_type`` if given, else in the
@@ -280,11 +306,17 @@ def einsum(subscripts, *operands, precision=None, preferred_element_type=None, o
     x, w, out_dtype, params = _prepare(
         "einsum", subscripts, operands, precision, preferred_element_type, out_sharding
     )
-    return EINSUM.custom_vjp(x, w, out_dtype=out_dtype, **params)
+    quant = resolve("einsum", quant)
+    return EINSUM.custom_vjp(x, w, out_dtype=out_dtype, quant=quant, **params)
 
 
 def dual_einsum(
-    subscripts, *operands, precision=None, preferred_element_type=None, out_sharding=None
+    subscripts,
+    *operands,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+    quant=None,
 ):
     r"""Two-operand ``jnp.einsum`` with an explicit JVP *and* explicit transposes.
 
@@ -300,4 +332,5 @@ def dual_einsum(
     x, w, out_dtype, params = _prepare(
         "dual_einsum", subscripts, operands, precision, preferred_element_type, out_sharding
     )
-    return EINSUM.dual(x, w, out_dtype=out_dtype, **params)
+    quant = resolve("dual_einsum", quant)
+    return EINSUM.dual(x, w, out_dtype=out_dtype, quant=quant, **params)
