@@ -26,33 +26,15 @@ from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 from jax import lax
 
-from jaxlinear._src.ops import conv as _conv
-from jaxlinear._src.ops import conv_transpose as _conv_transpose
-from jaxlinear._src.ops import dot_general as _dot_general
-from jaxlinear._src.ops import einsum as _einsum
-from jaxlinear._src.ops import embed as _embed
+from jaxlinear._src import adapt
+from jaxlinear._src.adapt import BINDINGS as BINDINGS
+from jaxlinear._src.adapt import STATUSES as STATUSES
+from jaxlinear._src.adapt import Report as Report
+from jaxlinear._src.adapt import Row as Row
+from jaxlinear._src.adapt import check_binding as _check_binding
+from jaxlinear._src.adapt import op as _op
 
-BINDINGS = ("custom_vjp", "dual")
-
-# jaxlinear's op for each Flax op, per binding.
-_OPS = {
-    "dot_general": (_dot_general.dot_general, _dot_general.dual_dot_general),
-    "einsum": (_einsum.einsum, _einsum.dual_einsum),
-    "conv_general_dilated": (_conv.conv_general_dilated, _conv.dual_conv_general_dilated),
-    "embed": (_embed.embed, _embed.dual_embed),
-    "conv_transpose": (_conv_transpose.conv_transpose, _conv_transpose.dual_conv_transpose),
-}
-
-
-def _op(family: str, binding: str):
-    """jaxlinear's function for ``family`` (``"dot_general"``, ...) in ``binding``."""
-    return _OPS[family][BINDINGS.index(binding)]
-
-
-def _check_binding(fn: str, binding) -> str:
-    if binding not in BINDINGS:
-        raise ValueError(f"{fn}: `binding` must be 'custom_vjp' or 'dual', got {binding!r}")
-    return binding
+_OPS = adapt.OPS
 
 
 def _check_model(fn: str, model) -> None:
@@ -216,75 +198,6 @@ class ConvTranspose(nnx.ConvTranspose):
 
 # --------------------------------------------------------------------------------------
 # What each module type becomes, and how to say what it runs.
-
-
-class Row(tp.NamedTuple):
-    """One module of the model: where it is, what it is, what it runs."""
-
-    path: str  # "blocks.0.attn.query"; "" for the model itself
-    module: str  # its class name
-    status: str  # "explicit" | "jax-ad" | "untouched" | "note"
-    runs: str  # what its call runs, in words
-
-
-STATUSES = {
-    "explicit": "runs jaxlinear's op(s): the explicit rules",
-    "jax-ad": "a layer `explicit` converts, still on Flax's op and JAX's AD",
-    "untouched": "owns parameters used in a way `explicit` does not convert",
-    "note": "no parameters of its own; information",
-}
-
-
-class Report:
-    """What every module of an NNX model runs; ``str(report)`` is a table.
-
-    ``report[path]`` is the ``Row`` of one module (path ``"a.b.0"``, ``""`` for the
-    model itself); ``report.explicit`` / ``report.untouched`` are the paths with that
-    status; iterating gives the rows in path order.
-    """
-
-    def __init__(self, rows: tp.Iterable[Row]):
-        self.rows = tuple(rows)
-
-    def __iter__(self):
-        return iter(self.rows)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, path: str) -> Row:
-        for row in self.rows:
-            if row.path == path:
-                return row
-        raise KeyError(f"jaxlinear.nnx.Report: no module at path {path!r}")
-
-    def paths(self, status: str) -> tuple[str, ...]:
-        """The paths of the modules with ``status`` (one of ``STATUSES``)."""
-        if status not in STATUSES:
-            raise ValueError(
-                f"jaxlinear.nnx.Report.paths: `status` must be one of {list(STATUSES)},"
-                f" got {status!r}"
-            )
-        return tuple(r.path for r in self.rows if r.status == status)
-
-    @property
-    def explicit(self) -> tuple[str, ...]:
-        return self.paths("explicit")
-
-    @property
-    def untouched(self) -> tuple[str, ...]:
-        return self.paths("untouched")
-
-    def __str__(self):
-        head = Row("path", "module", "status", "runs")
-        cells = [head, *((r.path or "(model)", *r[1:]) for r in self.rows)]
-        widths = [max(len(c[i]) for c in cells) for i in range(3)]
-        lines = ["  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells]
-        lines.insert(1, "  ".join("-" * w for w in [*widths, len(head.runs)]))
-        return "\n".join(line.rstrip() for line in lines)
-
-    def __repr__(self):
-        return f"jaxlinear.nnx.Report(\n{self}\n)"
 
 
 class _Injected(tp.NamedTuple):
