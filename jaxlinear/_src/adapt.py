@@ -96,8 +96,7 @@ def replaced_by(cls: type, base: type, methods: tp.Iterable[str]) -> str | None:
             function = klass.__dict__.get(method)
             if function is not None and not _reaches_parent(function, method, base):
                 return (
-                    f"{klass.__name__}.{method} replaces {base.__name__}.{method}"
-                    " (never calls it)"
+                    f"{klass.__name__}.{method} replaces {base.__name__}.{method} (never calls it)"
                 )
     return None
 

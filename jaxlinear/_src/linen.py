@@ -379,9 +379,7 @@ def report(module, *args, method=None, rngs=None, **kwargs) -> Report:
     _state.log = log
     try:
         with _intercepting(getattr(type(module), "jaxlinear_binding", None)):
-            variables = jax.eval_shape(
-                lambda: module.init(rngs, *args, method=method, **kwargs)
-            )
+            variables = jax.eval_shape(lambda: module.init(rngs, *args, method=method, **kwargs))
     finally:
         _state.log = outer
     owner: dict[tuple, list[str]] = {}
