@@ -75,7 +75,7 @@ def _reaches_parent(function, method: str, base: type) -> bool:
     code = getattr(inspect.unwrap(function), "__code__", None)
     if code is None:
         return False
-    names = set(code.co_names)
+    names = {*code.co_names, *code.co_freevars}  # globals and attributes; closed-over names
     return method in names and ("super" in names or base.__name__ in names)
 
 
