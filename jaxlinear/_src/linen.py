@@ -383,7 +383,8 @@ def report(module, *args, method=None, rngs=None, **kwargs) -> Report:
     finally:
         _state.log = outer
     owner: dict[tuple, list[str]] = {}
-    flat = jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]
+    params = nn.meta.unbox(variables.get("params", {}))  # nn.Partitioned boxes: their value
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
     for keys, _ in flat:
         names = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keys)
         owner.setdefault(names[:-1], []).append(str(names[-1]))
