@@ -14,6 +14,7 @@ runs the same computation through a jaxlinear op:
 ``eqx.nn.MultiheadAttention``          its four ``Linear`` projections; the two
                                       activation-activation einsums (``q·kᵀ``,
                                       ``softmax·v``) stay JAX's
+``eqx.nn.GRUCell``, ``LSTMCell``       ``linear`` on ``weight_ih.T`` and ``weight_hh.T``
 ==================================== ===============================================
 
 The new modules have exactly the fields of the old ones (same names, shapes, dtypes,
@@ -21,9 +22,11 @@ weight layout ``(out, in)`` and conv ``(O, I/groups, *kernel)``, same static fie
 ``eqx.tree_at``, ``eqx.tree_serialise_leaves`` / ``tree_deserialise_leaves`` in either
 direction and optimizer states see the same leaves; only the class in the tree
 structure differs (``isinstance(new, type(old))`` holds). Bias adds stay plain ``+``.
-Subclasses of these layers (which may compute something else) and every other module
-holding arrays (``LayerNorm``, ``GRUCell``, ...) are left as they are, and ``report``
-lists them as untouched.
+A user's subclass of one of these layers whose ``__call__`` reaches the parent's (through
+``super()``, or by not overriding it) is converted too: its converted class has the user's
+class first and jaxlinear's layer under it, so ``super()`` lands on jaxlinear's op. A
+subclass replacing ``__call__`` and every other module holding arrays (``LayerNorm``,
+...) are left as they are, and ``report`` lists them as untouched, with the reason.
 
 Equinox models run per example under ``jax.vmap``: with ``binding="custom_vjp"``,
 ``jax.grad`` of the vmapped model runs the batched custom VJP; with ``binding="dual"``
@@ -258,7 +261,8 @@ def explicit(model, *, binding: str = "custom_vjp"):
 
     A new pytree (Equinox modules are immutable); ``model`` is unchanged. Known layers:
     ``eqx.nn.Linear``, ``Conv`` (1-3D, every option), ``ConvTranspose`` (1-3D),
-    ``Embedding``, and ``MultiheadAttention``'s projections (see the module docstring).
+    ``Embedding``, ``GRUCell``, ``LSTMCell``, ``MultiheadAttention``'s projections, and
+    subclasses of these reaching the parent's ``__call__`` (see the module docstring).
     Each becomes a subclass of its own class with the same fields, so values, gradients,
     ``eqx.tree_at``, serialisation and optimizer states behave as before. Layers already
     converted are converted again to ``binding``. ``model`` may be any pytree holding
