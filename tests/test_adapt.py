@@ -206,6 +206,24 @@ def test_nnx_model_trains_like_the_original(name, binding):
     assert_trees_close(_nnx_trained(model, x, jvp=dual), expected)
 
 
+def test_lora_per_example_norms_take_the_rank_one_route():
+    """DP fine-tuning: the base kernel and both LoRA factors each get the op's own rule."""
+    lora = dict(a_initializer=draw, b_initializer=draw, lora_param_dtype=jnp.float64)
+    make = lambda: nnx.LoRALinear(3, 2, lora_rank=2, rngs=nnx.Rngs(0), **lora, **INIT)  # noqa: E731
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+    loss = lambda y: jnp.sum(jnp.sin(y), 1)  # noqa: E731
+    loss_fn, params = jlnnx.per_example_loss(jlnnx.explicit(make()), loss)
+    routes = {r.leaf: r.route for r in jaxlinear.per_example_routes(loss_fn, params, x)}
+    assert sorted(routes.values()) == ["bias", "rank_one", "rank_one", "rank_one"], routes
+    norms = jax.jit(lambda p, x: jaxlinear.per_example_grad_norms(loss_fn, p, x))(params, x)
+
+    graphdef, state, rest = nnx.split(make(), nnx.Param, ...)
+    one = lambda p, xi: loss(nnx.merge(graphdef, p, rest)(xi[None]))[0]  # noqa: E731
+    grads = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0)))(state, x)
+    expected = jnp.sqrt(sum(jnp.sum(g.reshape(4, -1) ** 2, 1) for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(norms, expected, rtol=1e-12)
+
+
 # --------------------------------------------------------------------------------------
 # An Equinox GRU/LSTM sequence model.
 
