@@ -6,9 +6,9 @@
 ('layers_0',)
 
 ``explicit(module, *, binding="custom_vjp")`` returns a linen module whose known layers
-(``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``ConvTranspose``, ``Embed`` and its
-``attend``, ``OptimizedLSTMCell``, and so the projections of attention and the matmuls of
-the RNN cells) run jaxlinear's ops at any depth, with exactly the original's variables;
+(``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``ConvLocal``, ``ConvTranspose``,
+``Embed`` and its ``attend``, ``OptimizedLSTMCell``, and so the projections of attention
+and the matmuls of the RNN cells) run jaxlinear's ops at any depth, with exactly the original's variables;
 ``report(module, *args)`` says what every submodule runs, listing those left untouched;
 ``per_example_loss(module, loss, variables)`` gives ``(loss_fn, params)`` for
 ``per_example_grad_norms`` / ``clipped_grad``. Flax is an optional dependency of

@@ -284,7 +284,7 @@ def test_converted_model_trains_like_the_original(name, binding):
 
 
 def test_report_before_conversion_and_what_stays_untouched():
-    """An unconverted model reports ``jax-ad``; own ops, ConvLocal and replacing subclasses stay."""
+    """Unconverted: ``jax-ad``. Own ops and replacing subclasses stay; ConvLocal converts."""
 
     class Replaced(nn.Dense):  # replaces Dense's computation: not converted
         @nn.compact
@@ -296,24 +296,32 @@ def test_report_before_conversion_and_what_stays_untouched():
         @nn.compact
         def __call__(self, x):  # (B, 4, 1)
             h = nn.Dense(2, dot_general=jax.lax.dot_general, **INIT)(x)  # its own op
-            h = h + nn.ConvLocal(2, (2,), **INIT)(x)
+            h = h + nn.ConvLocal(2, (2,), **INIT)(x)  # unshared weights: (4, 2, 2)
             h = h + Replaced(2)(x)
             return nn.Einsum((2, 3), "btc,cd->btd", **INIT)(h)
 
-    x = jnp.ones((1, 4, 1))
+    x = _x((2, 4, 1))
     before = jllinen.report(Model(), x)
     assert {r.path: r.status for r in before} == {
         "Dense_0": "untouched",
-        "ConvLocal_0": "untouched",
+        "ConvLocal_0": "jax-ad",
         "Replaced_0": "untouched",
         "Einsum_0": "jax-ad",
     }
-    after = jllinen.report(jllinen.explicit(Model()), x)
-    assert after.explicit == ("Einsum_0",)
+    assert before["ConvLocal_0"].runs == "lax.conv_general_dilated_local (JAX's AD)"
+    model = jllinen.explicit(Model(), binding="dual")
+    after = jllinen.report(model, x)
+    assert after.explicit == ("ConvLocal_0", "Einsum_0")
     assert "its own dot_general jax._src.lax.lax.dot_general" in after["Dense_0"].runs
-    assert "conv_general_dilated_local" in after["ConvLocal_0"].runs
+    assert after["ConvLocal_0"].runs == "jaxlinear.dual_dot_general"  # patches · kernel
     assert "Replaced.__call__ replaces Dense.__call__" in after["Replaced_0"].runs
-    assert after["Einsum_0"].runs == "jaxlinear.einsum"
+    assert after["Einsum_0"].runs == "jaxlinear.dual_einsum"
+
+    variables = _init(Model(), x)
+    forward = lambda v: model.apply(v, x)  # noqa: E731
+    assert jaxlinear_primitives(forward, variables) == {"dot_general": 1, "einsum": 1}
+    loss = lambda m: jax.jit(jax.value_and_grad(lambda v: jnp.sum(jnp.sin(m.apply(v, x)))))  # noqa: E731
+    assert_trees_close(loss(model)(variables), loss(Model())(variables))
 
 
 def test_converted_module_inside_a_plain_one_and_as_a_submodule():

@@ -15,10 +15,13 @@ Because the rule is "the known layer's own method runs", a user's subclass is co
 exactly when its ``__call__`` reaches the parent's (through ``super()`` or by not
 overriding it), and left on JAX's AD when it replaces it.
 
+``ConvLocal`` runs JAX's own ``lax.conv_general_dilated_local`` (patches, then one
+batched ``dot_general`` with the unshared kernel) with that ``dot_general`` jaxlinear's.
+
 Untouched, and listed by ``report``: a layer given its own op (``dot_general=``,
-``dot_general_cls=``, ``conv_general_dilated=``, e.g. AQT's), ``ConvLocal``
-(``lax.conv_general_dilated_local``, no jaxlinear op), and every other module holding
-parameters (``LayerNorm``, ``BatchNorm``, a user's ``self.param`` used directly). The
+``dot_general_cls=``, ``conv_general_dilated=``, e.g. AQT's), an ``Embed`` with one row
+(Flax broadcasts it, no lookup), and every other module holding parameters
+(``LayerNorm``, ``BatchNorm``, a user's ``self.param`` used directly). The
 attention weights of ``MultiHeadDotProductAttention`` (``softmax(q kᵀ) v``) multiply
 activations by activations and stay on JAX's AD; its four projections are
 ``DenseGeneral`` s and are converted.
@@ -39,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import recurrent as _recurrent
+from jax import lax
 
 from jaxlinear._src import adapt
 from jaxlinear._src.adapt import BINDINGS, STATUSES, Report, Row
@@ -105,9 +109,20 @@ def _dense_refusal(module):
     return None
 
 
+def _local(binding):
+    """JAX's own ``lax.conv_general_dilated_local`` (patches, then one batched
+    ``dot_general`` of the patches with the unshared kernel), that ``dot_general`` jaxlinear's."""
+    return _rebind(lax.conv_general_dilated_local, lax=_dot(binding))
+
+
+_LOCAL_REBINDS = "lax" in getattr(lax.conv_general_dilated_local, "__globals__", {})
+
+
 def _conv_refusal(module):
-    if not module.shared_weights:
-        return "lax.conv_general_dilated_local (unshared weights): no jaxlinear op"
+    if not module.shared_weights:  # ConvLocal: its conv_general_dilated only sizes the kernel
+        if not _LOCAL_REBINDS:
+            return "lax.conv_general_dilated_local (unshared weights): not rebindable here"
+        return None
     if module.conv_general_dilated_cls is not None:
         return f"its own conv_general_dilated_cls {_name(module.conv_general_dilated_cls)}"
     if module.conv_general_dilated is not None:
@@ -120,14 +135,22 @@ class _Rule(tp.NamedTuple):
 
     layer: type  # the Flax class that defines the method
     method: str
-    flax_runs: str  # what Flax runs, for the report
-    family: str  # the op family it runs instead
+    flax_runs: str | tp.Callable  # what Flax runs, for the report (or module -> it)
+    family: str | tp.Callable  # the op family it runs instead (or module -> it)
     build: tp.Callable  # binding -> the replacement function (self, *args, **kwargs)
     refusal: tp.Callable = lambda module: None  # module -> why it stays untouched, or None
 
 
+def _dot(binding):
+    return {"dot_general": adapt.op("dot_general", binding)}
+
+
+def _per_module(value, module):
+    return value(module) if callable(value) else value
+
+
 def _rules():
-    dot = lambda b: {"dot_general": adapt.op("dot_general", b)}  # noqa: E731
+    dot = _dot
     return (
         _Rule(nn.Dense, "__call__", "lax.dot_general", "dot_general",
               lambda b: _rebind(nn.Dense.__call__, lax=dot(b)), _dense_refusal),
@@ -135,15 +158,20 @@ def _rules():
               lambda b: _rebind(nn.DenseGeneral.__call__, lax=dot(b)), _dense_refusal),
         _Rule(nn.Einsum, "__call__", "jnp.einsum", "einsum",
               lambda b: _rebind(nn.Einsum.__call__, jnp={"einsum": adapt.op("einsum", b)})),
-        _Rule(nn.Conv, "__call__", "lax.conv_general_dilated", "conv_general_dilated",
+        _Rule(nn.Conv, "__call__",  # nn.Conv and nn.ConvLocal (shared_weights=False)
+              lambda m: "lax.conv_general_dilated" + ("" if m.shared_weights else "_local"),
+              lambda m: "conv_general_dilated" if m.shared_weights else "dot_general",
               lambda b: _rebind(nn.Conv.__call__, lax={
-                  "conv_general_dilated": adapt.op("conv_general_dilated", b)}),
+                  "conv_general_dilated": adapt.op("conv_general_dilated", b),
+                  "conv_general_dilated_local": _local(b)}),
               _conv_refusal),
         _Rule(nn.ConvTranspose, "__call__", "lax.conv_transpose", "conv_transpose",
               lambda b: _rebind(nn.ConvTranspose.__call__, lax={
                   "conv_transpose": adapt.op("conv_transpose", b)})),
         _Rule(nn.Embed, "__call__", "jnp.take", "embed",
-              lambda b: _rebind(nn.Embed.__call__, jnp={"take": _take(b)})),
+              lambda b: _rebind(nn.Embed.__call__, jnp={"take": _take(b)}),
+              lambda m: "num_embeddings == 1: Flax broadcasts its one row (no lookup)"
+              if m.num_embeddings == 1 else None),
         _Rule(nn.Embed, "attend", "jnp.dot", "dot_general", _attend),
         _Rule(nn.OptimizedLSTMCell, "__call__", "jnp.dot", "dot_general",
               lambda b: _rebind(nn.OptimizedLSTMCell.__call__, jnp={"dot": adapt.matmul(b)})),
@@ -191,9 +219,10 @@ def _interceptor(next_fun, args, kwargs, context):
         _log(module, rule.method, "untouched", refusal)
         return next_fun(*args, **kwargs)
     if binding is None:
-        _log(module, rule.method, "jax-ad", f"{rule.flax_runs} (JAX's AD)")
+        _log(module, rule.method, "jax-ad", f"{_per_module(rule.flax_runs, module)} (JAX's AD)")
         return next_fun(*args, **kwargs)
-    _log(module, rule.method, "explicit", f"jaxlinear.{adapt.op(rule.family, binding).__name__}")
+    ours = adapt.op(_per_module(rule.family, module), binding).__name__
+    _log(module, rule.method, "explicit", f"jaxlinear.{ours}")
     return _replacement(function, binding)(module, *args, **kwargs)
 
 
@@ -252,7 +281,7 @@ def explicit(module, *, binding: str = "custom_vjp"):
 
     Returns a module of a subclass of ``type(module)`` with the same fields; every method
     call on it (``init``, ``apply``, ``bind``, or as a submodule of a bigger model) runs
-    with Flax's ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``ConvTranspose``,
+    with Flax's ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``ConvLocal``, ``ConvTranspose``,
     ``Embed`` (lookup and ``attend``) and ``OptimizedLSTMCell`` on jaxlinear's ops, at any
     depth: inside ``MultiHeadDotProductAttention`` (its projections), ``LSTMCell`` /
     ``GRUCell`` (their ``Dense`` s), ``ConvLSTMCell`` (its ``Conv`` s), ``nn.scan`` /
