@@ -8,16 +8,16 @@
 ``explicit(module, *, binding="custom_vjp")`` returns a linen module whose known layers
 (``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``ConvLocal``, ``ConvTranspose``,
 ``Embed`` and its ``attend``, ``OptimizedLSTMCell``, and so the projections of attention
-and the matmuls of the RNN cells) run jaxlinear's ops at any depth, with exactly the original's variables;
-``report(module, *args)`` says what every submodule runs, listing those left untouched;
-``per_example_loss(module, loss, variables)`` gives ``(loss_fn, params)`` for
-``per_example_grad_norms`` / ``clipped_grad``. Flax is an optional dependency of
-jaxlinear: this module imports it, ``import jaxlinear`` does not.
+and the matmuls of the RNN cells) run jaxlinear's ops at any depth, with exactly the
+original's variables; ``report(module, *args)`` says what every submodule runs, listing
+those left untouched; ``per_example_loss(module, loss, variables)`` gives
+``(loss_fn, params)`` for ``per_example_grad_norms`` / ``clipped_grad``. Flax is an
+optional dependency of jaxlinear: this module imports it, ``import jaxlinear`` does not.
 """
 
 try:
     import flax.linen  # noqa: F401
-except ImportError as error:  # pragma: no cover - tested in a subprocess
+except ImportError as error:  # pragma: no cover - tested by hiding flax.linen
     raise ImportError(
         "jaxlinear.linen needs Flax (linen), which is not installed:"
         " `pip install flax` (the rest of jaxlinear works without it)"
