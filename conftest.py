@@ -1,7 +1,8 @@
 """Collection rules for the whole repository (tests/conftest.py configures the tests).
 
-Flax is optional: without it, the doctests of the Flax adapter are not collected (the
-adapter itself raises an ImportError naming `pip install flax`; tests/test_nnx.py checks).
+Flax and Equinox are optional: without them, the doctests of their adapters are not
+collected (each adapter raises an ImportError naming the `pip install`; tests/test_nnx.py,
+tests/test_linen.py and tests/test_equinox.py check).
 """
 
 import importlib.util
@@ -9,3 +10,6 @@ import importlib.util
 collect_ignore = []
 if importlib.util.find_spec("flax") is None:
     collect_ignore += ["jaxlinear/nnx.py", "jaxlinear/_src/nnx.py"]
+    collect_ignore += ["jaxlinear/linen.py", "jaxlinear/_src/linen.py"]
+if importlib.util.find_spec("equinox") is None:
+    collect_ignore += ["jaxlinear/equinox.py", "jaxlinear/_src/equinox.py"]

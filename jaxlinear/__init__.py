@@ -1,7 +1,8 @@
 """jaxlinear: the linear layer ``Y = X W + b`` with its transpose rules written out.
 
 The whole public API is listed here. Adapters for other libraries are submodules that
-import their library, so ``import jaxlinear`` never does: ``jaxlinear.nnx`` (Flax NNX).
+import their library, so ``import jaxlinear`` never does: ``jaxlinear.nnx`` (Flax NNX),
+``jaxlinear.linen`` (Flax linen), ``jaxlinear.equinox`` (Equinox).
 """
 
 from jaxlinear._src.adjoint import AdjointTestResult as AdjointTestResult

@@ -8,7 +8,9 @@
 
 ``explicit(model, *, binding="custom_vjp", copy=False)`` converts the model's linear
 layers (``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``, ``ConvTranspose``, ``Embed``,
-``MultiHeadAttention``'s projections) and keeps its ``nnx.state``; ``report(model)`` says
+``MultiHeadAttention``'s projections, ``LoRA`` / ``LoRALinear``'s factors, the RNN cells'
+``Linear`` s, and user subclasses of these that reach the parent's computation) and keeps
+its ``nnx.state``; ``report(model)`` says
 what every module runs, listing modules it leaves untouched; ``per_example_loss(model,
 loss)`` gives ``(loss_fn, params)`` for ``per_example_grad_norms`` / ``clipped_grad``.
 Flax is an optional dependency of jaxlinear: this module imports it, ``import jaxlinear``
@@ -27,6 +29,7 @@ from jaxlinear._src.nnx import BINDINGS as BINDINGS
 from jaxlinear._src.nnx import STATUSES as STATUSES
 from jaxlinear._src.nnx import ConvTranspose as ConvTranspose
 from jaxlinear._src.nnx import Embed as Embed
+from jaxlinear._src.nnx import LoRA as LoRA
 from jaxlinear._src.nnx import Report as Report
 from jaxlinear._src.nnx import Row as Row
 from jaxlinear._src.nnx import explicit as explicit
@@ -38,6 +41,7 @@ __all__ = [
     "STATUSES",
     "ConvTranspose",
     "Embed",
+    "LoRA",
     "Report",
     "Row",
     "explicit",

@@ -236,18 +236,30 @@ def test_jitted_optax_step_equals_the_originals():
 
 
 def test_report_lists_converted_attention_and_untouched_modules():
-    class MyLinear(eqx.nn.Linear):  # a subclass may compute something else: left alone
+    class MyLinear(eqx.nn.Linear):  # a subclass replacing the computation: left alone
+        def __call__(self, x, *, key=None):
+            return self.weight @ x
+
+    class Reaching(eqx.nn.Linear):  # a subclass reaching the parent's: converted
         pass
 
-    model = (Block(KEY), MyLinear(2, 2, key=KEY), eqx.nn.GRUCell(2, 2, key=KEY))
+    model = (
+        Block(KEY),
+        MyLinear(2, 2, key=KEY),
+        eqx.nn.GRUCell(2, 2, key=KEY),
+        Reaching(2, 2, key=KEY),
+    )
     new = je.explicit(model, binding="dual")
     rows = {r.path: r for r in je.report(new).rows}
     assert rows["[0].attn.query_proj"].runs == "jaxlinear.dual_linear (dual) on weight.T"
     assert rows["[0].emb"].runs == "jaxlinear.dual_embed (dual)"
     assert "q·kᵀ and softmax·v stay JAX's" in rows["[0].attn"].runs
-    assert {r.path for r in je.report(new).untouched} == {"[0].norm", "[1]", "[2]"}
-    assert "subclass of eqx.nn.Linear" in rows["[1]"].runs
+    assert {r.path for r in je.report(new).untouched} == {"[0].norm", "[1]"}
+    assert "subclass of eqx.nn.Linear: MyLinear.__call__ replaces" in rows["[1]"].runs
     assert type(new[1]) is MyLinear
+    assert rows["[2]"].runs == "jaxlinear.dual_linear (dual) on weight_ih.T, weight_hh.T"
+    assert rows["[3]"].runs == "jaxlinear.dual_linear (dual) on weight.T"
+    assert isinstance(new[3], Reaching) and type(new[3]) is not Reaching
     text = str(je.report(new))
     assert text.splitlines()[0].split() == ["path", "module", "runs"]
     assert rows["[0].mlp.layers[1]"].module == "DualLinear"

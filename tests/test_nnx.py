@@ -352,7 +352,11 @@ def test_report_and_explicit_leave_what_they_do_not_know():
             self.scale = nnx.Param(jnp.ones(3))
             self.extra = nnx.List([nnx.Param(jnp.zeros(3))])
 
-    class MyLinear(nnx.Linear):  # a subclass: its __call__ may not use dot_general
+    class MyLinear(nnx.Linear):  # a subclass replacing the computation: not converted
+        def __call__(self, x):
+            return x @ self.kernel[...]
+
+    class Reaching(nnx.Linear):  # a subclass not overriding __call__: converted
         pass
 
     def my_dot_general(*args, **kwargs):
@@ -363,7 +367,8 @@ def test_report_and_explicit_leave_what_they_do_not_know():
             self.custom = Custom()
             self.sub = MyLinear(3, 3, rngs=rngs)
             self.third_party = nnx.Linear(3, 3, dot_general=my_dot_general, rngs=rngs)
-            self.ellipsis = nnx.Einsum("...d,dk->...k", (3, 2), rngs=rngs)
+            self.reaching = Reaching(3, 3, rngs=rngs)
+            self.ellipsis = nnx.Einsum("...d,dk->...k", (3, 2), rngs=rngs)  # converted
             self.with_cls = nnx.LinearGeneral(3, 2, dot_general_cls=lambda: my_dot_general,
                                               rngs=rngs)  # fmt: skip
             self.bias = nnx.Param(jnp.zeros(2))  # the model's own parameter
@@ -371,16 +376,17 @@ def test_report_and_explicit_leave_what_they_do_not_know():
     model = jlnnx.explicit(nnx.eval_shape(lambda: Owner(nnx.Rngs(0))))
     report = jlnnx.report(model)
     assert report.untouched == (
-        "", "custom", "ellipsis", "sub", "third_party", "with_cls"
+        "", "custom", "sub", "third_party", "with_cls"
     )  # fmt: skip
-    assert report.explicit == ()
+    assert report.explicit == ("ellipsis", "reaching")
     assert "params bias" in report[""].runs and str(report).splitlines()[2].startswith("(model)")
     assert "params extra.0, scale" in report["custom"].runs
-    assert "subclass of nnx.Linear" in report["sub"].runs
+    assert "subclass of nnx.Linear: MyLinear.__call__ replaces" in report["sub"].runs
     assert model.sub.dot_general is jax.lax.dot_general
     assert model.third_party.dot_general is my_dot_general
     assert "my_dot_general" in report["third_party"].runs
-    assert "'...'" in report["ellipsis"].runs and model.ellipsis.einsum_op is jnp.einsum
+    assert report["ellipsis"].runs == "jaxlinear.einsum"  # '...' subscripts: converted
+    assert report["reaching"].runs == "jaxlinear.dot_general"
     assert "dot_general_cls" in report["with_cls"].runs and model.with_cls.dot_general is None
 
 

@@ -39,10 +39,13 @@ def _entries(fn: str, tree, w_key: str, b_key: str, prefix: str, what: str):
     """``(weight, bias)`` read from a mapping, with an optional ``prefix.`` on the keys."""
     if not isinstance(tree, Mapping):
         raise TypeError(f"{fn}: expected {what} (a mapping), got {type(tree).__name__}")
+    prefix = prefix.removesuffix(".")  # PyTorch's own spelling "fc2." too
     keys = [f"{prefix}.{k}" if prefix else k for k in (w_key, b_key)]
     if keys[0] not in tree:
         near = sorted(str(k) for k in tree)[:8]
-        raise KeyError(f"{fn}: {what} has no {keys[0]!r}; its keys start {near}")
+        found = sorted(str(k)[: -len(w_key) - 1] for k in tree if str(k).endswith(f".{w_key}"))
+        hint = f"; pass `prefix=`, one of {found}" if found else ""
+        raise KeyError(f"{fn}: {what} has no {keys[0]!r}{hint}; its keys start {near}")
     return _array(fn, keys[0], tree[keys[0]]), tree.get(keys[1])
 
 
@@ -65,7 +68,8 @@ def from_torch(state_dict, prefix: str = "") -> Params:
       state_dict: a mapping with ``weight`` and optional ``bias`` (tensors or arrays),
         e.g. ``layer.state_dict()``.
       prefix: read ``f"{prefix}.weight"`` / ``f"{prefix}.bias"`` from a whole model's state
-        dict, e.g. ``prefix="fc1"``.
+        dict, e.g. ``prefix="fc1"`` or ``"fc1."``; without it, a whole model's state dict
+        is refused with the prefixes it holds.
 
     Returns:
       ``Params(W, b)`` (``b`` is ``None`` without a bias).

@@ -14,6 +14,7 @@ runs the same computation through a jaxlinear op:
 ``eqx.nn.MultiheadAttention``          its four ``Linear`` projections; the two
                                       activation-activation einsums (``q·kᵀ``,
                                       ``softmax·v``) stay JAX's
+``eqx.nn.GRUCell``, ``LSTMCell``       ``linear`` on ``weight_ih.T`` and ``weight_hh.T``
 ==================================== ===============================================
 
 The new modules have exactly the fields of the old ones (same names, shapes, dtypes,
@@ -21,9 +22,11 @@ weight layout ``(out, in)`` and conv ``(O, I/groups, *kernel)``, same static fie
 ``eqx.tree_at``, ``eqx.tree_serialise_leaves`` / ``tree_deserialise_leaves`` in either
 direction and optimizer states see the same leaves; only the class in the tree
 structure differs (``isinstance(new, type(old))`` holds). Bias adds stay plain ``+``.
-Subclasses of these layers (which may compute something else) and every other module
-holding arrays (``LayerNorm``, ``GRUCell``, ...) are left as they are, and ``report``
-lists them as untouched.
+A user's subclass of one of these layers whose ``__call__`` reaches the parent's (through
+``super()``, or by not overriding it) is converted too: its converted class has the user's
+class first and jaxlinear's layer under it, so ``super()`` lands on jaxlinear's op. A
+subclass replacing ``__call__`` and every other module holding arrays (``LayerNorm``,
+...) are left as they are, and ``report`` lists them as untouched, with the reason.
 
 Equinox models run per example under ``jax.vmap``: with ``binding="custom_vjp"``,
 ``jax.grad`` of the vmapped model runs the batched custom VJP; with ``binding="dual"``
@@ -50,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxlinear
+from jaxlinear._src import adapt
 from jaxlinear._src import quant as _quant
 from jaxlinear._src.params import Params
 
@@ -155,6 +159,33 @@ def _embedding_call(self, x, *, key=None):
     return _op(self, "embed")(self.weight, jnp.asarray(x))
 
 
+def _gru_call(self, input, hidden, *, key=None):
+    """Equinox's ``GRUCell``: ``weight_ih @ input`` and ``weight_hh @ hidden`` as ``linear``."""
+    del key
+    linear = _op(self, "linear")
+    bias, bias_n = (self.bias, self.bias_n) if self.use_bias else (None, 0)
+    igates = jnp.split(linear(Params(self.weight_ih.T, bias), input), 3)  # (3·hidden,)
+    hgates = jnp.split(linear(Params(self.weight_hh.T), hidden), 3)
+    reset = jax.nn.sigmoid(igates[0] + hgates[0])
+    inp = jax.nn.sigmoid(igates[1] + hgates[1])
+    new = jnp.tanh(igates[2] + reset * (hgates[2] + bias_n))
+    return new + inp * (hidden - new)
+
+
+def _lstm_call(self, input, hidden, *, key=None):
+    """Equinox's ``LSTMCell``: its two matrix-vector products as ``linear``."""
+    del key
+    linear = _op(self, "linear")
+    h, c = hidden
+    bias = self.bias if self.use_bias else None
+    # (in,) @ (in, 4·hidden) + b + (hidden,) @ (hidden, 4·hidden) -> (4·hidden,)
+    lin = linear(Params(self.weight_ih.T, bias), input) + linear(Params(self.weight_hh.T), h)
+    i, f, g, o = jnp.split(lin, 4)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (h, c)
+
+
 # class -> (its new __call__, the op it runs, what the report says)
 _KNOWN = {
     eqx.nn.Linear: (_linear_call, "linear", "weight.T"),
@@ -167,6 +198,8 @@ _KNOWN = {
     eqx.nn.ConvTranspose2d: (_conv_transpose_call, "conv", "input dilated by the stride"),
     eqx.nn.ConvTranspose3d: (_conv_transpose_call, "conv", "input dilated by the stride"),
     eqx.nn.Embedding: (_embedding_call, "embed", None),
+    eqx.nn.GRUCell: (_gru_call, "linear", "weight_ih.T, weight_hh.T"),
+    eqx.nn.LSTMCell: (_lstm_call, "linear", "weight_ih.T, weight_hh.T"),
 }
 
 
@@ -193,21 +226,41 @@ def _converted_class(cls, binding, quant=None):
 
 
 def _original_class(cls):
-    """The Equinox class a converted class was made from (itself otherwise)."""
-    return cls.__mro__[1] if getattr(cls, "__module__", None) == __name__ else cls
+    """The Equinox (or user's) class a converted class was made from (itself otherwise)."""
+    if getattr(cls, "__module__", None) == __name__:
+        return cls.__mro__[1]
+    return adapt.original_class(cls)
+
+
+def _known(cls):
+    """``(base, why_not)``: the Equinox layer ``cls`` derives from (or ``None``), and why
+    it is not converted (``None``: it computes what ``base`` does)."""
+    base = adapt.known_base(cls, _KNOWN)
+    if base is None or cls is base:
+        return base, None
+    return base, adapt.replaced_by(cls, base, ("__call__",))
 
 
 def _convert(module, binding, quant=None):
     """A new ``module`` of the converted class, sharing every field's value."""
-    new = object.__new__(_converted_class(_original_class(type(module)), binding, quant))
+    cls = _original_class(type(module))
+    base, _ = _known(cls)
+    converted = _converted_class(base, binding, quant)
+    if cls is not base:  # a user's subclass: jaxlinear's layer goes under it
+        converted = adapt.converted_subclass(cls, converted)
+    new = object.__new__(converted)
     for f in dataclasses.fields(module):
         object.__setattr__(new, f.name, getattr(module, f.name))
     return new
 
 
 def _is_known(x):
-    """A layer ``explicit`` converts: one of ``_KNOWN`` exactly, or one it converted."""
-    return _original_class(type(x)) in _KNOWN
+    """A layer ``explicit`` converts: a known layer, a subclass computing what it does,
+    or one ``explicit`` converted."""
+    if not isinstance(x, eqx.Module):
+        return False
+    base, why_not = _known(_original_class(type(x)))
+    return base is not None and why_not is None
 
 
 def explicit(model, *, binding: str = "custom_vjp", quant=None):
@@ -215,7 +268,8 @@ def explicit(model, *, binding: str = "custom_vjp", quant=None):
 
     A new pytree (Equinox modules are immutable); ``model`` is unchanged. Known layers:
     ``eqx.nn.Linear``, ``Conv`` (1-3D, every option), ``ConvTranspose`` (1-3D),
-    ``Embedding``, and ``MultiheadAttention``'s projections (see the module docstring).
+    ``Embedding``, ``GRUCell``, ``LSTMCell``, ``MultiheadAttention``'s projections, and
+    subclasses of these reaching the parent's ``__call__`` (see the module docstring).
     Each becomes a subclass of its own class with the same fields, so values, gradients,
     ``eqx.tree_at``, serialisation and optimizer states behave as before. Layers already
     converted are converted again to ``binding``. ``model`` may be any pytree holding
@@ -322,8 +376,9 @@ def _holds_arrays(module):
 
 def _describe(module):
     cls = type(module)
-    if _original_class(cls) is not cls and _original_class(cls) in _KNOWN:
-        _, kind, note = _KNOWN[_original_class(cls)]
+    original = _original_class(cls)
+    if original is not cls and _known(original) == (_known(original)[0], None):
+        _, kind, note = _KNOWN[_known(original)[0]]
         binding = cls.jaxlinear_binding
         fn = _OPS[binding][kind].__name__
         if cls.jaxlinear_quant is not None and kind != "embed":
@@ -336,9 +391,11 @@ def _describe(module):
         )
     if cls in _KNOWN:
         return "JAX's own rules (not converted)"
-    if isinstance(module, tuple(_KNOWN)):
-        base = next(c for c in cls.__mro__ if c in _KNOWN)
-        return f"untouched: a subclass of eqx.nn.{base.__name__} (its own code)"
+    base, why_not = _known(cls)
+    if base is not None:
+        if why_not is None:
+            return f"JAX's own rules (a subclass of eqx.nn.{base.__name__}, not converted)"
+        return f"untouched: a subclass of eqx.nn.{base.__name__}: {why_not}"
     if _holds_arrays(module):
         return f"untouched: {cls.__module__.split('.')[0]}'s own code (not a layer jaxlinear knows)"
     return ""

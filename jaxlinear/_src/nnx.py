@@ -10,6 +10,13 @@ four ``LinearGeneral`` projections, converted like any other; its attention weig
 (``softmax(q kᵀ) v``, inside ``attention_fn``) multiply activations by activations, have
 no parameters and stay on JAX's AD.
 
+``LoRA`` (``x @ lora_a @ lora_b``, written into its ``__call__``) becomes
+``jaxlinear.nnx.LoRA``: two contractions, one per factor. A user's subclass of one of
+these layers (Gemma's ``ScaledEmbed(nnx.Embed)``) is converted when its overrides reach
+the parent's computation (``super().__call__(x) * scale``), with jaxlinear's layer placed
+under it in the MRO; one that replaces the computation is left as it is (the shared
+subclass rule, ``jaxlinear._src.adapt.replaced_by``).
+
 Every module that owns an ``nnx.Param`` and is not one of these layers is *untouched*
 (a ``LayerNorm``, a ``BatchNorm``, a user's module using its parameters directly), and
 ``report`` lists it as such: nothing is skipped silently.
@@ -27,38 +34,16 @@ from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 from jax import lax
 
-from jaxlinear._src.ops import conv as _conv
-from jaxlinear._src.ops import conv_transpose as _conv_transpose
-from jaxlinear._src.ops import dot_general as _dot_general
-from jaxlinear._src.ops import einsum as _einsum
-from jaxlinear._src.ops import embed as _embed
+from jaxlinear._src import adapt
+from jaxlinear._src.adapt import BINDINGS as BINDINGS
+from jaxlinear._src.adapt import STATUSES as STATUSES
+from jaxlinear._src.adapt import Report as Report
+from jaxlinear._src.adapt import Row as Row
+from jaxlinear._src.adapt import check_binding as _check_binding
+from jaxlinear._src.adapt import op as _op
 from jaxlinear._src.quant import resolve as _resolve
 
-BINDINGS = ("custom_vjp", "dual")
-
-# jaxlinear's op for each Flax op, per binding.
-_OPS = {
-    "dot_general": (_dot_general.dot_general, _dot_general.dual_dot_general),
-    "einsum": (_einsum.einsum, _einsum.dual_einsum),
-    "conv_general_dilated": (_conv.conv_general_dilated, _conv.dual_conv_general_dilated),
-    "embed": (_embed.embed, _embed.dual_embed),
-    "conv_transpose": (_conv_transpose.conv_transpose, _conv_transpose.dual_conv_transpose),
-}
-
-
-@functools.cache
-def _op(family: str, binding: str, quant=None):
-    """jaxlinear's function for ``family`` (``"dot_general"``, ...) in ``binding``; with a
-    ``quant`` recipe, that function with ``quant`` bound (one object per recipe, so equal
-    graphdefs stay equal)."""
-    fn = _OPS[family][BINDINGS.index(binding)]
-    return fn if quant is None or family == "embed" else functools.partial(fn, quant=quant)
-
-
-def _check_binding(fn: str, binding) -> str:
-    if binding not in BINDINGS:
-        raise ValueError(f"{fn}: `binding` must be 'custom_vjp' or 'dual', got {binding!r}")
-    return binding
+_OPS = adapt.OPS
 
 
 def _check_model(fn: str, model) -> None:
@@ -222,77 +207,45 @@ class ConvTranspose(nnx.ConvTranspose):
         return y
 
 
-# --------------------------------------------------------------------------------------
-# What each module type becomes, and how to say what it runs.
+class LoRA(nnx.LoRA):
+    r"""``nnx.LoRA`` whose ``x @ lora_a @ lora_b`` is two of jaxlinear's ``dot_general`` s.
 
+    Same constructor, attributes and ``nnx.state`` as ``nnx.LoRA`` (``LoRAParam`` s
+    ``lora_a: (in, rank)`` and ``lora_b: (rank, out)``, the optional ``base_module``),
+    plus ``binding``: ``"custom_vjp"`` (``jaxlinear.dot_general``) or ``"dual"``
+    (``dual_dot_general``). Each factor is the weight of one contraction, so each gets
+    its own explicit rules (and per-example gradients): ``h = x A``, ``y = h B``.
 
-class Row(tp.NamedTuple):
-    """One module of the model: where it is, what it is, what it runs."""
-
-    path: str  # "blocks.0.attn.query"; "" for the model itself
-    module: str  # its class name
-    status: str  # "explicit" | "jax-ad" | "untouched" | "note"
-    runs: str  # what its call runs, in words
-
-
-STATUSES = {
-    "explicit": "runs jaxlinear's op(s): the explicit rules",
-    "jax-ad": "a layer `explicit` converts, still on Flax's op and JAX's AD",
-    "untouched": "owns parameters used in a way `explicit` does not convert",
-    "note": "no parameters of its own; information",
-}
-
-
-class Report:
-    """What every module of an NNX model runs; ``str(report)`` is a table.
-
-    ``report[path]`` is the ``Row`` of one module (path ``"a.b.0"``, ``""`` for the
-    model itself); ``report.explicit`` / ``report.untouched`` are the paths with that
-    status; iterating gives the rows in path order.
+    Examples:
+      >>> import jax.numpy as jnp, jaxlinear.nnx
+      >>> from flax import nnx
+      >>> ones = nnx.initializers.ones
+      >>> lora = jaxlinear.nnx.LoRA(2, 1, 3, a_initializer=ones, b_initializer=ones,
+      ...                           rngs=nnx.Rngs(0))
+      >>> lora(jnp.array([1.0, 2.0])).tolist()
+      [3.0, 3.0, 3.0]
     """
 
-    def __init__(self, rows: tp.Iterable[Row]):
-        self.rows = tuple(rows)
+    def __init__(self, *args, binding: str = "custom_vjp", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.binding = _check_binding("jaxlinear.nnx.LoRA", binding)
 
-    def __iter__(self):
-        return iter(self.rows)
+    def __call__(self, x, **kwargs):
+        """``x @ lora_a @ lora_b (+ base_module(x))``: ``(..., in) -> (..., out)``."""
+        x, lora_a, lora_b = self.promote_dtype(
+            (x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
+        )
+        matmul = adapt.matmul(self.binding)
+        out = matmul(matmul(x, lora_a), lora_b)  # (..., in) @ (in, r) @ (r, out)
+        if self.base_module is not None:
+            if not callable(self.base_module):
+                raise ValueError("`self.base_module` must be callable.")  # Flax's
+            out += self.base_module(x, **kwargs)
+        return out
 
-    def __len__(self):
-        return len(self.rows)
 
-    def __getitem__(self, path: str) -> Row:
-        for row in self.rows:
-            if row.path == path:
-                return row
-        raise KeyError(f"jaxlinear.nnx.Report: no module at path {path!r}")
-
-    def paths(self, status: str) -> tuple[str, ...]:
-        """The paths of the modules with ``status`` (one of ``STATUSES``)."""
-        if status not in STATUSES:
-            raise ValueError(
-                f"jaxlinear.nnx.Report.paths: `status` must be one of {list(STATUSES)},"
-                f" got {status!r}"
-            )
-        return tuple(r.path for r in self.rows if r.status == status)
-
-    @property
-    def explicit(self) -> tuple[str, ...]:
-        return self.paths("explicit")
-
-    @property
-    def untouched(self) -> tuple[str, ...]:
-        return self.paths("untouched")
-
-    def __str__(self):
-        head = Row("path", "module", "status", "runs")
-        cells = [head, *((r.path or "(model)", *r[1:]) for r in self.rows)]
-        widths = [max(len(c[i]) for c in cells) for i in range(3)]
-        lines = ["  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in cells]
-        lines.insert(1, "  ".join("-" * w for w in [*widths, len(head.runs)]))
-        return "\n".join(line.rstrip() for line in lines)
-
-    def __repr__(self):
-        return f"jaxlinear.nnx.Report(\n{self}\n)"
+# --------------------------------------------------------------------------------------
+# What each module type becomes, and how to say what it runs.
 
 
 class _Injected(tp.NamedTuple):
@@ -334,7 +287,25 @@ _REPLACED: dict[type, tuple[type, str, dict[str, str]]] = {
         "lax.conv_transpose",
         {b: f"jaxlinear.{_op('conv_transpose', b).__name__}" for b in BINDINGS},
     ),
+    nnx.LoRA: (
+        LoRA,
+        "x @ lora_a @ lora_b",
+        {b: f"jaxlinear.{_op('dot_general', b).__name__} ×2 (x·A, then ·B)" for b in BINDINGS},
+    ),
 }
+
+# The methods a subclass must leave reaching the parent's computation to be converted.
+_METHODS = {nnx.Embed: ("__call__", "attend")}
+
+
+def _known(kind: type) -> tuple[type | None, str | None]:
+    """``(base, why_not)``: the known layer ``kind`` is or derives from (``None`` if none),
+    and why it is not converted (``None`` if ``kind`` computes what ``base`` does)."""
+    base = adapt.known_base(kind, (*_INJECTED, *_REPLACED))
+    if base is None or kind is base or any(issubclass(kind, r[0]) for r in _REPLACED.values()):
+        return base, None
+    return base, adapt.replaced_by(kind, base, _METHODS.get(base, ("__call__",)))
+
 
 _ATTENTION_NOTE = (
     "attention weights softmax(q·kᵀ)·v: activations only, no parameters: JAX's AD"
@@ -359,15 +330,11 @@ def _name(fn) -> str:
 def _describe(module, own_params: tp.Sequence[str]) -> tuple[str, str] | None:
     """``(status, runs)`` of one module, or ``None`` if it needs no row."""
     kind = type(module)
-    if kind in _INJECTED:
-        rule = _INJECTED[kind]
-        if kind is nnx.LinearGeneral and module.dot_general_cls is not None:
+    base, why_not = _known(kind)
+    if base in _INJECTED and why_not is None:
+        rule = _INJECTED[base]
+        if base is nnx.LinearGeneral and module.dot_general_cls is not None:
             return "untouched", f"its own dot_general_cls {_name(module.dot_general_cls)}"
-        if kind is nnx.Einsum and "." in (module.einsum_str or ""):
-            return "untouched", (
-                f"jnp.einsum {module.einsum_str!r}: jaxlinear.einsum needs every axis named"
-                " (no '...')"
-            )
         op = getattr(module, rule.attr)
         ours = _ours(rule.family, op)
         if ours is not None:
@@ -375,23 +342,22 @@ def _describe(module, own_params: tp.Sequence[str]) -> tuple[str, str] | None:
         if any(op is d for d in rule.flax_defaults):
             return "jax-ad", f"{rule.flax_name} (JAX's AD)"
         return "untouched", f"its own {rule.attr} {_name(op)}"
-    for flax_kind, (ours, flax_runs, our_runs) in _REPLACED.items():
-        if kind is ours:
+    if base in _REPLACED and why_not is None:
+        ours, flax_runs, our_runs = _REPLACED[base]
+        if isinstance(module, ours):
             recipe = getattr(module, "quant", None)
             return "explicit", our_runs[module.binding] + (
                 f" (quant={recipe.name})" if recipe is not None else ""
             )
-        if kind is flax_kind:
-            return "jax-ad", f"{flax_runs} (JAX's AD)"
+        return "jax-ad", f"{flax_runs} (JAX's AD)"
     if isinstance(module, nnx.MultiHeadAttention):
         return "note", _ATTENTION_NOTE
     if not own_params:
         return None
-    known = next((k for k in (*_INJECTED, *_REPLACED) if isinstance(module, k)), None)
-    if known is not None:
+    if base is not None:
         return "untouched", (
-            f"a subclass of nnx.{known.__name__} (its __call__ may differ), not converted"
-            f" (params {', '.join(own_params)}): JAX's AD"
+            f"a subclass of nnx.{base.__name__}: {why_not}; params {', '.join(own_params)}:"
+            " JAX's AD"
         )
     return "untouched", (f"not converted (params {', '.join(own_params)}): JAX's AD")
 
@@ -469,16 +435,19 @@ def explicit(model, *, binding: str = "custom_vjp", copy: bool = False, quant=No
     (``einsum_op=``) and ``Conv`` (``conv_general_dilated=``) to jaxlinear's, including
     the ``query/key/value/out`` projections of ``MultiHeadAttention``; turns each
     ``nnx.Embed`` into ``jaxlinear.nnx.Embed`` and each ``nnx.ConvTranspose`` into
-    ``jaxlinear.nnx.ConvTranspose`` (same attributes, same Variables). ``nnx.state(model)``
+    ``jaxlinear.nnx.ConvTranspose`` and each ``nnx.LoRA`` (also inside ``LoRALinear``)
+    into ``jaxlinear.nnx.LoRA`` (same attributes, same Variables); a user's subclass of
+    these layers whose overrides reach the parent's computation (through ``super()``) is
+    converted too. ``nnx.state(model)``
     is unchanged: the same paths, shapes, dtypes and Variable types (only the graphdef's
     static op attributes and classes change), so optimizer states and checkpoints stay
     valid. Values and gradients equal the original model's (up to rounding: the same
     products, in another order at most).
 
     Layers that already hold a jaxlinear op are set to ``binding``'s; layers holding a
-    third party's op (e.g. AQT's ``dot_general``), subclasses of these layers and every
-    other module with parameters are left as they are: ``report(model)`` lists them as
-    ``untouched``.
+    third party's op (e.g. AQT's ``dot_general``), subclasses replacing their parent's
+    computation and every other module with parameters are left as they are:
+    ``report(model)`` lists them as ``untouched``.
 
     Args:
       model: an ``nnx.Module``.
@@ -525,20 +494,24 @@ def explicit(model, *, binding: str = "custom_vjp", copy: bool = False, quant=No
 def _convert(module, binding: str, quant=None) -> None:
     """Convert one module in place (if ``report`` would call it ``explicit`` or ``jax-ad``)."""
     kind = type(module)
-    if kind in _INJECTED:
+    base, why_not = _known(kind)
+    if base is None or why_not is not None:
+        return
+    if base in _INJECTED:
         status, _ = _describe(module, ())
         if status in ("explicit", "jax-ad"):
-            rule = _INJECTED[kind]
+            rule = _INJECTED[base]
             setattr(module, rule.attr, _op(rule.family, binding, quant))
         return
-    for flax_kind, (ours, _, _) in _REPLACED.items():
-        if kind is flax_kind:
-            # The class alone changes (bypassing nnx's attribute tracking): the instance,
-            # its Variables and everything that refers to it stay the same objects.
-            object.__setattr__(module, "__class__", ours)
-        if kind in (flax_kind, ours):
-            module.binding = binding
-            module.quant = quant
+    ours = _REPLACED[base][0]
+    if not isinstance(module, ours):
+        # The class alone changes (bypassing nnx's attribute tracking): the instance,
+        # its Variables and everything that refers to it stay the same objects. A user's
+        # subclass gets jaxlinear's layer under it, so its super() calls land there.
+        new = ours if kind is base else adapt.converted_subclass(kind, ours)
+        object.__setattr__(module, "__class__", new)
+    module.binding = binding
+    module.quant = quant
 
 
 def per_example_loss(model, loss, *, params=None):
