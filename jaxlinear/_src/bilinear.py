@@ -419,7 +419,8 @@ class BilinearOp:
         ``scan`` and ``shard_map``; forward mode raises JAX's ``TypeError`` (use ``dual``).
 
         Args:
-          x, w: the operands (validated by the caller).
+          x: the first operand (validated by the caller).
+          w: the second operand, the weights (validated by the caller).
           b: ``(y.shape[-1],)`` bias on the output's last axis, or ``None``.
           compute_dtype: cast ``x`` and ``w`` to this dtype (accumulation stays wide).
           out_dtype: dtype of ``y`` (default: the compute dtype).
@@ -704,10 +705,7 @@ def bilinear_op(
 ) -> BilinearOp:
     r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
 
-    .. math::
-
-         \dot y = B(\dot x, w) + B(x, \dot w) + \dot b, \qquad
-         \bar x = B_x^\top(g; w), \quad \bar w = B_w^\top(g; x), \quad \bar b = \sum g
+        ẏ = B(ẋ, w) + B(x, ẇ) + ḃ,   x̄ = B_xᵀ(g; w),   w̄ = B_wᵀ(g; x),   b̄ = Σ g
 
     The three functions are plain ``jnp``/``lax`` code. They receive the operands already
     cast to the compute dtype and must pass ``preferred_element_type`` (the accumulation

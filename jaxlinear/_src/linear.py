@@ -264,7 +264,8 @@ def mlp(
       activation: elementwise function applied after every layer but the last;
         ``None`` is the identity (a chain of affine maps).
       layer: the binding to use for each layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to every layer.
+      precision: passed to every layer (``jax.lax.Precision``).
+      compute_dtype: passed to every layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``(..., d_L)``.

@@ -187,7 +187,8 @@ def data_parallel_linear(
       mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
       axis: the mesh axis (or tuple of axes) the batch is sharded over.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (batch, ..., d_out)``, sharded over ``axis`` along the batch.
@@ -245,7 +246,8 @@ def fsdp_linear(
       mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
       axis: the mesh axis (or tuple of axes) ``x``'s batch and ``W``'s rows are sharded over.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (batch, ..., d_out)``, sharded over ``axis`` along the batch. Gradients come
@@ -300,7 +302,8 @@ def column_parallel_linear(
       axis: the mesh axis ``W``'s columns are sharded over.
       batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (..., d_out)``, sharded over ``axis`` along ``d_out`` (and over ``batch_axis``).
@@ -360,7 +363,8 @@ def row_parallel_linear(
       axis: the mesh axis ``W``'s rows (and ``x``'s last axis) are sharded over.
       batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (..., d_out)``, replicated over ``axis`` (sharded over ``batch_axis``).
@@ -436,7 +440,8 @@ def tensor_parallel_mlp(
       fsdp: store the weights sharded over ``batch_axis`` too (ZeRO-3).
       activation: elementwise function between the two layers.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to both layers.
+      precision: passed to both layers (``jax.lax.Precision``).
+      compute_dtype: passed to both layers (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (..., d_out)``, replicated over ``axis`` (sharded over it along

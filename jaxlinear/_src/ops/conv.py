@@ -558,8 +558,7 @@ def conv_general_dilated(
     ``jvp``/``jacfwd``/``linear_transpose`` use ``dual_conv_general_dilated``. A drop-in
     for Flax: ``nnx.Conv(..., conv_general_dilated=jaxlinear.conv_general_dilated)``.
 
-    .. math:: \bar x = \mathrm{conv}(G, \mathrm{flip}(w)^\top), \qquad
-        \bar w = \mathrm{conv}(x^\top, G^\top)
+        x̄ = conv(G, flip(w)ᵀ),   w̄ = conv(xᵀ, Gᵀ)
 
     Args:
       lhs: the input, e.g. ``(N, C, H, W)`` (or as ``dimension_numbers`` says); zero
@@ -567,10 +566,12 @@ def conv_general_dilated(
       rhs: the kernel, e.g. ``(O, I, kH, kW)``, ``I = C / feature_group_count``.
       window_strides: one positive int per spatial axis.
       padding: ``"SAME"``, ``"VALID"``, ``"SAME_LOWER"`` or ``(lo, hi)`` pairs.
-      lhs_dilation, rhs_dilation: input and kernel dilation (``None``: 1).
+      lhs_dilation: input dilation, one int per spatial axis (``None``: 1).
+      rhs_dilation: kernel dilation, one int per spatial axis (``None``: 1).
       dimension_numbers: ``None`` (``NCHW, OIHW, NCHW``), three strings such as
         ``("NHWC", "HWIO", "NHWC")``, or a ``lax.ConvDimensionNumbers``.
-      feature_group_count, batch_group_count: as in ``lax``; at most one above 1.
+      feature_group_count: feature groups, as in ``lax``.
+      batch_group_count: batch groups, as in ``lax``; at most one of the two above 1.
       precision: passed to every convolution (forward and both transposes).
       preferred_element_type: dtype of the result (accumulation happens in it).
       out_sharding: accepted for Flax's sake; must be ``None``.
@@ -826,7 +827,7 @@ def conv(
 ):
     r"""Convolution layer ``Y = conv(X, W) + b``, channels last, with explicit transposes.
 
-    .. math:: Y[n, p, o] = \sum_{k, i} X[n, s p + d k - \text{pad}, g(o) I + i]\, W[k, i, o] + b[o]
+        Y[n, p, o] = Σ_{k, i} X[n, s·p + d·k − pad, g(o)·I + i] · W[k, i, o] + b[o]
 
     A ``jax.custom_vjp`` (reverse mode: ``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jit``);
     ``dual_conv`` also has forward mode. Mixed precision as in ``linear``. Flax's argument
@@ -849,7 +850,8 @@ def conv(
         ``feature_group_count`` works too (one of the two).
       precision: passed to every convolution, backward too.
       compute_dtype: e.g. ``jnp.bfloat16``: convolutions in this dtype, float32 accumulation.
-      kernel_dilation, feature_group_count: Flax's names for ``dilation`` and ``groups``.
+      kernel_dilation: Flax's name for ``dilation`` (give one of the two).
+      feature_group_count: Flax's name for ``groups`` (give one of the two).
 
     Returns:
       ``Y: (N, *spatial_out, C_out)`` in ``compute_dtype`` if given, else
@@ -922,7 +924,8 @@ def init_conv(
       key: a PRNG key (``jax.random.key(0)``), or an integer seed, used as
         ``jax.random.key(seed)``.
       kernel_size: an int (1-D) or one int per spatial axis.
-      c_in, c_out: input and output channels, both divisible by ``groups``.
+      c_in: input channels, divisible by ``groups``.
+      c_out: output channels, divisible by ``groups``.
       groups: feature groups.
       bias: whether to create ``b: (c_out,)`` (zeros) or set it to ``None``.
       scheme: a name in ``jaxlinear.SCHEMES`` or an initializer ``f(key, shape, dtype)``.

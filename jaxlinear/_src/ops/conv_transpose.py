@@ -238,9 +238,7 @@ def conv_transpose(
     Reverse mode only: for ``jvp``/``jacfwd``/``linear_transpose`` use
     ``dual_conv_transpose``.
 
-    .. math:: y = \mathrm{conv}(\mathrm{dilate}_s(x), F w), \qquad
-        \bar x = \mathrm{conv}_s(G, \mathrm{flip}(F w)^\top), \qquad
-        \bar w = F\,\mathrm{conv}(\mathrm{dilate}_s(x)^\top, G^\top)
+        y = conv(dilate_s(x), F w),   x̄ = conv_s(G, flip(F w)ᵀ),   w̄ = F conv(dilate_s(x)ᵀ, Gᵀ)
 
     (``F``: the spatial flip if ``transpose_kernel``, else the identity.)
 

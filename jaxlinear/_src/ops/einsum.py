@@ -247,8 +247,7 @@ def einsum(subscripts, *operands, precision=None, preferred_element_type=None, o
     pass saves only the two operands. For forward mode use ``dual_einsum``. A drop-in
     for ``nnx.Einsum(..., einsum_op=jaxlinear.einsum)``.
 
-    .. math:: \bar x = \mathrm{einsum}(\texttt{"Y,W->X"}, g, w), \quad
-              \bar w = \mathrm{einsum}(\texttt{"Y,X->W"}, g, x)
+        x̄ = einsum("Y,W->X", g, w),   w̄ = einsum("Y,X->W", g, x)
 
     Args:
       subscripts: any two-operand form ``jnp.einsum`` takes: ``"X,W->Y"`` (batch

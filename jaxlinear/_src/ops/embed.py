@@ -158,8 +158,7 @@ batching.primitive_batchers[embed_p] = _embed_batch
 class _Rule:
     r"""Example ``i``'s ``tablē_i`` is the scatter-add of its own rows of ``G``, so
 
-    .. math:: \|\overline{\text{table}}_i\|^2 = \sum_{t, s:\ \text{ids}_{it} = \text{ids}_{is}}
-              \langle g_{it}, g_{is} \rangle
+        ‖tablē_i‖² = Σ_{t, s: ids_it = ids_is} ⟨g_it, g_is⟩
 
     over example ``i``'s ``T`` ids (out-of-range ids send nothing): ``"rank_one"`` for one
     id, ``"gram"`` (``(T, T)`` per example) when ``gram_pays(T, V, d)``, else
@@ -250,8 +249,7 @@ def embed(table, ids, *, mode="fill"):
     ``float0`` zero for them, as for any integer input). Reverse mode only: for ``jvp``,
     ``jacfwd`` or ``linear_transpose`` use ``dual_embed``.
 
-    .. math:: y = \text{table}[\text{ids}], \qquad
-        \overline{\text{table}} = \textstyle\sum_{\text{ids}[\dots] = v} G[\dots]
+        y = table[ids],   tablē[v] = Σ_{…: ids[…] = v} G[…]
 
     Args:
       table: ``(V, d)`` floating.
