@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import tokenize
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def _prose(lines: list[str]) -> str:
 
     def flush():
         if block:
-            out.extend(["", "```text", *block, "```", ""])
+            out.extend(["", "```text", *textwrap.dedent("\n".join(block)).splitlines(), "```", ""])
             block.clear()
 
     for line in lines:
@@ -224,7 +225,7 @@ def _output(records: list[tuple[int | None, str]], figure_dir: str) -> str:
                 text.append(part.rstrip())
     md = []
     if text:
-        md += ['```text title="printed"', *text, "```"]
+        md += ['```text title="printed"', *textwrap.dedent("\n".join(text)).splitlines(), "```"]
     for name in figures:
         md += ["", f"![{name}]({figure_dir}/{name})"]
     return "\n".join(md)
@@ -238,6 +239,7 @@ def demo_page(module: str, record: dict | None) -> str:
     number, name = int(module[1:3]), module.split("_", 1)[1]
     run_def, run_first, run_last = _run_body(source)
     md = [
+        "---\nhide:\n  - toc\n---",  # the code is 100 columns wide: no table of contents
         f"# {number}. {name}",
         "",
         doc.strip().splitlines()[0],

@@ -343,18 +343,45 @@ class BilinearOp:
         return apply_pushforward(self.forward_fn, x, w, dx, dw, db, **kw)
 
     def forward(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
-        """``y = B(x, w) + b``, policy applied: cast, accumulate wide, add ``b``, round once."""
+        """``y = B(x, w) + b``, policy applied: cast, accumulate wide, add ``b``, round once.
+
+        Args:
+          x: the first operand.
+          w: the second operand (the weights).
+          b: bias on the output's last axis, or ``None``.
+          compute_dtype: cast ``x`` and ``w`` to this dtype (accumulation stays wide).
+          out_dtype: dtype of ``y`` (default: the compute dtype).
+          **params: the op's static parameters.
+        """
         return apply_forward(
             self.forward_fn, x, w, b, compute_dtype=compute_dtype, out_dtype=out_dtype, **params
         )
 
     def pushforward(self, x, w, dx=None, dw=None, db=None, **kw):
-        """``dy = B(dx, w) + B(x, dw) + db``; a ``None`` tangent is zero and its term skipped."""
+        """``dy = B(dx, w) + B(x, dw) + db``; a ``None`` tangent is zero and its term skipped.
+
+        Args:
+          x: the first operand (the primal point).
+          w: the second operand (the primal point).
+          dx: tangent of ``x``, or ``None``.
+          dw: tangent of ``w``, or ``None``.
+          db: tangent of the bias, or ``None``.
+          **kw: ``compute_dtype``, ``out_dtype`` and the op's static parameters.
+        """
         return self._pushforward_fn(x, w, dx, dw, db, **kw)
 
     def pullback(self, x, w, g, *, wrt=_NAMES, b=None, **kw):
         """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype,
-        summed wide and rounded once to it (a float32 ``b`` beside a bfloat16 ``w`` too)."""
+        summed wide and rounded once to it (a float32 ``b`` beside a bfloat16 ``w`` too).
+
+        Args:
+          x: the first operand (the primal point).
+          w: the second operand (the primal point).
+          g: the output cotangent, shaped like ``y``.
+          wrt: the names among ``"x"``, ``"w"``, ``"b"`` to compute.
+          b: the bias, for ``b̄``'s dtype (``None``: ``w``'s dtype).
+          **kw: ``compute_dtype``, ``out_dtype`` and the op's static parameters.
+        """
         dx, dw, db = self._pullback_fn(x, w, g, wrt=tuple(wrt), **kw)
         if db is not None and b is not None and db.dtype != b.dtype:
             db = bias_cotangent(g, b.dtype)  # (XLA drops the first, unused sum)
@@ -474,6 +501,14 @@ class BilinearOp:
         Same arguments as ``custom_vjp``. Supports every transform: ``jvp``, ``jacfwd``,
         ``hessian``, ``linearize``, ``linear_transpose`` in ``x`` or in ``(w, b)``,
         ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``.
+
+        Args:
+          x: the first operand, as in ``custom_vjp``.
+          w: the second operand (the weights), as in ``custom_vjp``.
+          b: bias on the output's last axis, or ``None``.
+          compute_dtype: cast ``x`` and ``w`` to this dtype (accumulation stays wide).
+          out_dtype: dtype of ``y`` (default: the compute dtype).
+          **params: the op's static parameters.
         """
         static = self._static(compute_dtype, out_dtype, params)
         kw = dict(static)

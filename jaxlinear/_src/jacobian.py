@@ -92,13 +92,11 @@ def dense_jacobian(params, x, *, wrt="x", max_entries=DEFAULT_MAX_ENTRIES, preci
 
     The result has shape ``Y.shape + arg.shape`` (as ``jax.jacrev`` would return it):
 
-    ==========  ===============================  ==========================================
-    ``wrt``     shape (``x: (n, d_in)``)         entries
-    ==========  ===============================  ==========================================
-    ``"x"``     ``(n, d_out, n, d_in)``          ``δ_ij Wᵀ``: block diagonal
-    ``"W"``     ``(n, d_out, d_in, d_out)``      ``X_ij δ_kl``
-    ``"b"``     ``(n, d_out, d_out)``            ``δ_kl``, every example
-    ==========  ===============================  ==========================================
+    | ``wrt`` | shape (``x: (n, d_in)``) | entries |
+    |---|---|---|
+    | ``"x"`` | ``(n, d_out, n, d_in)`` | ``δ_ij Wᵀ``: block diagonal |
+    | ``"W"`` | ``(n, d_out, d_in, d_out)`` | ``X_ij δ_kl`` |
+    | ``"b"`` | ``(n, d_out, d_out)`` | ``δ_kl``, every example |
 
     The size check runs on shapes only, before anything is allocated.
 

@@ -115,7 +115,12 @@ class Embed(nnx.Embed):
         return _op("embed", self.binding)(embedding, inputs)
 
     def attend(self, query, out_sharding=None):
-        """``query @ embeddingᵀ``: ``(..., features)`` -> ``(..., num_embeddings)``."""
+        """``query @ embeddingᵀ``: ``(..., features)`` -> ``(..., num_embeddings)``.
+
+        Args:
+          query: ``(..., features)``.
+          out_sharding: accepted as in Flax; must be ``None``.
+        """
         query, embedding = self.promote_dtype((query, self.embedding[...]), dtype=self.dtype)
         dimension_numbers = (((query.ndim - 1,), (1,)), ((), ()))  # (..., d) · (V, d)ᵀ
         dot_general = _op("dot_general", self.binding)
@@ -259,7 +264,11 @@ class Report:
         raise KeyError(f"jaxlinear.nnx.Report: no module at path {path!r}")
 
     def paths(self, status: str) -> tuple[str, ...]:
-        """The paths of the modules with ``status`` (one of ``STATUSES``)."""
+        """The paths of the modules with ``status``.
+
+        Args:
+          status: one of ``STATUSES``.
+        """
         if status not in STATUSES:
             raise ValueError(
                 f"jaxlinear.nnx.Report.paths: `status` must be one of {list(STATUSES)},"

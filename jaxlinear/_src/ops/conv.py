@@ -629,6 +629,20 @@ def dual_conv_general_dilated(
     so every transform composes: ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose``
     in either operand, ``grad``, ``vmap``, ``jit``, ``shard_map``.
 
+    Args:
+      lhs: as in ``conv_general_dilated``.
+      rhs: as in ``conv_general_dilated``.
+      window_strides: as in ``conv_general_dilated``.
+      padding: as in ``conv_general_dilated``.
+      lhs_dilation: as in ``conv_general_dilated``.
+      rhs_dilation: as in ``conv_general_dilated``.
+      dimension_numbers: as in ``conv_general_dilated``.
+      feature_group_count: as in ``conv_general_dilated``.
+      batch_group_count: as in ``conv_general_dilated``.
+      precision: as in ``conv_general_dilated``.
+      preferred_element_type: as in ``conv_general_dilated``.
+      out_sharding: as in ``conv_general_dilated``.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> x, w = jnp.array([[[1., 2., 3., 4.]]]), jnp.array([[[1., -1.]]])
@@ -897,6 +911,18 @@ def dual_conv(
     r"""``conv`` with an explicit JVP *and* explicit transposes: every JAX transform works.
 
     Same arguments, result and validation as ``conv``.
+
+    Args:
+      params: as in ``conv``.
+      x: as in ``conv``.
+      strides: as in ``conv``.
+      padding: as in ``conv``.
+      dilation: as in ``conv``.
+      groups: as in ``conv``.
+      precision: as in ``conv``.
+      compute_dtype: as in ``conv``.
+      kernel_dilation: as in ``conv``.
+      feature_group_count: as in ``conv``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear

@@ -315,6 +315,18 @@ def dual_conv_transpose(
     in either operand, ``grad``, ``vmap``, ``jit``, ``shard_map``. A drop-in for
     ``lax.conv_transpose`` where Flax's ``nnx.ConvTranspose`` calls it.
 
+    Args:
+      lhs: as in ``conv_transpose``.
+      rhs: as in ``conv_transpose``.
+      strides: as in ``conv_transpose``.
+      padding: as in ``conv_transpose``.
+      rhs_dilation: as in ``conv_transpose``.
+      dimension_numbers: as in ``conv_transpose``.
+      transpose_kernel: as in ``conv_transpose``.
+      precision: as in ``conv_transpose``.
+      preferred_element_type: as in ``conv_transpose``.
+      use_consistent_padding: as in ``conv_transpose``.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> x, w = jnp.array([[[1.], [2.]]]), jnp.array([[[1.]], [[10.]]])

@@ -290,6 +290,13 @@ def dual_einsum(
     Same arguments as ``einsum``; supports ``jvp``, ``jacfwd``, ``hessian``,
     ``linear_transpose`` in either operand, ``grad``, ``vmap``, ``jit``.
 
+    Args:
+      subscripts: as in ``einsum``.
+      *operands: as in ``einsum``.
+      precision: as in ``einsum``.
+      preferred_element_type: as in ``einsum``.
+      out_sharding: as in ``einsum``.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> x, w = jnp.ones((2, 3)), jnp.arange(6.).reshape(3, 2)

@@ -303,6 +303,11 @@ def dual_embed(table, ids, *, mode="fill"):
     scatter-add. ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``,
     ``grad``, ``vmap`` (over ids or tables), ``jit``, ``shard_map``.
 
+    Args:
+      table: as in ``embed``.
+      ids: as in ``embed``.
+      mode: as in ``embed``.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> ids = jnp.array([1, 1])
