@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and of the docs site (``docs/**/*.md``) runs.
+"""Every ```python block of README.md, CONTRIBUTING.md and the docs site (``docs/**/*.md``) runs.
 
 The blocks of one file run top to bottom in one namespace (a reader pastes them in order;
 README's blocks also stand alone), in JAX's default configuration (a subprocess that
@@ -64,7 +64,7 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
     return blocks
 
 
-FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+FILES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # (file, line, source, skipped) of every block of every file
 BLOCKS = [
     (str(path.relative_to(ROOT)), *block)
