@@ -3,11 +3,8 @@ r"""The rule builder: both bindings of a bilinear map ``y = B(x, w) (+ b)`` from
 Every layer that is bilinear in its input and its weights (dense, ``dot_general``,
 ``einsum``, convolutions, embeddings) has the same derivative story:
 
-.. math::
-
-     \dot y = B(\dot x, w) + B(x, \dot w) + \dot b, \qquad
-     \bar x = B_x^\top(g; w), \quad \bar w = B_w^\top(g; x), \quad
-     \bar b = \textstyle\sum_{\text{all but the last axis}} g.
+    ẏ = B(ẋ, w) + B(x, ẇ) + ḃ,   x̄ = B_xᵀ(g; w),   w̄ = B_wᵀ(g; x),
+    b̄ = Σ g over all but the last axis.
 
 So an op author writes three plain ``jnp``/``lax`` functions, once:
 

@@ -3,11 +3,7 @@ r"""Jacobians of ``Y = X W + b``: dense (behind a size guard) and as diagonal bl
 For ``X: (n, d_in)`` the Jacobian ``∂Y/∂X`` has shape ``(n, d_out, n, d_in)``, but it is
 block diagonal: row ``i`` of ``Y`` depends only on row ``i`` of ``X``, and
 
-.. math::
-
-    \frac{\partial Y_i}{\partial X_j} = \delta_{ij} W^\top, \qquad
-    \frac{\partial Y_{ik}}{\partial W_{jl}} = X_{ij}\,\delta_{kl}, \qquad
-    \frac{\partial Y_{ik}}{\partial b_l} = \delta_{kl}.
+    ∂Y_i/∂X_j = δ_ij Wᵀ,   ∂Y_ik/∂W_jl = X_ij δ_kl,   ∂Y_ik/∂b_l = δ_kl.
 
 So the dense ``∂Y/∂X`` holds ``n²·d_out·d_in`` numbers of which only ``n·d_out·d_in`` can
 be non-zero (``jacobian_blocks``). For a layer of a realistic size the dense Jacobian does

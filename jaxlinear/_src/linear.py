@@ -40,7 +40,7 @@ def _prepare(fn, params, x, precision, compute_dtype):
 def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
     r"""The pushforward (JVP) of the layer: ``dY = dX W + X dW + db``.
 
-    .. math:: \dot Y = \dot X W + X \dot W + \dot b
+        Ẏ = Ẋ W + X Ẇ + ḃ
 
     Args:
       params: ``Params(W, b)`` or ``{"W", "b"}``; ``W: (d_in, d_out)``, ``b: (d_out,)``,
@@ -86,7 +86,7 @@ def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
 def pullback(params, x, g, *, precision=None, compute_dtype=None):
     r"""The pullback (VJP) of the layer: ``dX = G Wᵀ``, ``dW = Xᵀ G``, ``db = Σ G``.
 
-    .. math:: \bar X = G W^\top, \quad \bar W = X^\top G, \quad \bar b = \sum_{\text{batch}} G
+        X̄ = G Wᵀ,   W̄ = Xᵀ G,   b̄ = Σ_batch G
 
     ``dW`` and ``db`` contract every leading axis of ``x``/``g``.
 
@@ -194,7 +194,7 @@ AFFINE = bilinear_op(
 def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact"):
     r"""The affine layer ``Y = X W + b`` with an explicit backward rule (``pullback``).
 
-    .. math:: Y = X W + b, \qquad \bar X = G W^\top,\; \bar W = X^\top G,\; \bar b = \sum G
+        Y = X W + b,   X̄ = G Wᵀ,  W̄ = Xᵀ G,  b̄ = Σ G
 
     A ``jax.custom_vjp`` function: works under ``jit``, ``grad``, ``vjp``,
     ``value_and_grad``, ``jacrev``, ``vmap``, ``checkpoint`` and ``lax.scan``. The

@@ -623,7 +623,8 @@ def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vm
 
     One forward and one backward pass (the backward pass stops at each layer's output
     cotangent ``G``; no weight gradient is formed), plus ``O(n (d_in + d_out))`` work per
-    2-D layer; see the module docstring for inputs with a sequence axis.
+    2-D layer; inputs with a sequence axis take the Gram or per-example route (see
+    ``per_example_routes``).
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses. Example ``i`` is

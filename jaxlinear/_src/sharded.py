@@ -4,10 +4,7 @@ Each is ``linear`` (or ``dual_linear``) run under ``jax.shard_map`` on every dev
 shard, with the collectives written where the math puts them. The rule behind every
 one of them is the duality of *replicate* and *sum*:
 
-.. math::
-
-    \text{replicate}: v \mapsto (v, v, \dots, v), \qquad
-    \text{replicate}^\top = \text{sum}: (u_1, \dots, u_n) \mapsto \textstyle\sum_k u_k,
+    replicate: v ↦ (v, v, …, v),   replicateᵀ = sum: (u_1, …, u_n) ↦ Σ_k u_k,
 
 the device-level twin of the bias broadcast ``b -> (b, ..., b)`` over the batch, whose
 adjoint is ``db = Σ G`` over the batch. A value replicated along a mesh axis in the
@@ -19,11 +16,8 @@ that ``shard_map`` records in each value's type.
 
 FSDP and sequence parallelism use the second adjoint pair, *gather* and *scatter-sum*:
 
-.. math::
-
-    \text{all\_gather}: (v_1, \dots, v_n) \mapsto [v_1; \dots; v_n] \text{ on every device},
-    \qquad \text{all\_gather}^\top = \text{reduce\_scatter}:
-    (u^{(1)}, \dots, u^{(n)}) \mapsto \bigl(\textstyle\sum_k u^{(k)}_j\bigr)_j,
+    all_gather: (v_1, …, v_n) ↦ [v_1; …; v_n] on every device,
+    all_gatherᵀ = reduce_scatter: (u⁽¹⁾, …, u⁽ⁿ⁾) ↦ (Σ_k u⁽ᵏ⁾_j)_j,
 
 device ``j`` keeping the ``j``-th block of the sum. JAX registers exactly this pair as
 each other's transpose (``lax.all_gather``'s transpose rule is ``lax.psum_scatter`` and

@@ -217,8 +217,7 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
     (``lax.conv_general_dilated_patches``; ``T`` output positions, ``d = k·C_in/groups``) and
     ``G_i: (T, p)`` (``p = C_out/groups``), group by group:
 
-    - ``"gram"`` when ``gram_pays(T, d, p)``: :math:`\sum_{\text{groups}}
-      \langle U_i U_i^\top, G_i G_i^\top \rangle`, no ``w̄_i`` formed;
+    - ``"gram"`` when ``gram_pays(T, d, p)``: ``Σ_groups ⟨U_i U_iᵀ, G_i G_iᵀ⟩``, no ``w̄_i`` formed;
     - else ``"per_example"``: the ``w̄_i`` as one batched matrix product over the examples
       (not ``jax.vmap`` of the transpose: XLA:CPU's partitioner miscomputes that batched
       convolution when the examples are sharded, see docs/DESIGN.md).

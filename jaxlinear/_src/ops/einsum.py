@@ -3,10 +3,7 @@ r"""``einsum``: two-operand ``jnp.einsum`` with its two transposes written as ei
 For ``y = einsum("X,W->Y", x, w)`` (``X``, ``W``, ``Y`` strings of letters) the
 transposes are the same contraction with the subscripts permuted:
 
-.. math::
-
-     \bar x = \mathrm{einsum}(\texttt{"Y,W->X"}, g, w), \qquad
-     \bar w = \mathrm{einsum}(\texttt{"Y,X->W"}, g, x).
+    x̄ = einsum("Y,W->X", g, w),   w̄ = einsum("Y,X->W", g, x).
 
 E.g. ``"btd,dhk->bthk"``: ``x̄ = einsum("bthk,dhk->btd", g, w)`` and
 ``w̄ = einsum("bthk,btd->dhk", g, x)``. A letter of ``X`` found in neither ``W`` nor

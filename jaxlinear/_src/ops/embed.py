@@ -3,10 +3,7 @@ r"""Embedding lookup ``y = table[ids]``: a gather, whose transpose is a scatter-
 The lookup is linear in ``table: (V, d)`` (not bilinear: the integer ``ids`` are not
 differentiated), so one formula and its transpose are the whole story:
 
-.. math::
-
-     y[\dots, :] = \text{table}[\text{ids}[\dots], :], \qquad
-     \overline{\text{table}}[v, :] = \sum_{\dots:\ \text{ids}[\dots] = v} G[\dots, :]
+    y[…, :] = table[ids[…], :],   tablē[v, :] = Σ_{…: ids[…] = v} G[…, :]
 
 Rows looked up more than once receive the *sum* of their cotangents (repeated ids sum),
 the same broadcast ↔ sum duality as a bias. Because the map is linear, its pushforward is
