@@ -6,7 +6,8 @@ does not read ``conftest.py``: x64 off, warnings as in plain Python), with most 
 optimizations off (``JAX_DISABLE_MOST_OPTIMIZATIONS=1``: the blocks are small and their
 cost is compilation). A file with a block that sets
 ``--xla_force_host_platform_device_count`` (simulated devices) must set it before JAX
-starts, so such files run in a second subprocess; all the others share the first. A block
+starts, so such files run in a subprocess of their own; files that import Flax or Equinox
+share a second one, and all the others a third. A block
 preceded by the line ``<!-- readme-test: skip (reason) -->`` (or ``docs-test``) is not run;
 use it sparingly, always with a reason. The docs pages generated at build time (demos, API)
 are not here: the demos run in ``tests/test_demos.py``, the docstrings as doctests.
@@ -71,8 +72,22 @@ BLOCKS = [
     for path in FILES
     for block in python_blocks(path.read_text(encoding="utf-8"))
 ]
-# files that need simulated devices: all their blocks run in the second subprocess
-DEVICE_FILES = {name for name, _, source, skipped in BLOCKS if not skipped and DEVICES in source}
+
+
+def _group(name: str) -> str:
+    """The subprocess a file's blocks run in: ``"simulated-devices"`` for a file that sets
+    the device count (before JAX starts), ``"flax-equinox"`` for files that import those
+    (the costly imports, shared), ``"plain"`` for the rest; three tests, so pytest-xdist
+    can run them side by side."""
+    sources = [source for n, _, source, skipped in BLOCKS if n == name and not skipped]
+    if any(DEVICES in source for source in sources):
+        return "simulated-devices"
+    if any(re.search(r"^\s*(import|from) (flax|equinox)\b", source, re.M) for source in sources):
+        return "flax-equinox"
+    return "plain"
+
+
+GROUPS = {name: _group(name) for name, *_ in BLOCKS}
 
 
 def _run(blocks, tmp_path) -> subprocess.CompletedProcess:
@@ -100,9 +115,9 @@ def test_blocks_found():
                 assert re.fullmatch(r"<!-- (readme|docs)-test: skip \(.+\) -->", line.strip()), line
 
 
-@pytest.mark.parametrize("devices", [False, True], ids=["plain", "simulated-devices"])
-def test_readme_blocks_run(devices, tmp_path):
-    blocks = [b for b in BLOCKS if not b[3] and (b[0] in DEVICE_FILES) == devices]
+@pytest.mark.parametrize("group", ["plain", "flax-equinox", "simulated-devices"])
+def test_readme_blocks_run(group, tmp_path):
+    blocks = [b for b in BLOCKS if not b[3] and GROUPS[b[0]] == group]
     if not blocks:
         pytest.skip("no such block")
     proc = _run(blocks, tmp_path)
