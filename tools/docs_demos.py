@@ -2,10 +2,11 @@
 
 ``python tools/docs_demos.py OUT [NAME ...]`` runs every demo (or the ones named) in
 ``--small`` mode, as ``python -m demos --small`` does, and writes ``OUT/NAME.json`` and the
-figures into ``OUT/figures/``. Each printed line is recorded with the line of the demo's
-source that printed it (the outermost frame in the demo's file: for a helper called from
-``run``, the line in ``run`` that called it), so ``tools/docs_pages.py`` can put each output
-under the code that made it. Run from the repository root (the docs build does).
+figures into ``OUT/figures/``. Each printed line is recorded with the lines of the demo's
+source on the call stack when it was printed (outermost first), so ``tools/docs_pages.py``
+can put each output under the code that made it. Run from the repository root (the docs
+build does), with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` so that the
+many-device demos run in this process instead of a child (their output then has lines too).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _caller_line(filename: str) -> int | None:
-    """The line of ``filename`` in the outermost frame of the stack that is in it."""
-    frame, line = sys._getframe(2), None
+def _caller_lines(filename: str) -> list[int]:
+    """The lines of ``filename`` on the call stack, outermost first."""
+    frame, lines = sys._getframe(2), []
     while frame is not None:
         if frame.f_code.co_filename == filename:
-            line = frame.f_lineno
+            lines.append(frame.f_lineno)
         frame = frame.f_back
-    return line
+    return lines[::-1]
 
 
 def record(module_name: str, out: Path) -> dict:
@@ -33,10 +34,10 @@ def record(module_name: str, out: Path) -> dict:
 
     module = _runner.load(module_name)
     filename = module.__file__
-    records: list[tuple[int | None, str]] = []
+    records: list[tuple[list[int], str]] = []
 
     def log(*parts):
-        records.append((_caller_line(filename), " ".join(str(p) for p in parts)))
+        records.append((_caller_lines(filename), " ".join(str(p) for p in parts)))
 
     result = _runner.run_one(module_name, out_dir=out / "figures", small=True, log=log)
     return {

@@ -121,7 +121,7 @@ def demo_records(modules: list[str]) -> tuple[dict[str, dict] | None, Path | Non
         if not (out / "done").exists():
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-            env.pop("XLA_FLAGS", None)
+            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # see docs_demos.py
             print(f"docs: running the demos (--small) into {out}", file=sys.stderr)
             proc = subprocess.run(
                 [sys.executable, str(ROOT / "tools" / "docs_demos.py"), str(out)],
@@ -177,6 +177,27 @@ def _segments(source: str) -> list[tuple[str, int, int]]:
         else:
             segments.append([kind, i, i])
     return [tuple(s) for s in segments]
+
+
+def _narrative(source: str) -> list[tuple[int, int]]:
+    """The line ranges of the top-level functions that have prose (``run``, and helpers such
+    as ``d11``'s ``_demo``): an output goes under the innermost line on its call stack that
+    lies in one of them (a helper without prose prints under the line that called it)."""
+    prose = _prose_lines(source)
+    ranges = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef):
+            first, last = node.lineno, node.end_lineno
+            if node.name == "run" or any(first <= i <= last for i in prose):
+                ranges.append((first, last))
+    return ranges
+
+
+def _placed_line(stack: list[int], ranges: list[tuple[int, int]]) -> int | None:
+    for line in reversed(stack):
+        if any(first <= line <= last for first, last in ranges):
+            return line
+    return stack[0] if stack else None
 
 
 def _run_body(source: str) -> tuple[int, int, int]:
@@ -248,7 +269,10 @@ def demo_page(module: str, record: dict | None) -> str:
         + (f" ({record['verdict']} in the docs build, `--small`)." if record else "."),
         "",
     ]
-    records = record["records"] if record else []
+    ranges = _narrative(source)
+    records = (
+        [(_placed_line(stack, ranges), text) for stack, text in record["records"]] if record else []
+    )
     placed: set[int] = set()
     for kind, first, last in _segments(source):
         chunk = lines[first - 1 : last]
