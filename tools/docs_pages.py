@@ -224,7 +224,11 @@ def _prose(lines: list[str]) -> str:
         if not text:
             continue
         text = text[1:]  # the "#"
-        if text.startswith("  "):  # indented: a formula, a worked sum, a table
+        rule = re.fullmatch(r"\s*-- (.+?) -{3,}\s*", text)
+        if rule:  # a section rule, "# -- 1. data parallel ------": a heading
+            flush()
+            out.extend(["", f"### {rule[1]}", ""])
+        elif text.startswith("  "):  # indented: a formula, a worked sum, a table
             block.append(text[1:].rstrip())
         elif not text.strip():
             flush()
@@ -258,7 +262,9 @@ def demo_page(module: str, record: dict | None) -> str:
     lines = source.splitlines()
     doc = ast.get_docstring(ast.parse(source)) or module
     number, name = int(module[1:3]), module.split("_", 1)[1]
-    run_def, run_first, run_last = _run_body(source)
+    run_def, run_first, _ = _run_body(source)
+    ranges = _narrative(source)
+    bodies = [(first + 1, last) for first, last in ranges]  # shown dedented by 4
     md = [
         "---\nhide:\n  - toc\n---",  # the code is 100 columns wide: no table of contents
         f"# {number}. {name}",
@@ -269,7 +275,6 @@ def demo_page(module: str, record: dict | None) -> str:
         + (f" ({record['verdict']} in the docs build, `--small`)." if record else "."),
         "",
     ]
-    ranges = _narrative(source)
     records = (
         [(_placed_line(stack, ranges), text) for stack, text in record["records"]] if record else []
     )
@@ -280,7 +285,7 @@ def demo_page(module: str, record: dict | None) -> str:
             md += [_prose(chunk), ""]
             continue
         chunk = [
-            line[4:] if run_first <= i <= run_last and line.startswith("    ") else line
+            line[4:] if any(a <= i <= b for a, b in bodies) and line.startswith("    ") else line
             for i, line in enumerate(chunk, start=first)
             if not run_def <= i < run_first
         ]
