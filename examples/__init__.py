@@ -1,1 +1,1 @@
-"""Training scripts on real data that ships inside packages (see README, *Examples*)."""
+"""Training scripts on real data that ships inside packages (see docs/examples.md)."""

@@ -4,7 +4,7 @@ One interpreter runs all the examples in sequence (a few steps on tiny sizes eac
 optimizations off), as a reader would from a clone, in JAX's default configuration (x64
 off: the subprocess does not read ``conftest.py``). The tests read its output: per
 example, progress lines with ``steps/s``, a ``final:`` line, and a PNG figure. The full
-runs' numbers are in the README; no metric is asserted here (3 steps learn nothing).
+runs' numbers are in docs/examples.md; no metric is asserted here (3 steps learn nothing).
 """
 
 from __future__ import annotations

@@ -547,12 +547,3 @@ def test_builder_bias_and_compute_dtype_policy():
         assert (dx.dtype, dw.dtype, db.dtype) == (x.dtype, w.dtype, b.dtype)
         np.testing.assert_array_equal(db, np.full(3, 3.0))
 
-
-def test_readme_define_your_own_op_runs():
-    # The README's "define your own op" block (the last code block of "The family"; the
-    # Flax recipe before it is tests/test_flax.py at small sizes) runs, and its asserts hold.
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## The family: explicit-rule ops", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```python\n")[-1].split("```", 1)[0]
-    assert "bilinear_op" in block
-    exec(compile(block, "README.md", "exec"), {})

@@ -182,7 +182,11 @@ class Report:
         raise KeyError(f"Report: no module at path {path!r}")
 
     def paths(self, status: str) -> tuple[str, ...]:
-        """The paths of the modules with ``status`` (one of ``STATUSES``)."""
+        """The paths of the modules with ``status``.
+
+        Args:
+          status: one of ``STATUSES``.
+        """
         if status not in STATUSES:
             raise ValueError(
                 f"Report.paths: `status` must be one of {list(STATUSES)}, got {status!r}"

@@ -3,7 +3,7 @@ r"""The dot-product (adjoint) test: is a pullback the transpose of a pushforward
 A linear map ``J`` and its transpose satisfy, for every ``v`` in its domain and every
 ``u`` in its codomain,
 
-.. math:: \langle u, J v \rangle = \langle J^\top u, v \rangle,
+    ⟨u, J v⟩ = ⟨Jᵀ u, v⟩,
 
 with the pairing ``⟨a, b⟩ = Σ a·b`` summed over every entry of every leaf. Evaluating
 both sides for random ``u`` and ``v`` is a cheap, sharp test of a hand-written pullback
@@ -67,8 +67,7 @@ def _pairing(a, b):
 def adjoint_test(pushforward_fn: Callable, pullback_fn: Callable, v, u) -> AdjointTestResult:
     r"""Evaluate both sides of ``⟨u, J v⟩ = ⟨Jᵀ u, v⟩`` for a linear map ``J``.
 
-    .. math:: \text{residual} = \frac{|\langle u, Jv\rangle - \langle J^\top u, v\rangle|}
-        {\max(|\langle u, Jv\rangle|, |\langle J^\top u, v\rangle|)}
+        residual = |⟨u, Jv⟩ − ⟨Jᵀu, v⟩| / max(|⟨u, Jv⟩|, |⟨Jᵀu, v⟩|)
 
     The pairing is bilinear (``Σ a·b``, no conjugation), matching JAX, whose pullbacks
     are transposes rather than Hermitian adjoints; so the test also holds for complex maps.

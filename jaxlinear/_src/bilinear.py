@@ -3,11 +3,8 @@ r"""The rule builder: both bindings of a bilinear map ``y = B(x, w) (+ b)`` from
 Every layer that is bilinear in its input and its weights (dense, ``dot_general``,
 ``einsum``, convolutions, embeddings) has the same derivative story:
 
-.. math::
-
-     \dot y = B(\dot x, w) + B(x, \dot w) + \dot b, \qquad
-     \bar x = B_x^\top(g; w), \quad \bar w = B_w^\top(g; x), \quad
-     \bar b = \textstyle\sum_{\text{all but the last axis}} g.
+    ẏ = B(ẋ, w) + B(x, ẇ) + ḃ,   x̄ = B_xᵀ(g; w),   w̄ = B_wᵀ(g; x),
+    b̄ = Σ g over all but the last axis.
 
 So an op author writes three plain ``jnp``/``lax`` functions, once:
 
@@ -407,7 +404,16 @@ class BilinearOp:
 
     def forward(self, x, w, b=None, *, compute_dtype=None, out_dtype=None, gather=None, **params):
         """``y = B(x, w) + b``, policy applied: cast, accumulate wide, add ``b``, round once.
-        With ``gather`` (``fsdp.Gather``), ``w`` is a shard, gathered here."""
+
+        Args:
+          x: the first operand.
+          w: the second operand (the weights); with ``gather``, its shard.
+          b: bias on the output's last axis, or ``None``.
+          compute_dtype: cast ``x`` and ``w`` to this dtype (accumulation stays wide).
+          out_dtype: dtype of ``y`` (default: the compute dtype).
+          gather: an ``fsdp.Gather``: ``w`` is a shard, gathered here; or ``None``.
+          **params: the op's static parameters (and ``quant``, a resolved recipe).
+        """
         if gather is not None:
             w = gather.gather(w, after=x)
         if "quant" in params:
@@ -418,7 +424,16 @@ class BilinearOp:
 
     def pushforward(self, x, w, dx=None, dw=None, db=None, *, gather=None, **kw):
         """``dy = B(dx, w) + B(x, dw) + db``; a ``None`` tangent is zero and its term skipped.
-        With ``gather``, ``w`` and ``dw`` are shards, gathered here."""
+
+        Args:
+          x: the first operand (the primal point).
+          w: the second operand (the primal point); with ``gather``, its shard.
+          dx: tangent of ``x``, or ``None``.
+          dw: tangent of ``w`` (with ``gather``, of its shard), or ``None``.
+          db: tangent of the bias, or ``None``.
+          gather: an ``fsdp.Gather`` (``w`` and ``dw`` are shards, gathered here), or ``None``.
+          **kw: ``compute_dtype``, ``out_dtype``, ``quant`` and the op's static parameters.
+        """
         if gather is not None:
             w = gather.gather(w, after=x if dx is None else dx)
             dw = None if dw is None else gather.gather(dw)
@@ -429,8 +444,18 @@ class BilinearOp:
     def pullback(self, x, w, g, *, wrt=_NAMES, b=None, gather=None, **kw):
         """``(x̄, w̄, b̄)`` for the names in ``wrt`` (others ``None``); ``b̄`` in ``b``'s dtype,
         summed wide and rounded once to it (a float32 ``b`` beside a bfloat16 ``w`` too).
-        With ``gather``, ``w`` is a shard: gathered again here (after ``g``: the FSDP
-        residual policy), and ``w̄`` comes back reduce-scattered to the shard."""
+
+        Args:
+          x: the first operand (the primal point).
+          w: the second operand (the primal point); with ``gather``, its shard: gathered
+            again here (after ``g``: the FSDP residual policy), and ``w̄`` comes back
+            reduce-scattered to the shard.
+          g: the output cotangent, shaped like ``y``.
+          wrt: the names among ``"x"``, ``"w"``, ``"b"`` to compute.
+          b: the bias, for ``b̄``'s dtype (``None``: ``w``'s dtype).
+          gather: an ``fsdp.Gather``, or ``None``.
+          **kw: ``compute_dtype``, ``out_dtype``, ``quant`` and the op's static parameters.
+        """
         if gather is not None:
             w = gather.gather(w, after=g) if "x" in wrt else gather.whole_aval(_aval(w))
         fn = self._composed_pullback if "quant" in kw else self._pullback_fn  # (see pushforward)
@@ -512,7 +537,8 @@ class BilinearOp:
         ``scan`` and ``shard_map``; forward mode raises JAX's ``TypeError`` (use ``dual``).
 
         Args:
-          x, w: the operands (validated by the caller).
+          x: the first operand (validated by the caller).
+          w: the second operand, the weights (validated by the caller).
           b: ``(y.shape[-1],)`` bias on the output's last axis, or ``None``.
           compute_dtype: cast ``x`` and ``w`` to this dtype (accumulation stays wide).
           out_dtype: dtype of ``y`` (default: the compute dtype).
@@ -606,10 +632,19 @@ class BilinearOp:
 
         Same arguments as ``custom_vjp`` (but ``residuals``). Supports every transform:
         ``jvp``, ``jacfwd``, ``hessian``, ``linearize``, ``linear_transpose`` in ``x`` or
-        in ``(w, b)``, ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``. With
-        ``gather`` the primitives take the shard: their linearization saves it, and
-        their transposes gather again. With ``quant``, the JVP's terms are the recipe's
-        forward product and the transposes its gradient products.
+        in ``(w, b)``, ``grad``, ``vjp``, ``vmap``, ``jit``, ``shard_map``.
+
+        Args:
+          x: the first operand, as in ``custom_vjp``.
+          w: the second operand (the weights), as in ``custom_vjp``.
+          b: bias on the output's last axis, or ``None``.
+          compute_dtype: cast ``x`` and ``w`` to this dtype (accumulation stays wide).
+          out_dtype: dtype of ``y`` (default: the compute dtype).
+          gather: as in ``custom_vjp``: the primitives take the shard, their linearization
+            saves it, and their transposes gather again.
+          quant: as in ``custom_vjp``: the JVP's terms are the recipe's forward product and
+            the transposes its gradient products.
+          **params: the op's static parameters.
         """
         w, gather = _resolve(x, w, gather)
         if gather is not None and gather.spec is not None:  # under jit: on the shards
@@ -850,10 +885,7 @@ def bilinear_op(
 ) -> BilinearOp:
     r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
 
-    .. math::
-
-         \dot y = B(\dot x, w) + B(x, \dot w) + \dot b, \qquad
-         \bar x = B_x^\top(g; w), \quad \bar w = B_w^\top(g; x), \quad \bar b = \sum g
+        ẏ = B(ẋ, w) + B(x, ẇ) + ḃ,   x̄ = B_xᵀ(g; w),   w̄ = B_wᵀ(g; x),   b̄ = Σ g
 
     The three functions are plain ``jnp``/``lax`` code. They receive the operands already
     cast to the compute dtype and must pass ``preferred_element_type`` (the accumulation

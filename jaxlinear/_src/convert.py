@@ -52,12 +52,10 @@ def _entries(fn: str, tree, w_key: str, b_key: str, prefix: str, what: str):
 def from_torch(state_dict, prefix: str = "") -> Params:
     r"""A PyTorch ``nn.Linear`` / ``nn.Conv{1,2,3}d`` state dict as jaxlinear ``Params``.
 
-    ========================= ============================= ================================
-    PyTorch ``weight``        jaxlinear ``W``               use with
-    ========================= ============================= ================================
-    ``(out, in)``             ``weight.T``: ``(in, out)``   ``linear``, ``dual_linear``
-    ``(O, I/groups, *kernel)`` ``(*kernel, I/groups, O)``   ``conv``, ``dual_conv``
-    ========================= ============================= ================================
+    | PyTorch ``weight`` | jaxlinear ``W`` | use with |
+    |---|---|---|
+    | ``(out, in)`` | ``weight.T``: ``(in, out)`` | ``linear``, ``dual_linear`` |
+    | ``(O, I/groups, *kernel)`` | ``(*kernel, I/groups, O)`` | ``conv``, ``dual_conv`` |
 
     ``bias`` ``(out,)`` is kept (Equinox's conv bias ``(O, 1, ..., 1)`` is flattened to
     ``(O,)``, so ``{"weight": layer.weight, "bias": layer.bias}`` of an Equinox layer
@@ -166,6 +164,9 @@ def to_flax(params) -> dict:
 
     For an NNX layer: ``nnx.update(layer, jaxlinear.to_flax(params))``; for Linen, put the
     dict under the layer's name in ``{"params": ...}``.
+
+    Args:
+      params: ``Params``, ``{"W", "b"}``, a tuple ``(W, b)`` or Flax's own dict.
 
     Examples:
       >>> import jax.numpy as jnp, jaxlinear

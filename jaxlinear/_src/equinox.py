@@ -4,18 +4,17 @@ Equinox layers have no injection point (``self.weight @ x``, direct ``lax`` call
 ``explicit`` swaps each layer it knows for a subclass of the layer's own class that
 runs the same computation through a jaxlinear op:
 
-==================================== ===============================================
-``eqx.nn.Linear`` (also ``"scalar"``)  ``linear`` / ``dual_linear`` on ``W = weight.T``
-``eqx.nn.Conv``, ``Conv1d/2d/3d``      ``conv_general_dilated`` (every option; a
-                                      ``padding_mode`` other than zeros pads first)
-``eqx.nn.ConvTranspose`` (1-3D)        ``conv_general_dilated`` with the input dilated,
-                                      as Equinox computes it
-``eqx.nn.Embedding``                   ``embed``
-``eqx.nn.MultiheadAttention``          its four ``Linear`` projections; the two
-                                      activation-activation einsums (``q·kᵀ``,
-                                      ``softmax·v``) stay JAX's
-``eqx.nn.GRUCell``, ``LSTMCell``       ``linear`` on ``weight_ih.T`` and ``weight_hh.T``
-==================================== ===============================================
+| Equinox layer | now runs |
+|---|---|
+| ``eqx.nn.Linear`` (also ``"scalar"``) | ``linear`` / ``dual_linear`` on ``W = weight.T`` |
+| ``eqx.nn.Conv``, ``Conv1d/2d/3d`` | ``conv_general_dilated`` (every option) ¹ |
+| ``eqx.nn.ConvTranspose`` (1-3D) | ``conv_general_dilated`` of the dilated input ² |
+| ``eqx.nn.Embedding`` | ``embed`` |
+| ``eqx.nn.MultiheadAttention`` | its four ``Linear`` projections ³ |
+| ``eqx.nn.GRUCell``, ``LSTMCell`` | ``linear`` on ``weight_ih.T`` and ``weight_hh.T`` |
+
+¹ A ``padding_mode`` other than zeros pads first, as Equinox does. ² As Equinox computes
+it. ³ The two activation-activation einsums (``q·kᵀ``, ``softmax·v``) stay JAX's.
 
 The new modules have exactly the fields of the old ones (same names, shapes, dtypes,
 weight layout ``(out, in)`` and conv ``(O, I/groups, *kernel)``, same static fields), so

@@ -9,11 +9,7 @@ public ``pushforward``/``pullback``, the demos) calls these.
 
 Shapes: ``x: (..., d_in)``, ``W: (d_in, d_out)``, ``b: (d_out,)``, ``g: (..., d_out)``.
 
-.. math::
-
-     Y = X W + b, \qquad
-     \dot Y = \dot X W + X \dot W + \dot b, \qquad
-     \bar X = G W^\top,\; \bar W = X^\top G,\; \bar b = \textstyle\sum_{\text{batch}} G.
+    Y = X W + b,   Ẏ = Ẋ W + X Ẇ + ḃ,   X̄ = G Wᵀ,  W̄ = Xᵀ G,  b̄ = Σ_batch G.
 
 These functions do no validation: callers check shapes and dtypes first
 (``jaxlinear._src.validation``). Zero tangents may be passed as ``None``.

@@ -4,7 +4,7 @@ Every op of the family whose weight gradient, example by example, is a matrix pr
 ``w̄_i = X_iᵀ G_i`` — ``X_i: (T, d)`` example ``i``'s rows of the (reshaped, or unfolded)
 layer input, ``G_i: (T, p)`` its rows of the output cotangent — has
 
-.. math:: \|X_i^\top G_i\|_F^2 = \langle X_i X_i^\top,\, G_i G_i^\top \rangle
+    ‖X_iᵀ G_i‖²_F = ⟨X_i X_iᵀ, G_i G_iᵀ⟩
 
 (the "Gram" form: two ``(T, T)`` matrices, ``T² (d + p)`` multiply-adds), and for ``T = 1``
 the rank-one form ``‖x_i‖² ‖g_i‖²``. Which pays is decided per layer call from the shapes

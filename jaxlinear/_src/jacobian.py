@@ -3,11 +3,7 @@ r"""Jacobians of ``Y = X W + b``: dense (behind a size guard) and as diagonal bl
 For ``X: (n, d_in)`` the Jacobian ``∂Y/∂X`` has shape ``(n, d_out, n, d_in)``, but it is
 block diagonal: row ``i`` of ``Y`` depends only on row ``i`` of ``X``, and
 
-.. math::
-
-    \frac{\partial Y_i}{\partial X_j} = \delta_{ij} W^\top, \qquad
-    \frac{\partial Y_{ik}}{\partial W_{jl}} = X_{ij}\,\delta_{kl}, \qquad
-    \frac{\partial Y_{ik}}{\partial b_l} = \delta_{kl}.
+    ∂Y_i/∂X_j = δ_ij Wᵀ,   ∂Y_ik/∂W_jl = X_ij δ_kl,   ∂Y_ik/∂b_l = δ_kl.
 
 So the dense ``∂Y/∂X`` holds ``n²·d_out·d_in`` numbers of which only ``n·d_out·d_in`` can
 be non-zero (``jacobian_blocks``). For a layer of a realistic size the dense Jacobian does
@@ -92,13 +88,11 @@ def dense_jacobian(params, x, *, wrt="x", max_entries=DEFAULT_MAX_ENTRIES, preci
 
     The result has shape ``Y.shape + arg.shape`` (as ``jax.jacrev`` would return it):
 
-    ==========  ===============================  ==========================================
-    ``wrt``     shape (``x: (n, d_in)``)         entries
-    ==========  ===============================  ==========================================
-    ``"x"``     ``(n, d_out, n, d_in)``          ``δ_ij Wᵀ``: block diagonal
-    ``"W"``     ``(n, d_out, d_in, d_out)``      ``X_ij δ_kl``
-    ``"b"``     ``(n, d_out, d_out)``            ``δ_kl``, every example
-    ==========  ===============================  ==========================================
+    | ``wrt`` | shape (``x: (n, d_in)``) | entries |
+    |---|---|---|
+    | ``"x"`` | ``(n, d_out, n, d_in)`` | ``δ_ij Wᵀ``: block diagonal |
+    | ``"W"`` | ``(n, d_out, d_in, d_out)`` | ``X_ij δ_kl`` |
+    | ``"b"`` | ``(n, d_out, d_out)`` | ``δ_kl``, every example |
 
     The size check runs on shapes only, before anything is allocated.
 

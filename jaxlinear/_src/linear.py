@@ -41,7 +41,7 @@ def _prepare(fn, params, x, precision, compute_dtype):
 def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
     r"""The pushforward (JVP) of the layer: ``dY = dX W + X dW + db``.
 
-    .. math:: \dot Y = \dot X W + X \dot W + \dot b
+        Ẏ = Ẋ W + X Ẇ + ḃ
 
     Args:
       params: ``Params(W, b)`` or ``{"W", "b"}``; ``W: (d_in, d_out)``, ``b: (d_out,)``,
@@ -87,7 +87,7 @@ def pushforward(params, x, dparams, dx, *, precision=None, compute_dtype=None):
 def pullback(params, x, g, *, precision=None, compute_dtype=None):
     r"""The pullback (VJP) of the layer: ``dX = G Wᵀ``, ``dW = Xᵀ G``, ``db = Σ G``.
 
-    .. math:: \bar X = G W^\top, \quad \bar W = X^\top G, \quad \bar b = \sum_{\text{batch}} G
+        X̄ = G Wᵀ,   W̄ = Xᵀ G,   b̄ = Σ_batch G
 
     ``dW`` and ``db`` contract every leading axis of ``x``/``g``.
 
@@ -211,7 +211,7 @@ AFFINE = bilinear_op(
 def linear(params, x, *, precision=None, compute_dtype=None, residuals="exact", quant=None):
     r"""The affine layer ``Y = X W + b`` with an explicit backward rule (``pullback``).
 
-    .. math:: Y = X W + b, \qquad \bar X = G W^\top,\; \bar W = X^\top G,\; \bar b = \sum G
+        Y = X W + b,   X̄ = G Wᵀ,  W̄ = Xᵀ G,  b̄ = Σ G
 
     A ``jax.custom_vjp`` function: works under ``jit``, ``grad``, ``vjp``,
     ``value_and_grad``, ``jacrev``, ``vmap``, ``checkpoint`` and ``lax.scan``. The
@@ -285,7 +285,8 @@ def mlp(
       activation: elementwise function applied after every layer but the last;
         ``None`` is the identity (a chain of affine maps).
       layer: the binding to use for each layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to every layer.
+      precision: passed to every layer (``jax.lax.Precision``).
+      compute_dtype: passed to every layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``(..., d_L)``.

@@ -107,7 +107,12 @@ class Embed(nnx.Embed):
         return _op("embed", self.binding)(embedding, inputs)
 
     def attend(self, query, out_sharding=None):
-        """``query @ embeddingᵀ``: ``(..., features)`` -> ``(..., num_embeddings)``."""
+        """``query @ embeddingᵀ``: ``(..., features)`` -> ``(..., num_embeddings)``.
+
+        Args:
+          query: ``(..., features)``.
+          out_sharding: accepted as in Flax; must be ``None``.
+        """
         query, embedding = self.promote_dtype((query, self.embedding[...]), dtype=self.dtype)
         dimension_numbers = (((query.ndim - 1,), (1,)), ((), ()))  # (..., d) · (V, d)ᵀ
         dot_general = _op("dot_general", self.binding, getattr(self, "quant", None))

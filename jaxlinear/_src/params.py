@@ -216,13 +216,12 @@ def init(
     standard deviations and rescaled so the variance is exact, as in
     ``jax.nn.initializers``):
 
-    ==================================== ======================
-    ``"lecun_normal"`` (default)          ``1 / d_in``
-    ``"lecun_uniform"``                   ``1 / d_in``
-    ``"he_normal"``, ``"he_uniform"``     ``2 / d_in``
-    ``"glorot_normal"``/``"xavier_normal"``,
-    ``"glorot_uniform"``/``"xavier_uniform"`` ``2 / (d_in + d_out)``
-    ==================================== ======================
+    | scheme | variance |
+    |---|---|
+    | ``"lecun_normal"`` (default), ``"lecun_uniform"`` | ``1 / d_in`` |
+    | ``"he_normal"``, ``"he_uniform"`` | ``2 / d_in`` |
+    | ``"glorot_normal"`` = ``"xavier_normal"`` | ``2 / (d_in + d_out)`` |
+    | ``"glorot_uniform"`` = ``"xavier_uniform"`` | ``2 / (d_in + d_out)`` |
 
     Args:
       key: a PRNG key (``jax.random.key(0)``), or an integer seed, used as
@@ -269,6 +268,17 @@ def init_mlp(
 
     Each layer is ``init(k_i, d_i, d_{i+1}, bias=bias, scheme=scheme, dtype=dtype)``, with
     ``k_i`` split from ``key`` (a PRNG key, or an integer seed used as ``jax.random.key(seed)``).
+
+    Args:
+      key: a PRNG key (``jax.random.key(0)``), or an integer seed.
+      sizes: the widths ``[d_0, ..., d_L]``, at least two.
+      bias: whether each layer gets ``b: (d_{i+1},)`` (zeros) or ``None``.
+      scheme: a name in ``jaxlinear.SCHEMES`` or an initializer ``f(key, shape, dtype)``,
+        as in ``init``.
+      dtype: dtype of every ``W`` and ``b``.
+
+    Returns:
+      A list of ``L`` ``Params``; layer ``i`` has ``W: (d_i, d_{i+1})``.
 
     Examples:
       >>> import jax, jaxlinear

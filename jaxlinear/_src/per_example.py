@@ -620,12 +620,12 @@ def _fallback_sq(loss_fn, leaves, treedef, args, other, dtype):
 def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vmap"):
     r"""``‖∇_params ℓ_i‖₂`` for every example ``i``, from the layers' structure.
 
-    .. math:: \|\nabla \ell_i\|^2 = \sum_{\text{layers}} \|X_i^\top G_i\|_F^2
-              + \|\textstyle\sum_t G_i[t]\|^2 \;(+\text{fallback leaves})
+        ‖∇ℓ_i‖² = Σ_layers ‖X_iᵀ G_i‖²_F + ‖Σ_t G_i[t]‖²  (+ the fallback leaves' ‖·‖²)
 
     One forward and one backward pass (the backward pass stops at each layer's output
     cotangent ``G``; no weight gradient is formed), plus ``O(n (d_in + d_out))`` work per
-    2-D layer; see the module docstring for inputs with a sequence axis.
+    2-D layer; inputs with a sequence axis take the Gram or per-example route (see
+    ``per_example_routes``).
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses. Example ``i`` is
@@ -663,9 +663,7 @@ def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vm
 def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "vmap"):
     r"""``Σ_i min(1, C / ‖∇ℓ_i‖) ∇ℓ_i`` and the norms ``‖∇ℓ_i‖``: per-example clipping.
 
-    .. math:: c_i = \min\!\left(1, \frac{C}{\|\nabla \ell_i\|}\right), \qquad
-              \bar W = X^\top \operatorname{diag}(c)\, G, \quad
-              \bar b = \textstyle\sum_i c_i \sum_t G_i[t]
+        c_i = min(1, C / ‖∇ℓ_i‖),   W̄ = Xᵀ diag(c) G,   b̄ = Σ_i c_i Σ_t G_i[t]
 
     The norms come from ``per_example_grad_norms``' pass; the clipped gradient of each
     dense layer is its own pullback applied to ``G`` with row ``i`` scaled by ``c_i`` (one
@@ -675,16 +673,24 @@ def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "v
     ``c_i = 1`` at a zero norm.
 
     Args:
-      loss_fn, params, *args, fallback: as in ``per_example_grad_norms``.
+      loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses, as in
+        ``per_example_grad_norms``: example ``i`` is index ``i`` along axis 0 of every
+        array in ``args``, and loss ``i`` depends on example ``i`` only.
+      params: a pytree of real floating arrays (the structural and fallback leaves as in
+        ``per_example_grad_norms``).
+      *args: pytrees of arrays, each with the ``n`` examples along axis 0.
       clip_norm: ``C > 0``, a scalar (checked at trace time when it is not traced).
+      fallback: for the leaves without a structural rule: ``"vmap"`` (per-example
+        gradients of just those leaves) or ``"raise"`` (a ``ValueError`` naming the leaf).
 
     Returns:
       ``(grads, norms)``: ``grads`` in the structure and dtypes of ``params``; ``norms``
       ``(n,)`` the unclipped per-example norms.
 
     Raises:
-      As ``per_example_grad_norms``, and ``ValueError`` for a ``clip_norm`` that is not a
-      finite scalar ``> 0``.
+      TypeError: as in ``per_example_grad_norms``.
+      ValueError: as in ``per_example_grad_norms``, and for a ``clip_norm`` that is not a
+        finite scalar ``> 0``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxlinear
@@ -708,7 +714,10 @@ def per_example_routes(loss_fn: Callable, params, *args) -> RouteReport:
     the reason: ``jax.vmap`` of ``jax.grad`` for that leaf) or ``"unused"``.
 
     Args:
-      loss_fn, params, *args: as in ``per_example_grad_norms``.
+      loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses, as in
+        ``per_example_grad_norms``.
+      params: a pytree of real floating arrays.
+      *args: pytrees of arrays, each with the ``n`` examples along axis 0.
 
     Returns:
       A ``RouteReport``: a tuple of ``Route(leaf, route, op, detail)`` in the order of

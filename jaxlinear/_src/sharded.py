@@ -4,10 +4,7 @@ Each is ``linear`` (or ``dual_linear``) run under ``jax.shard_map`` on every dev
 shard, with the collectives written where the math puts them. The rule behind every
 one of them is the duality of *replicate* and *sum*:
 
-.. math::
-
-    \text{replicate}: v \mapsto (v, v, \dots, v), \qquad
-    \text{replicate}^\top = \text{sum}: (u_1, \dots, u_n) \mapsto \textstyle\sum_k u_k,
+    replicate: v ↦ (v, v, …, v),   replicateᵀ = sum: (u_1, …, u_n) ↦ Σ_k u_k,
 
 the device-level twin of the bias broadcast ``b -> (b, ..., b)`` over the batch, whose
 adjoint is ``db = Σ G`` over the batch. A value replicated along a mesh axis in the
@@ -19,11 +16,8 @@ that ``shard_map`` records in each value's type.
 
 FSDP and sequence parallelism use the second adjoint pair, *gather* and *scatter-sum*:
 
-.. math::
-
-    \text{all\_gather}: (v_1, \dots, v_n) \mapsto [v_1; \dots; v_n] \text{ on every device},
-    \qquad \text{all\_gather}^\top = \text{reduce\_scatter}:
-    (u^{(1)}, \dots, u^{(n)}) \mapsto \bigl(\textstyle\sum_k u^{(k)}_j\bigr)_j,
+    all_gather: (v_1, …, v_n) ↦ [v_1; …; v_n] on every device,
+    all_gatherᵀ = reduce_scatter: (u⁽¹⁾, …, u⁽ⁿ⁾) ↦ (Σ_k u⁽ᵏ⁾_j)_j,
 
 device ``j`` keeping the ``j``-th block of the sum. JAX registers exactly this pair as
 each other's transpose (``lax.all_gather``'s transpose rule is ``lax.psum_scatter`` and
@@ -201,7 +195,8 @@ def data_parallel_linear(
       mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
       axis: the mesh axis (or tuple of axes) the batch is sharded over.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (batch, ..., d_out)``, sharded over ``axis`` along the batch.
@@ -265,7 +260,8 @@ def fsdp_linear(
       mesh: a ``jax.sharding.Mesh``; ``None`` for the one set with ``jax.set_mesh``.
       axis: the mesh axis (or tuple of axes) ``x``'s batch and ``W``'s rows are sharded over.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
       residuals: ``"shard"`` (default): re-gather ``W`` in the backward pass;
         ``"gathered"``: keep the gathered ``W`` as a residual.
 
@@ -323,7 +319,8 @@ def column_parallel_linear(
       axis: the mesh axis ``W``'s columns are sharded over.
       batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (..., d_out)``, sharded over ``axis`` along ``d_out`` (and over ``batch_axis``).
@@ -383,7 +380,8 @@ def row_parallel_linear(
       axis: the mesh axis ``W``'s rows (and ``x``'s last axis) are sharded over.
       batch_axis: optional mesh axis for the leading (batch) axis of ``x`` and ``Y``.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to the layer.
+      precision: passed to the layer (``jax.lax.Precision``).
+      compute_dtype: passed to the layer (e.g. ``jnp.bfloat16``).
 
     Returns:
       ``Y: (..., d_out)``, replicated over ``axis`` (sharded over ``batch_axis``).
@@ -462,7 +460,8 @@ def tensor_parallel_mlp(
       fsdp: store the weights sharded over ``batch_axis`` too (ZeRO-3).
       activation: elementwise function between the two layers.
       layer: ``linear`` (default) or ``dual_linear``.
-      precision, compute_dtype: passed to both layers.
+      precision: passed to both layers (``jax.lax.Precision``).
+      compute_dtype: passed to both layers (e.g. ``jnp.bfloat16``).
       residuals: with ``fsdp``: ``"shard"`` (default) or ``"gathered"`` (see ``fsdp_linear``).
 
     Returns:

@@ -242,9 +242,7 @@ def conv_transpose(
     Reverse mode only: for ``jvp``/``jacfwd``/``linear_transpose`` use
     ``dual_conv_transpose``.
 
-    .. math:: y = \mathrm{conv}(\mathrm{dilate}_s(x), F w), \qquad
-        \bar x = \mathrm{conv}_s(G, \mathrm{flip}(F w)^\top), \qquad
-        \bar w = F\,\mathrm{conv}(\mathrm{dilate}_s(x)^\top, G^\top)
+        y = conv(dilate_s(x), F w),   x̄ = conv_s(G, flip(F w)ᵀ),   w̄ = F conv(dilate_s(x)ᵀ, Gᵀ)
 
     (``F``: the spatial flip if ``transpose_kernel``, else the identity.)
 
@@ -326,6 +324,18 @@ def dual_conv_transpose(
     so every transform composes: ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose``
     in either operand, ``grad``, ``vmap``, ``jit``, ``shard_map``. A drop-in for
     ``lax.conv_transpose`` where Flax's ``nnx.ConvTranspose`` calls it.
+
+    Args:
+      lhs: as in ``conv_transpose``.
+      rhs: as in ``conv_transpose``.
+      strides: as in ``conv_transpose``.
+      padding: as in ``conv_transpose``.
+      rhs_dilation: as in ``conv_transpose``.
+      dimension_numbers: as in ``conv_transpose``.
+      transpose_kernel: as in ``conv_transpose``.
+      precision: as in ``conv_transpose``.
+      preferred_element_type: as in ``conv_transpose``.
+      use_consistent_padding: as in ``conv_transpose``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear

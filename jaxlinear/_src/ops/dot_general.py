@@ -287,6 +287,14 @@ def dual_dot_general(
     Same arguments as ``dot_general``; supports ``jvp``, ``jacfwd``, ``hessian``,
     ``linear_transpose`` in either operand, ``grad``, ``vmap``, ``jit``.
 
+    Args:
+      lhs: as in ``dot_general``.
+      rhs: as in ``dot_general``.
+      dimension_numbers: as in ``dot_general``.
+      precision: as in ``dot_general``.
+      preferred_element_type: as in ``dot_general``.
+      out_sharding: as in ``dot_general``.
+
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
       >>> x, w = jnp.array([[1., 2.]]), jnp.array([[1., 0.], [0., 3.]])

@@ -3,10 +3,7 @@ r"""``einsum``: two-operand ``jnp.einsum`` with its two transposes written as ei
 For ``y = einsum("X,W->Y", x, w)`` (``X``, ``W``, ``Y`` strings of letters) the
 transposes are the same contraction with the subscripts permuted:
 
-.. math::
-
-     \bar x = \mathrm{einsum}(\texttt{"Y,W->X"}, g, w), \qquad
-     \bar w = \mathrm{einsum}(\texttt{"Y,X->W"}, g, x).
+    x̄ = einsum("Y,W->X", g, w),   w̄ = einsum("Y,X->W", g, x).
 
 E.g. ``"btd,dhk->bthk"``: ``x̄ = einsum("bthk,dhk->btd", g, w)`` and
 ``w̄ = einsum("bthk,btd->dhk", g, x)``. A letter of ``X`` found in neither ``W`` nor
@@ -270,8 +267,7 @@ def einsum(
     pass saves only the two operands. For forward mode use ``dual_einsum``. A drop-in
     for ``nnx.Einsum(..., einsum_op=jaxlinear.einsum)``.
 
-    .. math:: \bar x = \mathrm{einsum}(\texttt{"Y,W->X"}, g, w), \quad
-              \bar w = \mathrm{einsum}(\texttt{"Y,X->W"}, g, x)
+        x̄ = einsum("Y,W->X", g, w),   w̄ = einsum("Y,X->W", g, x)
 
     Args:
       subscripts: any two-operand form ``jnp.einsum`` takes: ``"X,W->Y"`` (batch
@@ -322,6 +318,13 @@ def dual_einsum(
 
     Same arguments as ``einsum``; supports ``jvp``, ``jacfwd``, ``hessian``,
     ``linear_transpose`` in either operand, ``grad``, ``vmap``, ``jit``.
+
+    Args:
+      subscripts: as in ``einsum``.
+      *operands: as in ``einsum``.
+      precision: as in ``einsum``.
+      preferred_element_type: as in ``einsum``.
+      out_sharding: as in ``einsum``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear

@@ -3,10 +3,7 @@ r"""Embedding lookup ``y = table[ids]``: a gather, whose transpose is a scatter-
 The lookup is linear in ``table: (V, d)`` (not bilinear: the integer ``ids`` are not
 differentiated), so one formula and its transpose are the whole story:
 
-.. math::
-
-     y[\dots, :] = \text{table}[\text{ids}[\dots], :], \qquad
-     \overline{\text{table}}[v, :] = \sum_{\dots:\ \text{ids}[\dots] = v} G[\dots, :]
+    y[…, :] = table[ids[…], :],   tablē[v, :] = Σ_{…: ids[…] = v} G[…, :]
 
 Rows looked up more than once receive the *sum* of their cotangents (repeated ids sum),
 the same broadcast ↔ sum duality as a bias. Because the map is linear, its pushforward is
@@ -158,8 +155,7 @@ batching.primitive_batchers[embed_p] = _embed_batch
 class _Rule:
     r"""Example ``i``'s ``tablē_i`` is the scatter-add of its own rows of ``G``, so
 
-    .. math:: \|\overline{\text{table}}_i\|^2 = \sum_{t, s:\ \text{ids}_{it} = \text{ids}_{is}}
-              \langle g_{it}, g_{is} \rangle
+        ‖tablē_i‖² = Σ_{t, s: ids_it = ids_is} ⟨g_it, g_is⟩
 
     over example ``i``'s ``T`` ids (out-of-range ids send nothing): ``"rank_one"`` for one
     id, ``"gram"`` (``(T, T)`` per example) when ``gram_pays(T, V, d)``, else
@@ -250,8 +246,7 @@ def embed(table, ids, *, mode="fill"):
     ``float0`` zero for them, as for any integer input). Reverse mode only: for ``jvp``,
     ``jacfwd`` or ``linear_transpose`` use ``dual_embed``.
 
-    .. math:: y = \text{table}[\text{ids}], \qquad
-        \overline{\text{table}} = \textstyle\sum_{\text{ids}[\dots] = v} G[\dots]
+        y = table[ids],   tablē[v] = Σ_{…: ids[…] = v} G[…]
 
     Args:
       table: ``(V, d)`` floating.
@@ -304,6 +299,11 @@ def dual_embed(table, ids, *, mode="fill"):
     the lookup of the tangent table, ``embed(dtable, ids)``; the transpose is the
     scatter-add. ``jvp``, ``jacfwd``, ``hessian``, ``linear_transpose`` in ``table``,
     ``grad``, ``vmap`` (over ids or tables), ``jit``, ``shard_map``.
+
+    Args:
+      table: as in ``embed``.
+      ids: as in ``embed``.
+      mode: as in ``embed``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
