@@ -25,10 +25,10 @@ Subclasses of these layers (which may compute something else) and every other mo
 holding arrays (``LayerNorm``, ``GRUCell``, ...) are left as they are, and ``report``
 lists them as untouched.
 
-Equinox models run per example under ``jax.vmap``: with ``binding="custom_vjp"``,
-``jax.grad`` of the vmapped model runs the batched custom VJP; with ``binding="dual"``
-the ops' batching rules bind jaxlinear's primitives again, so the transposes that run are
-jaxlinear's in both cases.
+Equinox models run per example under ``jax.vmap``: in both bindings the ops' batching
+rules bind jaxlinear's op again on the batched shapes, so ``jax.grad`` of the vmapped
+model runs jaxlinear's transposes once on all examples, contracting over them as JAX's
+own AD does (and at its cost: ``benchmarks/RESULTS.md``).
 
 Importing this module imports Equinox (``import jaxlinear`` does not).
 """
