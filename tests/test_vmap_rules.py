@@ -155,3 +155,27 @@ def test_mixed_precision_under_vmap():
     y, grads = jax.eval_shape(lambda p, x: (f(p, x), jax.grad(_loss(f), (0, 1))(p, x)), p, x)
     assert y.dtype == jnp.bfloat16
     assert {a.dtype for a in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_custom_vjp_binding_under_vmap_composes():
+    # The custom_vjp binding's primitive (batching rule + a JVP that is the custom_vjp
+    # call) with the transforms around and inside vmap, in one jit, against JAX's AD.
+    p, x = _inputs("dense", (None, 0))
+
+    def run(layer):
+        f = lambda p, x: jnp.sin(layer(p, x))  # noqa: E731
+        batched = lambda p: jnp.sum(jax.vmap(f, (None, 0))(p, x))  # noqa: E731
+        hessian_W = jax.hessian(lambda W: batched(P(W, p.b)))  # forward over reverse
+        scan = lambda p: jax.lax.scan(  # noqa: E731
+            lambda c, r: (c + jnp.sum(jax.vmap(f, (None, 0))(p, r)), None), 0.0, x[:, None]
+        )[0]
+        return [
+            jax.vmap(jax.grad(lambda p, x: jnp.sum(f(p, x))), (None, 0))(p, x),
+            jax.grad(lambda p: jnp.sum(jax.vmap(jax.checkpoint(f), (None, 0))(p, x)))(p),
+            jax.grad(scan)(p),
+            hessian_W(p.W),
+            jax.grad(lambda W: jnp.sum(jax.grad(lambda W: batched(P(W, p.b)))(W) ** 2))(p.W),
+        ]
+
+    ours, refs = jax.jit(lambda: (run(jaxlinear.linear), run(_dense_ref)))()
+    assert_trees_close(ours, refs)
