@@ -17,7 +17,9 @@ of ``½‖y‖²``, float32):
    transformer language model with ``eqx.nn.Embedding``, per example under ``vmap``.
 
 Before timing, each implementation's gradient is checked against the first one's
-(1e-3 relative, float32), so a wrong route cannot report a fast number.
+(1e-3 relative, float32), so a wrong route cannot report a fast number. Wall and CPU
+time (of this process, all threads) are both reported: on a shared machine the CPU time
+moves less.
 
 Options: ``--smoke`` (tiny shapes, 2 rounds), ``--only grid,equinox,models``,
 ``--rounds N``. ``python -m benchmarks.bench_family --vmap`` runs this module.
@@ -27,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +40,6 @@ import numpy as np
 from jax import lax
 
 import jaxlinear
-from benchmarks.bench_family import _interleaved_ratios
 
 BASE = "JAX AD"
 
@@ -57,8 +61,36 @@ def _check(impls, args, base):
 
 
 def _time(impls, args, rounds, base=BASE):
+    """Medians of (wall ms, CPU ms) per call and of the per-round ratios to ``base``.
+
+    The CPU time is this process's (every thread's) ``time.process_time``: on a machine
+    shared with other work it moves less than the wall time, which also counts waiting.
+    """
     _check(impls, args, base)
-    return _interleaved_ratios(impls, args, rounds, base)
+    for name, fn in impls.items():  # compile and warm up
+        jax.block_until_ready(fn(*args[name]))
+    order, rng = list(impls), random.Random(0)
+    wall, cpu = ({k: [] for k in impls} for _ in range(2))
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(impls[name](*args[name]))
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+
+    def ratio(s, name):
+        return statistics.median(a / b for a, b in zip(s[name], s[base], strict=True))
+
+    return {
+        k: (
+            1e3 * statistics.median(wall[k]),
+            ratio(wall, k),
+            1e3 * statistics.median(cpu[k]),
+            ratio(cpu, k),
+        )
+        for k in impls
+    }
 
 
 # --- 1. the op grid ---------------------------------------------------------------------
@@ -166,8 +198,8 @@ def bench_grid(smoke=False, rounds=7):
                 "dual": _program(dual, pattern, make_x is None),
             }
             args = {k: (x, w) for k in impls}
-            medians, ratios = _time(impls, args, rounds)
-            rows += [(name, pattern, k, medians[k], ratios[k]) for k in impls]
+            times = _time(impls, args, rounds)
+            rows += [(name, pattern, k, *times[k]) for k in impls]
     return rows
 
 
@@ -234,8 +266,8 @@ def bench_equinox(smoke=False, rounds=7):
         grad = _eqx_grad(levels)
         impls = {k: grad for k in models}
         args = {k: (m, x) for k, m in models.items()}
-        medians, ratios = _time(impls, args, rounds, BASE + " (Equinox)")
-        rows += [(name, "", k, medians[k], ratios[k]) for k in impls]
+        times = _time(impls, args, rounds, BASE + " (Equinox)")
+        rows += [(name, "", k, *times[k]) for k in impls]
     return rows
 
 
@@ -336,8 +368,8 @@ def bench_models(smoke=False, rounds=7):
         grad = _eqx_grad(1)
         impls = {k: grad for k in models}
         args = {k: (m, x) for k, m in models.items()}
-        medians, ratios = _time(impls, args, rounds, BASE + " (Equinox)")
-        rows += [(name, "", k, medians[k], ratios[k]) for k in impls]
+        times = _time(impls, args, rounds, BASE + " (Equinox)")
+        rows += [(name, "", k, *times[k]) for k in impls]
     return rows
 
 
@@ -351,12 +383,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     a = p.parse_args(argv)
     names = [n for n in a.only.split(",") if n] or list(BENCHES)
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}; medians of interleaved rounds")
-    print("| bench | under vmap | implementation | ms (fwd+bwd) | vs JAX AD |")
-    print("|---|---|---|---|---|")
+    rounds = 2 if a.smoke else a.rounds
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}; medians of {rounds} interleaved")
+    print("| bench | under vmap | implementation | wall ms | vs JAX AD | CPU ms | vs JAX AD |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
-        for bench, pattern, impl, t, r in BENCHES[name](a.smoke, 2 if a.smoke else a.rounds):
-            print(f"| {bench} | {pattern} | {impl} | {t * 1e3:.3f} | {r:.2f}× |", flush=True)
+        for bench, pattern, impl, t, r, c, rc in BENCHES[name](a.smoke, rounds):
+            row = f"| {bench} | {pattern} | {impl} | {t:.3f} | {r:.2f}× | {c:.3f} | {rc:.2f}× |"
+            print(row, flush=True)
     return 0
 
 
