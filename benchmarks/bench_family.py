@@ -6,7 +6,8 @@ medians over interleaved rounds (every implementation once per round, in turn), 
 machine load hits them alike; the ratio is to JAX's AD of the plain op in the same run.
 
 Options: ``--smoke`` (tiny shapes, 2 rounds: checks that everything runs),
-``--only NAME[,NAME]``, ``--rounds N``.
+``--only NAME[,NAME]``, ``--rounds N``; ``--vmap`` runs ``benchmarks.bench_vmap`` (the
+family under ``jax.vmap``) with the other options.
 """
 
 from __future__ import annotations
@@ -173,6 +174,11 @@ BENCHES = {"einsum_projection": bench_einsum_projection, "conv": bench_conv}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--vmap" in argv:
+        from benchmarks import bench_vmap
+
+        return bench_vmap.main([a for a in argv if a != "--vmap"])
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_family", description=__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds")
     p.add_argument("--only", default="", help="comma-separated benchmark names")

@@ -248,10 +248,11 @@ def test_linear_forward_mode_is_refused(row):
 
 
 @pytest.mark.parametrize("row", TRANSPOSE_ROWS, ids=_ids)
-def test_linear_transpose_is_refused(row):
-    # A custom_vjp defines a VJP, not a transpose: jax.linear_transpose cannot use it.
-    with pytest.raises(NotImplementedError, match="custom_vjp_call"):
-        row(jaxlinear.linear, *_setup())
+def test_linear_transpose_of_the_custom_vjp_binding(row):
+    # The custom_vjp binding is bound through a primitive (so that vmap sees it whole)
+    # whose transpose rule is the dual's: jax.linear_transpose runs our transposes too.
+    args = _setup()
+    assert_trees_close(_run(row, jaxlinear.linear, args), _reference_result(row, args))
 
 
 def test_check_grads_second_order_both_modes():

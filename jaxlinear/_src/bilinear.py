@@ -16,7 +16,9 @@ and ``bilinear_op`` turns them into a ``BilinearOp`` with two bindings:
 
 ``op.custom_vjp(x, w, b=None, **kw)``
     a ``jax.custom_vjp`` whose forward pass saves exactly ``(x, w)`` and whose backward
-    pass calls the two transposes (and sums ``g`` for the bias). Reverse mode only.
+    pass calls the two transposes (and sums ``g`` for the bias). Reverse mode only. It
+    is bound through a primitive (``jaxlinear_<name>_custom_vjp``) whose JVP is the
+    ``custom_vjp`` call, so that ``vmap`` batches the op whole, as ``dual``'s rules do.
 ``op.dual(x, w, b=None, **kw)``
     a primitive (``jaxlinear_<name>``) whose JVP binds a second primitive, the
     pushforward ``B(dx, w) + B(x, dw) + db`` (``jaxlinear_<name>_pushforward``); both
@@ -60,8 +62,10 @@ from jaxlinear._src import fsdp, taps, vma
 from jaxlinear._src import quant as _quant
 
 _NAMES = ("x", "w", "b")  # the operands, in order; also the names used in `wrt`
-_RESERVED = ("compute_dtype", "out_dtype", "quant", "preferred_element_type", "mask", "gather")
-_BUILDER_ONLY = ("preferred_element_type", "mask", "gather")  # never passed as op parameters
+_RESERVED = (
+    "compute_dtype", "out_dtype", "quant", "preferred_element_type", "mask", "gather", "residuals"
+)
+_BUILDER_ONLY = ("preferred_element_type", "mask", "gather", "residuals")  # never op parameters
 
 
 def accumulation_dtype(dtype) -> np.dtype:
@@ -383,6 +387,7 @@ class BilinearOp:
         self._pushforward_fn = pushforward or self._composed_pushforward
         self.primitive = Primitive(f"jaxlinear_{name}")
         self.pushforward_primitive = Primitive(f"jaxlinear_{name}_pushforward")
+        self.custom_vjp_primitive = Primitive(f"jaxlinear_{name}_custom_vjp")
         self._register()
         self._custom_vjp = self._make_custom_vjp()
 
@@ -534,7 +539,11 @@ class BilinearOp:
         r"""``y = B(x, w) + b`` as a ``jax.custom_vjp``: reverse mode through the transposes.
 
         Works under ``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jit``, ``checkpoint``,
-        ``scan`` and ``shard_map``; forward mode raises JAX's ``TypeError`` (use ``dual``).
+        ``scan``, ``shard_map`` and ``linear_transpose``; forward mode raises JAX's
+        ``TypeError`` (use ``dual``). It is bound through the primitive
+        ``jaxlinear_<name>_custom_vjp`` so that ``vmap`` binds the op again on the batched
+        shapes (its ``BatchRule``, as ``dual`` does): ``grad`` of ``vmap`` then runs the
+        backward pass once for all examples, contracting over them.
 
         Args:
           x: the first operand (validated by the caller).
@@ -579,8 +588,43 @@ class BilinearOp:
             jnp.dtype(x.dtype),
             jnp.dtype(w.dtype),
         )
-        apply = functools.partial(self._custom_vjp, static)
+        kw = dict(static.kw, residuals=residuals)
+
+        def apply(x, w, b):
+            return self.custom_vjp_primitive.bind(*((x, w) if b is None else (x, w, b)), **kw)
+
         return taps.call(_Rule(self, static.kw), apply, x, w, b)
+
+    # The custom_vjp binding is bound through a primitive, so that ``vmap`` sees the op
+    # whole: its batching rule is the op's ``BatchRule`` (``_batched_bind``), which binds
+    # this primitive again on the batched shapes; its JVP is ``jax.jvp`` of the
+    # ``jax.custom_vjp`` call (so ``grad`` runs ``_vjp_fwd``/``_vjp_bwd``, forward mode
+    # raises JAX's error). ``jax.vmap`` of a ``jax.custom_vjp`` itself would batch the
+    # backward function per example and sum the weight cotangents afterwards.
+
+    def _vjp_static(self, x, w, b, residuals, kw) -> _Static:
+        b_dtype = None if b is None else jnp.dtype(b.dtype)
+        items = tuple(sorted(kw.items()))
+        return _Static(items, b_dtype, residuals, jnp.dtype(x.dtype), jnp.dtype(w.dtype))
+
+    def _vjp_call(self, x, w, *b, residuals, **kw):
+        """The ``jax.custom_vjp`` call for this primitive's operands and parameters."""
+        b = b[0] if b else None
+        return self._custom_vjp(self._vjp_static(x, w, b, residuals, kw), x, w, b)
+
+    def _vjp_jvp(self, primals, tangents, **kw):
+        live = [type(t) is not ad.Zero for t in tangents]
+
+        def f(*args):  # the operands with a zero tangent are constants
+            args = iter(args)
+            operands = (next(args) if u else p for p, u in zip(primals, live, strict=True))
+            return self._vjp_call(*operands, **kw)
+
+        return jax.jvp(
+            f,
+            [p for p, u in zip(primals, live, strict=True) if u],
+            [t for t, u in zip(tangents, live, strict=True) if u],
+        )
 
     def _on_shards(self, bind, x, w, b, gather, compute_dtype, out_dtype, params):
         """A weight marked ``fsdp_gather(..., spec=)`` under ``jit``: see ``fsdp.on_shards``."""
@@ -711,12 +755,15 @@ class BilinearOp:
         ]
 
     def _fwd_batch(self, args, dims, **kw):
+        """Either binding's primitive under ``vmap``: bound again as the op's ``BatchRule``
+        says, else ``jax.vmap`` of the binding itself (the formulas, or the custom_vjp)."""
         x, w, *b = args
         x_dim, w_dim, *b_dim = dims
         got = self._batched_bind(x, w, None, None, x_dim, w_dim, None, None, b, b_dim, kw)
         if got is not None:
             return got
-        fn = jax.vmap(lambda *a: self._fwd_impl(*a, **kw), in_axes=tuple(dims))
+        binding = self._vjp_call if "residuals" in kw else self._fwd_impl
+        fn = jax.vmap(lambda *a: binding(*a, **kw), in_axes=tuple(dims))
         return fn(*args), 0
 
     def _batched_bind(self, x, w, dx, dw, x_dim, w_dim, dx_dim, dw_dim, rest, rest_dim, kw):
@@ -766,7 +813,7 @@ class BilinearOp:
         kw = {**kw, **rule.params}
         inside = b is not None and b_dim is None and rule.out is None
         if inside:  # a bias must stay on the last axis of the bound result
-            static = {k: v for k, v in kw.items() if k != "mask"}
+            static = {k: v for k, v in kw.items() if k not in ("mask", "residuals")}
             inside = rule.out_dim != len(out_shape(op.forward_fn, x, w, **static)) - 1
         if b is not None and not inside:  # bind in the accumulation dtype, add b, round once
             _, acc, out = policy(x.dtype, w.dtype, kw["compute_dtype"], kw["out_dtype"])
@@ -775,8 +822,9 @@ class BilinearOp:
             kw["mask"] = (dx is not None, dw is not None, inside)
             present = [t for t in (dx, dw, b if inside else None) if t is not None]
             y = op.pushforward_primitive.bind(x, w, *present, **kw)
-        else:
-            y = op.primitive.bind(x, w, *([b] if inside else []), **kw)
+        else:  # the binding that is being batched: dual, or custom_vjp (it has `residuals`)
+            prim = op.custom_vjp_primitive if "residuals" in kw else op.primitive
+            y = prim.bind(x, w, *([b] if inside else []), **kw)
         if rule.out is not None:
             y = rule.out(y, size)
         if b is not None and not inside:
@@ -855,11 +903,18 @@ class BilinearOp:
 
     def _register(self):
         """Register each primitive's rules; evaluation and lowering are the formulas."""
+
+        def no_residuals(f):  # the custom_vjp primitive's other rules are the dual's
+            return lambda *a, residuals, **kw: f(*a, **kw)
+
         rules = (
             (self.primitive, self._fwd_impl, self._fwd_abstract_eval, self._fwd_jvp,
              self._fwd_transpose, self._fwd_batch),
             (self.pushforward_primitive, self._push_impl, self._push_abstract_eval,
              self._push_jvp, self._push_transpose, self._push_batch),
+            (self.custom_vjp_primitive, no_residuals(self._fwd_impl),
+             no_residuals(self._fwd_abstract_eval), self._vjp_jvp,
+             no_residuals(self._fwd_transpose), self._fwd_batch),
         )  # fmt: skip
         for prim, impl, abstract_eval, jvp, transpose, batch in rules:
             prim.def_impl(impl)
@@ -945,7 +1000,8 @@ def bilinear_op(
       A ``BilinearOp`` ``op``: ``op.custom_vjp(x, w, b=None, *, compute_dtype=None,
       out_dtype=None, **params)`` and ``op.dual(...)`` (same arguments) are the two
       bindings; ``op.forward``, ``op.pushforward``, ``op.pullback`` the plain formulas;
-      ``op.primitive`` and ``op.pushforward_primitive`` the primitives. Both bindings are
+      ``op.primitive`` and ``op.pushforward_primitive`` the dual primitives,
+      ``op.custom_vjp_primitive`` the custom_vjp binding's. Both bindings are
       seen by ``per_example_grad_norms`` / ``clipped_grad`` (through ``taps.call``).
 
     Examples:

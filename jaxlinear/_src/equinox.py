@@ -27,10 +27,10 @@ class first and jaxlinear's layer under it, so ``super()`` lands on jaxlinear's 
 subclass replacing ``__call__`` and every other module holding arrays (``LayerNorm``,
 ...) are left as they are, and ``report`` lists them as untouched, with the reason.
 
-Equinox models run per example under ``jax.vmap``: with ``binding="custom_vjp"``,
-``jax.grad`` of the vmapped model runs the batched custom VJP; with ``binding="dual"``
-the ops' batching rules bind jaxlinear's primitives again, so the transposes that run are
-jaxlinear's in both cases.
+Equinox models run per example under ``jax.vmap``: in both bindings the ops' batching
+rules bind jaxlinear's op again on the batched shapes, so ``jax.grad`` of the vmapped
+model runs jaxlinear's transposes once on all examples, contracting over them as JAX's
+own AD does (and at its cost: ``benchmarks/RESULTS.md``).
 
 Importing this module imports Equinox (``import jaxlinear`` does not).
 """

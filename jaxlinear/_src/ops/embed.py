@@ -20,6 +20,8 @@ drops their gradient, which is not a transpose pair; ``jnp.take`` fills with NaN
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,11 +125,12 @@ def _embed_transpose(ct, table, ids):
     return [vma.psum_to(scatter_add(ct, ids, table.aval), table.aval), None]
 
 
-def _embed_batch(args, dims):
+def _embed_batch(args, dims, *, prim=embed_p):
+    """vmap of ``prim`` (either binding's primitive): the same primitive, bound once."""
     table, ids = args
     t_dim, i_dim = dims
     if t_dim is None:  # only ids batched: the vmapped axis is one more axis of ids
-        return embed_p.bind(table, ids), i_dim
+        return prim.bind(table, ids), i_dim
     # A batch of tables (B, V, d): stack them into one (B·V, d) table and offset each id
     # by b·V; ids outside [-V, V) stay outside the stacked table, so they still read zeros.
     table = jnp.moveaxis(table, t_dim, 0)
@@ -140,12 +143,34 @@ def _embed_batch(args, dims):
     offset = jnp.arange(size, dtype=ids.dtype).reshape(size, *(1,) * (ids.ndim - 1)) * vocab
     inside = (ids >= -vocab) & (ids < vocab)
     flat = jnp.where(inside, jnp.where(ids < 0, ids + vocab, ids) + offset, size * vocab)
-    return embed_p.bind(table.reshape(size * vocab, table.shape[2]), flat), 0
+    return prim.bind(table.reshape(size * vocab, table.shape[2]), flat), 0
 
 
 ad.primitive_jvps[embed_p] = _embed_jvp
 ad.primitive_transposes[embed_p] = _embed_transpose
 batching.primitive_batchers[embed_p] = _embed_batch
+
+
+# Binding 1 is bound through a primitive too, so that ``vmap`` sees the lookup whole (the
+# batching rule above binds it again); its JVP is ``jax.jvp`` of the ``custom_vjp``, so
+# ``grad`` runs ``_embed_bwd`` and forward mode raises JAX's error (see ``bilinear``).
+embed_vjp_p = Primitive("jaxlinear_embed_custom_vjp")
+embed_vjp_p.def_impl(lookup)
+embed_vjp_p.def_abstract_eval(_embed_abstract_eval)
+mlir.register_lowering(embed_vjp_p, mlir.lower_fun(lookup, multiple_results=False))
+
+
+def _embed_vjp_jvp(primals, tangents):
+    table, ids = primals
+    if type(tangents[0]) is ad.Zero:
+        y = embed_vjp_p.bind(table, ids)
+        return y, jnp.zeros_like(y)
+    return jax.jvp(lambda t: _embed(t, ids), (table,), (tangents[0],))
+
+
+ad.primitive_jvps[embed_vjp_p] = _embed_vjp_jvp
+ad.primitive_transposes[embed_vjp_p] = _embed_transpose
+batching.primitive_batchers[embed_vjp_p] = functools.partial(_embed_batch, prim=embed_vjp_p)
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +314,7 @@ def embed(table, ids, *, mode="fill"):
       embed: `ids` out of range: every id must be in [-3, 3) (V=3)
     """
     table, ids = _prepare("embed", table, ids, mode)
-    return taps.call(_RULE, lambda ids, table, _: _embed(table, ids), ids, table)
+    return taps.call(_RULE, lambda ids, table, _: embed_vjp_p.bind(table, ids), ids, table)
 
 
 def dual_embed(table, ids, *, mode="fill"):
