@@ -76,6 +76,34 @@ def policy(x_dtype, w_dtype, compute_dtype=None, out_dtype=None):
     return cd, jnp.promote_types(acc, out), out
 
 
+def contract(fn, a, b, cd, acc, *aval, **params):
+    """``fn(a, b, *aval, preferred_element_type=acc, **params)`` with ``a``, ``b`` rounded to the
+    compute dtype ``cd``: one of the op's three functions under the policy.
+
+    On CPU, 16-bit operands accumulated in a wider dtype are widened to it after the
+    rounding. That is exact (a product of two 16-bit floats is exact in float32), so the
+    result is the same; XLA:CPU's own passes rewrite some 16-bit products with float32
+    results (an operand or the result transposed) into forms it has no kernel for
+    (``Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32``, issue #29).
+    Other platforms keep the 16-bit operands (``lax.platform_dependent``, decided when
+    lowering).
+    """
+    a, b = a.astype(cd), b.astype(cd)
+
+    def call(a, b):
+        return fn(a, b, *aval, preferred_element_type=acc, **params)
+
+    if jnp.dtype(acc) == jnp.dtype(cd) or not jnp.issubdtype(cd, jnp.floating):
+        return call(a, b)
+    info = jnp.finfo(cd)
+
+    def widen(a):  # reduce_precision: XLA may drop a float32 -> 16-bit -> float32 round trip
+        return lax.reduce_precision(a.astype(acc), info.nexp, info.nmant)
+
+    wide = lambda a, b: call(widen(a), widen(b))  # noqa: E731
+    return lax.platform_dependent(a, b, cpu=wide, default=call)
+
+
 def _add_bias(y, b):
     """``y + b`` with ``b: (d,)`` on ``y``'s last axis, in ``y``'s dtype."""
     return y + lax.expand_dims(b.astype(y.dtype), tuple(range(y.ndim - 1)))
@@ -84,7 +112,7 @@ def _add_bias(y, b):
 def apply_forward(forward, x, w, b=None, *, compute_dtype=None, out_dtype=None, **params):
     """``B(x, w) + b`` under the policy: cast, accumulate wide, add ``b``, round once."""
     cd, acc, out = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
-    y = forward(x.astype(cd), w.astype(cd), preferred_element_type=acc, **params).astype(acc)
+    y = contract(forward, x, w, cd, acc, **params).astype(acc)
     if b is not None:
         y = _add_bias(y, b)
     return y.astype(out)
@@ -130,9 +158,9 @@ def apply_pushforward(
     cd, acc, out = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
     terms = []
     if dx is not None:
-        terms.append(forward(dx.astype(cd), w.astype(cd), preferred_element_type=acc, **params))
+        terms.append(contract(forward, dx, w, cd, acc, **params))
     if dw is not None:
-        terms.append(forward(x.astype(cd), dw.astype(cd), preferred_element_type=acc, **params))
+        terms.append(contract(forward, x, dw, cd, acc, **params))
     if terms:
         dy = functools.reduce(lambda a, t: a + t.astype(acc), terms[1:], terms[0].astype(acc))
     else:
@@ -161,14 +189,11 @@ def apply_pullback(
     solved for needs only ``.shape`` and ``.dtype`` (an aval will do).
     """
     cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
-    gc = g.astype(cd)
     dx = dw = db = None
     if "x" in wrt:
-        dx = transpose_x(gc, w.astype(cd), x, preferred_element_type=acc, **params)
-        dx = dx.astype(x.dtype)
+        dx = contract(transpose_x, g, w, cd, acc, x, **params).astype(x.dtype)
     if "w" in wrt:
-        dw = transpose_w(gc, x.astype(cd), w, preferred_element_type=acc, **params)
-        dw = dw.astype(w.dtype)
+        dw = contract(transpose_w, g, x, cd, acc, w, **params).astype(w.dtype)
     if "b" in wrt:
         db = bias_cotangent(g, w.dtype)
     return dx, dw, db
