@@ -441,3 +441,109 @@ def test_grid(variant):
         raise AssertionError(f"{variant}: " + "; ".join(failed or ["the joint program"])) from None
     problems = [p for op in ops for p in _check(op, variant, results[op.name])]
     assert not problems, f"{variant}: " + "; ".join(problems)
+
+
+# --- the adapters: a bfloat16 model with float32 parameters, one jitted optax step ---------
+# Plain Flax / Equinox (JAX's own AD, bfloat16 products rounded to bfloat16) against the same
+# model converted by `explicit` (float32 accumulation, one rounding): the
+# losses agree to bfloat16 rounding and the gradients to a few bfloat16 ulps of their
+# largest entry (the two round at different places, through several layers).
+ADAPTER_TOL = 2.0**-5
+
+
+def _adam_step(loss, params):
+    import optax
+
+    opt = optax.adam(1e-2)
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    return value, grads, optax.apply_updates(params, updates)
+
+
+def _assert_steps_agree(steps):
+    (ref_value, ref_grads, _), *ours = steps
+    for value, grads, new in ours:
+        assert abs(float(value) - float(ref_value)) <= ADAPTER_TOL * abs(float(ref_value))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            assert a.dtype == b.dtype == F32 and a.shape == b.shape
+            scale = float(np.max(np.abs(np.asarray(b))))
+            assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= ADAPTER_TOL * scale
+        assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(new))
+
+
+@pytest.mark.skipif(_ONLY and "adapters" not in _ONLY, reason="another group")
+def test_nnx_bfloat16_model_one_optax_step():
+    from flax import nnx
+
+    import jaxlinear.nnx as jlnnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            kw = dict(dtype=BF16, param_dtype=F32, rngs=rngs)
+            self.embed = nnx.Embed(16, 8, **kw)
+            self.lin = nnx.Linear(8, 16, **kw)  # (B, T, 8) @ (8, 16): issue #29's case
+            self.gen = nnx.LinearGeneral(16, (2, 8), **kw)
+            self.ein = nnx.Einsum("bthk,hkd->btd", (2, 8, 8), (8,), **kw)
+            self.conv = nnx.Conv(8, 8, (3,), **kw)
+            self.up = nnx.ConvTranspose(8, 8, (2,), strides=(2,), **kw)
+
+        def __call__(self, ids):  # (B, T) -> a scalar
+            h = jnp.tanh(self.lin(self.embed(ids)))  # (B, T, 16)
+            h = jnp.tanh(self.conv(self.ein(jnp.tanh(self.gen(h)))))  # (B, T, 8)
+            return jnp.mean(self.up(h).astype(F32) ** 2)  # (B, 2T, 8)
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 8)))
+    models = [Net(nnx.Rngs(0))]
+    models.append(jlnnx.explicit(models[0], copy=True))  # (the grid covers both bindings)
+    graphdefs, params = zip(*(nnx.split(m, nnx.Param) for m in models), strict=True)
+
+    @jax.jit
+    def steps(params):
+        return [
+            _adam_step(lambda p, g=g: nnx.merge(g, p)(ids), p)
+            for g, p in zip(graphdefs, params, strict=True)
+        ]
+
+    _assert_steps_agree(steps(params))
+
+
+@pytest.mark.skipif(_ONLY and "adapters" not in _ONLY, reason="another group")
+def test_equinox_bfloat16_model_one_optax_step():
+    import equinox as eqx
+
+    import jaxlinear.equinox as je
+
+    keys = jax.random.split(jax.random.key(0), 4)
+
+    class Net(eqx.Module):
+        embed: eqx.nn.Embedding
+        lin: eqx.nn.Linear
+        conv: eqx.nn.Conv1d
+        up: eqx.nn.ConvTranspose1d
+
+        def __init__(self):
+            self.embed = eqx.nn.Embedding(16, 8, key=keys[0], dtype=F32)
+            self.lin = eqx.nn.Linear(8, 16, key=keys[1], dtype=F32)
+            self.conv = eqx.nn.Conv1d(16, 8, 3, padding=1, key=keys[2], dtype=F32)
+            self.up = eqx.nn.ConvTranspose1d(8, 8, 2, stride=2, key=keys[3], dtype=F32)
+
+        def __call__(self, ids):  # one example: (T,) -> (8, 2T)
+            h = jnp.tanh(jax.vmap(self.lin)(jax.vmap(self.embed)(ids)))  # (T, 16)
+            return self.up(jnp.tanh(self.conv(h.T)))
+
+    def loss(model, ids):  # float32 parameters, bfloat16 compute
+        low = jax.tree.map(lambda a: a.astype(BF16) if eqx.is_inexact_array(a) else a, model)
+        return jnp.mean(jax.vmap(low)(ids).astype(F32) ** 2)
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 8)))
+    models = [Net(), je.explicit(Net())]  # (the grid covers both bindings)
+    parts = [eqx.partition(m, eqx.is_inexact_array) for m in models]
+
+    @jax.jit
+    def steps(arrays):
+        return [
+            _adam_step(lambda p, s=s: loss(eqx.combine(p, s), ids), p)
+            for p, (_, s) in zip(arrays, parts, strict=True)
+        ]
+
+    _assert_steps_agree(steps([p for p, _ in parts]))
