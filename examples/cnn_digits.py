@@ -96,9 +96,10 @@ def main(argv=None) -> dict:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
     a1.plot(np.arange(1, len(losses) + 1), losses, lw=0.8)
     a1.set(xlabel="step", ylabel="training loss (cross-entropy)", yscale="log")
-    a2.plot(*zip(*evals, strict=True), marker="o")
-    a2.axhline(TARGET, color="0.6", ls="--", lw=0.8)
+    a2.plot(*zip(*evals, strict=True), marker="o", label="test accuracy")
+    a2.axhline(TARGET, color="0.6", ls="--", lw=0.8, label=f"target {TARGET:.0%}")
     a2.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1))
+    a2.legend(loc="lower right")
     fig.suptitle(f"CNN on digits, jaxlinear.conv + linear, Adam: test accuracy {acc:.1%}")
     _common.save(fig, args.out, "cnn_digits.png")
     return {"test_accuracy": acc, "seconds": progress.seconds}
