@@ -62,11 +62,9 @@ def transpose_x(
     # dot_general(g, w) gives x's axes as (batch, x kept, x contracted in the order w's
     # contracted axes sort to); dot_general(w, g) as (batch, x contracted, x kept). Take the
     # order that keeps x's non-batch axes in x's order where one does, as jnp.einsum picks
-    # its operand order: then the result needs no transpose, or one that only moves batch
-    # axes. (XLA:CPU folds a transpose that swaps the product's two groups of axes into the
-    # product, by swapping its operands, into a form it has no kernel for with 16-bit
-    # operands and float32 accumulation: "Unsupported element type for DotThunk::Execute:
-    # BF16 x BF16 = F32", issue #29.)
+    # its operand order: then the result needs no transpose (no transposed copy), or one
+    # that only moves batch axes. E.g. a dense layer's w̄ is dot_general(x, g) directly.
+    # (The 16-bit forms XLA:CPU lacks, issue #29, are the builder's concern: contract().)
     x_contract_sorted_by_w = [int(x_contract[i]) for i in np.argsort(w_contract)]
     in_order = lambda axes: axes == sorted(axes)  # noqa: E731
     if in_order([*x_contract_sorted_by_w, *x_kept]) and not in_order(
