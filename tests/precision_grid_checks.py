@@ -30,7 +30,13 @@ most ``γ_K·A`` (``A`` the same quantity computed on ``|x|``, ``|w|``, ``|g|``;
 output dtype costs ``u_out`` times the magnitude. So ``|ours − ref| ≤ r·u_out·A + γ_K·A``
 with ``r`` roundings: 1 (the policy rounds once), ``2 + V`` for ``grad∘vmap`` in the
 ``custom_vjp`` binding (JAX's ``vmap`` of a ``custom_vjp`` sums the ``V`` per-example
-cotangents in their own dtype).
+cotangents in their own dtype), and ``2 + V`` roundings to the *compute* dtype for the user
+op, which has no batch rule, under ``grad∘vmap`` in the dual binding (JAX's AD then
+differentiates its formulas).
+
+Last, the adapters (``JAXLINEAR_GRID_VARIANTS=adapters``): a bfloat16 NNX model and a
+bfloat16 Equinox model with float32 parameters, converted by ``explicit``, each take one
+jitted optax step against the plain model.
 """
 
 from __future__ import annotations
