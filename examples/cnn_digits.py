@@ -116,9 +116,10 @@ def main(argv=None) -> dict:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
     a1.plot(np.arange(1, len(losses) + 1), losses, lw=0.8)
     a1.set(xlabel="step", ylabel="training loss (cross-entropy)", yscale="log")
-    a2.plot(*zip(*evals, strict=True), marker="o")
-    a2.axhline(TARGET, color="0.6", ls="--", lw=0.8)
+    a2.plot(*zip(*evals, strict=True), marker="o", label="test accuracy")
+    a2.axhline(TARGET, color="0.6", ls="--", lw=0.8, label=f"target {TARGET:.0%}")
     a2.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1))
+    a2.legend(loc="lower right")
     tag = f", quant={quant['quant']}" + (" (ends float32)" * args.keep_ends) if args.quant else ""
     fig.suptitle(f"CNN on digits, jaxlinear.conv + linear, Adam{tag}: test accuracy {acc:.1%}")
     name = f"cnn_digits_{args.quant}{'_keep_ends' * args.keep_ends}" if args.quant else "cnn_digits"

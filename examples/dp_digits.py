@@ -122,7 +122,7 @@ def train(args, data, *, private: bool):
         if progress.due(i):
             acc = float(accuracy(params, x_te, y_te))
             evals.append((i, acc))
-            extra = {"clipped": float(frac)} if private else {}
+            extra = {"fraction_clipped": float(frac)} if private else {}  # of the batch
             progress(i, losses[-1], test_acc=acc, **extra)
     return np.array(losses), evals, progress.seconds
 

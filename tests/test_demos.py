@@ -220,3 +220,20 @@ def test_main_unknown_name_exits_2(capsys):
         _runner.main(["nope"])
     assert info.value.code == 2
     assert "unknown demo 'nope'" in capsys.readouterr().err
+
+
+def test_summary_row_compares_each_residual_with_its_own_bound():
+    """Issue #30: a float64 check (residual 1e-15, bound 1e-12) and a bfloat16 one (9e-3 within
+    2e-2) are not one "max residual"; the "all" row gives the worst residual/bound."""
+    from demos._common import Check
+
+    f64 = _runner.Result(1, "f64", [Check("a", True, 1e-15, 1e-12)], 0.1)
+    bf16 = _runner.Result(2, "bf16", [Check("b", True, 9e-3, 2e-2), Check("c", True, 0.0, 0)], 0.1)
+    lines = _runner.summary([f64, bf16]).splitlines()
+    assert (
+        lines[0].split()[-3:] == ["residual/bound", "time"][-2:]
+        or "worst residual/bound" in lines[0]
+    )
+    all_row = lines[-1].split()
+    assert all_row[:2] == ["all", "3/3"] and all_row[2] == "0.45"  # max(1e-3, 0.45, 0)
+    assert "9.0e-03" not in lines[-1]

@@ -79,3 +79,19 @@ def test_dp_reports_epsilon(smoke):
     assert any(
         re.match(r"privacy: \(ε, δ\) = \(\d+\.\d+, 1e-05\), PLD accountant", line) for line in lines
     )
+
+
+def test_printed_figures_say_what_they_are(smoke):
+    """Each DP progress line labels its clipping figure as the fraction of the batch."""
+    steps = [line for line in smoke[2]["dp_digits"] if line.startswith("step ")]
+    private = steps[: len(steps) // 2]  # DP-SGD runs first, then the non-private run
+    assert private and all(re.search(r"fraction clipped [\d.]+", line) for line in private)
+    assert not any("fraction clipped" in line for line in steps[len(steps) // 2 :])
+
+
+def test_cnn_figure_labels_its_target_line():
+    """The dashed line of the digits CNN figure is in its legend, as the target (a source
+    check: the smoke run's figure is a PNG)."""
+    source = (ROOT / "examples" / "cnn_digits.py").read_text()
+    assert re.search(r"axhline\(TARGET, [^)]*label=f\"target", source)
+    assert "a2.legend(" in source

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxlinear
 from jaxlinear._src.ops import embed as embed_module
 from jaxlinear._src.ops.conv import CONV
 from jaxlinear._src.ops.conv_transpose import CONV_TRANSPOSE
@@ -439,3 +440,37 @@ def test_jaxlinear_imports_without_flax():
         [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["dropout", "batchnorm"])
+def test_per_example_loss_with_dropout_or_batch_stats_as_documented(kind):
+    """``per_example_loss``'s docstring: training mode raises Flax's TraceContextError;
+    evaluation mode runs (each example's loss depends on that example alone)."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 4, rngs=rngs, param_dtype=jnp.float32)
+            self.mid = (
+                nnx.Dropout(0.5, rngs=rngs)
+                if kind == "dropout"
+                else nnx.BatchNorm(4, rngs=rngs, param_dtype=jnp.float32)
+            )
+
+        def __call__(self, x):
+            return self.mid(self.lin(x))
+
+    model = jlnnx.explicit(Net(nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32)
+    loss_fn, params = jlnnx.per_example_loss(model, lambda y: jnp.sum(y**2, axis=1))
+    from flax.errors import TraceContextError
+
+    with pytest.raises(TraceContextError, match="Cannot mutate"):
+        jaxlinear.per_example_routes(loss_fn, params, x)
+    model.eval()
+    loss_fn, params = jlnnx.per_example_loss(model, lambda y: jnp.sum(y**2, axis=1))
+    norms = jaxlinear.per_example_grad_norms(loss_fn, params, x)
+    one = lambda xi: jax.grad(lambda p: loss_fn(p, xi[None])[0])(params)  # noqa: E731
+    want = jnp.sqrt(
+        sum(jnp.sum(a**2, axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(jax.vmap(one)(x)))
+    )
+    np.testing.assert_allclose(norms, want, rtol=1e-5)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import export
 
 
 class AdjointTestResult(NamedTuple):
@@ -33,6 +34,12 @@ class AdjointTestResult(NamedTuple):
     lhs: Any
     rhs: Any
     residual: Any
+
+
+# jax.export serializes the pytrees a function takes and returns: by this name.
+export.register_namedtuple_serialization(
+    AdjointTestResult, serialized_name="jaxlinear.AdjointTestResult"
+)
 
 
 def _check_like(fn: str, name: str, value, like_name: str, like) -> None:

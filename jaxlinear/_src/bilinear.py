@@ -86,6 +86,34 @@ def policy(x_dtype, w_dtype, compute_dtype=None, out_dtype=None):
     return cd, jnp.promote_types(acc, out), out
 
 
+def contract(fn, a, b, cd, acc, *aval, **params):
+    """``fn(a, b, *aval, preferred_element_type=acc, **params)`` with ``a``, ``b`` rounded to the
+    compute dtype ``cd``: one of the op's three functions under the policy.
+
+    On CPU, 16-bit operands accumulated in a wider dtype are widened to it after the
+    rounding. That is exact (a product of two 16-bit floats is exact in float32), so the
+    result is the same; XLA:CPU's own passes rewrite some 16-bit products with float32
+    results (an operand or the result transposed) into forms it has no kernel for
+    (``Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32``, issue #29).
+    Other platforms keep the 16-bit operands (``lax.platform_dependent``, decided when
+    lowering).
+    """
+    a, b = a.astype(cd), b.astype(cd)
+
+    def call(a, b):
+        return fn(a, b, *aval, preferred_element_type=acc, **params)
+
+    if jnp.dtype(acc) == jnp.dtype(cd) or not jnp.issubdtype(cd, jnp.floating):
+        return call(a, b)
+    info = jnp.finfo(cd)
+
+    def widen(a):  # reduce_precision: XLA may drop a float32 -> 16-bit -> float32 round trip
+        return lax.reduce_precision(a.astype(acc), info.nexp, info.nmant)
+
+    wide = lambda a, b: call(widen(a), widen(b))  # noqa: E731
+    return lax.platform_dependent(a, b, cpu=wide, default=call)
+
+
 def _add_bias(y, b):
     """``y + b`` with ``b: (d,)`` on ``y``'s last axis, in ``y``'s dtype."""
     return y + lax.expand_dims(b.astype(y.dtype), tuple(range(y.ndim - 1)))
@@ -104,7 +132,7 @@ def apply_forward(
     if quant is not None:  # --- quantization hook (quant.py) ---
         y = _quant.apply(quant, "forward", forward, scale_axes, x, w, **params).astype(acc)
     else:
-        y = forward(x.astype(cd), w.astype(cd), preferred_element_type=acc, **params).astype(acc)
+        y = contract(forward, x, w, cd, acc, **params).astype(acc)
     if b is not None:
         y = _add_bias(y, b)
     return y.astype(out)
@@ -158,7 +186,7 @@ def apply_pushforward(
     def product(a, b):
         if quant is not None:  # --- quantization hook (quant.py) ---
             return _quant.apply(quant, "forward", forward, scale_axes, a, b, **params)
-        return forward(a.astype(cd), b.astype(cd), preferred_element_type=acc, **params)
+        return contract(forward, a, b, cd, acc, **params)
 
     terms = []
     if dx is not None:
@@ -196,7 +224,6 @@ def apply_pullback(
     and ``w̄`` are the recipe's ``grad_x`` and ``grad_w`` products (``b̄`` stays exact).
     """
     cd, acc, _ = policy(x.dtype, w.dtype, compute_dtype, out_dtype)
-    gc = g.astype(cd)
     dx = dw = db = None
     if quant is not None:  # --- quantization hook (quant.py) ---
         if "x" in wrt:
@@ -207,11 +234,9 @@ def apply_pullback(
             dw = dw.astype(w.dtype)
         wrt = tuple(n for n in wrt if n == "b")
     if "x" in wrt:
-        dx = transpose_x(gc, w.astype(cd), x, preferred_element_type=acc, **params)
-        dx = dx.astype(x.dtype)
+        dx = contract(transpose_x, g, w, cd, acc, x, **params).astype(x.dtype)
     if "w" in wrt:
-        dw = transpose_w(gc, x.astype(cd), w, preferred_element_type=acc, **params)
-        dw = dw.astype(w.dtype)
+        dw = contract(transpose_w, g, x, cd, acc, w, **params).astype(w.dtype)
     if "b" in wrt:
         db = bias_cotangent(g, w.dtype)
     return dx, dw, db

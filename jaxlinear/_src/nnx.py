@@ -527,6 +527,17 @@ def per_example_loss(model, loss, *, params=None):
     model on ``params``. The gradients come back as an ``nnx.State`` shaped like ``params``:
     apply them with ``nnx.update`` or an ``nnx.Optimizer``.
 
+    Dropout and batch statistics: ``loss_fn`` runs the model in the mode it is in. In
+    training mode (``model.train()``) an ``nnx.Dropout`` draws from its RNG counter and an
+    ``nnx.BatchNorm`` updates its running statistics, both state mutated inside the traced
+    loss: ``per_example_routes``, ``per_example_grad_norms`` and ``clipped_grad`` then
+    raise Flax's ``TraceContextError`` ("Cannot mutate RngCount / BatchStat from a
+    different trace level"). In evaluation mode (``model.eval()``) dropout is the identity
+    and batch normalization uses its running averages, so each example's loss depends on
+    that example alone, as the per-example functions require (statistics of the batch
+    would mix the examples). Training with dropout under DP is not supported yet; the
+    supported way will be linked here.
+
     Args:
       model: an NNX module, e.g. after ``explicit(model)``.
       loss: ``loss(outputs, *targets) -> (n,)`` per-example losses.

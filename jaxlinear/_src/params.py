@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import export
 
 
 class Params(NamedTuple):
@@ -24,6 +25,10 @@ class Params(NamedTuple):
 
     W: Any
     b: Any = None
+
+
+# jax.export serializes the pytrees a function takes and returns: by this name.
+export.register_namedtuple_serialization(Params, serialized_name="jaxlinear.Params")
 
 
 class Layout(NamedTuple):

@@ -60,14 +60,32 @@ def transpose_x(
         g_batch, g_w, _ = _ranges_like(x_batch, w_kept, x_kept)
     else:
         g_batch, _, g_w = _ranges_like(x_batch, x_kept, w_kept)
-    dims = ((g_w, tuple(w_kept)), (g_batch, tuple(w_batch)))
-    # (batch, x kept, x contracted in the order w's contracted axes sort to) -> x's axes
+    # dot_general(g, w) gives x's axes as (batch, x kept, x contracted in the order w's
+    # contracted axes sort to); dot_general(w, g) as (batch, x contracted, x kept). Take the
+    # order that keeps x's non-batch axes in x's order where one does, as jnp.einsum picks
+    # its operand order: then the result needs no transpose (no transposed copy), or one
+    # that only moves batch axes. E.g. a dense layer's w̄ is dot_general(x, g) directly.
+    # (The 16-bit forms XLA:CPU lacks, issue #29, are the builder's concern: contract().)
     x_contract_sorted_by_w = [int(x_contract[i]) for i in np.argsort(w_contract)]
-    out_axes = np.argsort([*x_batch, *x_kept, *x_contract_sorted_by_w])
-    dx = lax.dot_general(
-        g, w, dims, precision=precision, preferred_element_type=preferred_element_type
-    )
-    return lax.transpose(dx, tuple(int(a) for a in out_axes))
+    in_order = lambda axes: axes == sorted(axes)  # noqa: E731
+    if in_order([*x_contract_sorted_by_w, *x_kept]) and not in_order(
+        [*x_kept, *x_contract_sorted_by_w]
+    ):
+        order = [*x_batch, *x_contract_sorted_by_w, *x_kept]
+        pair = precision[::-1] if isinstance(precision, tuple) else precision  # (lhs, rhs)
+        dims = ((tuple(w_kept), g_w), (tuple(w_batch), g_batch))
+        dx = lax.dot_general(
+            w, g, dims, precision=pair, preferred_element_type=preferred_element_type
+        )
+    else:
+        order = [*x_batch, *x_kept, *x_contract_sorted_by_w]
+        dims = ((g_w, tuple(w_kept)), (g_batch, tuple(w_batch)))
+        dx = lax.dot_general(
+            g, w, dims, precision=precision, preferred_element_type=preferred_element_type
+        )
+    if order == sorted(order):
+        return dx
+    return lax.transpose(dx, tuple(int(a) for a in np.argsort(order)))
 
 
 def transpose_w(g, x, w_aval, *, dimension_numbers, precision, preferred_element_type):

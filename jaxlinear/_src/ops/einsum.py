@@ -241,11 +241,34 @@ def _parse(fn, subscripts, x, w):
     return xs, ws, out
 
 
+def _chain_hint(fn, subscripts, n):
+    """What to write instead of an ``n``-operand einsum: two-operand calls, left to right
+    (each keeps the letters a later term or the output still needs), or ``jnp.einsum``."""
+    hint = (
+        "Chain two-operand calls (each then runs its own explicit transposes), or use"
+        " jnp.einsum for a product of activations only (no parameter to differentiate)"
+    )
+    if not isinstance(subscripts, str) or "->" not in subscripts or "." in subscripts:
+        return hint + "."
+    terms, out = subscripts.replace(" ", "").split("->")
+    terms = terms.split(",")
+    if len(terms) != n or n < 3:
+        return hint + "."
+    calls, acc, arg = [], terms[0], "operands[0]"
+    for i, term in enumerate(terms[1:], 1):
+        later = set("".join(terms[i + 1 :]) + out)
+        kept = out if i == n - 1 else "".join(dict.fromkeys(c for c in acc + term if c in later))
+        calls.append(f'y{i} = jaxlinear.{fn}("{acc},{term}->{kept}", {arg}, operands[{i}])')
+        acc, arg = kept, f"y{i}"
+    return f"{hint}: here {'; '.join(calls)}."
+
+
 def _prepare(fn, subscripts, operands, precision, preferred_element_type, out_sharding):
     _checks.no_out_sharding(fn, out_sharding)
     if len(operands) != 2:
         raise ValueError(
-            f"{fn}: expected exactly two operands (input, kernel), got {len(operands)}"
+            f"{fn}: expected exactly two operands (input, kernel), got {len(operands)}."
+            f" {_chain_hint(fn, subscripts, len(operands))}"
         )
     x, w = _checks.operand(fn, "x", operands[0]), _checks.operand(fn, "w", operands[1])
     x, w = _checks.promoted(fn, {"x": x, "w": w})  # as jnp.result_type promotes
