@@ -214,6 +214,17 @@ def _moved(a, axis, size):
     return jnp.moveaxis(a, axis, 0)
 
 
+# The dual binding's primitive of every op, so the per-example driver can read an op's
+# equation in a traced program (inside jit, remat, vmap, ...) as that op's call.
+OPS_BY_PRIMITIVE: dict = {}
+
+
+def per_example_rule(op: BilinearOp, params: dict):
+    """The per-example rule (``taps``' protocol) of one call of ``op`` bound with ``params``
+    (the dual primitive's parameters, or ``compute_dtype``/``out_dtype`` and the op's own)."""
+    return _Rule(op, tuple(sorted(params.items())))
+
+
 class _Rule:
     """One call's per-example rule (the protocol in ``taps``): the op and its static kw."""
 
@@ -325,6 +336,7 @@ class BilinearOp:
         self._pushforward_fn = pushforward or self._composed_pushforward
         self.primitive = Primitive(f"jaxlinear_{name}")
         self.pushforward_primitive = Primitive(f"jaxlinear_{name}_pushforward")
+        OPS_BY_PRIMITIVE[self.primitive] = self
         self._register()
         self._custom_vjp = self._make_custom_vjp()
 
