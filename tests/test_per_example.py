@@ -221,6 +221,10 @@ def _in_scan(p, x, lin):  # a layer inside lax.scan
     return jax.lax.scan(lambda h, _: (jnp.tanh(lin(p["square"], h)), None), x, None, 2)[0]
 
 
+def _in_cond(p, x, lin):  # a layer inside lax.cond (whose branches are not entered)
+    return jax.lax.cond(p["scale"] > 0, lambda x: lin(p["square"], x), jnp.tanh, x)
+
+
 def _in_vmap(p, x, lin):  # a layer inside vmap over the examples
     return jax.vmap(lambda v: lin(p["square"], v))(x)
 
@@ -236,10 +240,11 @@ OTHER = {
     "both": (_both, "params['square'].W", "broadcast"),
     "derived": (_derived, "params['square'].W", "broadcast"),
     "vmap": (_in_vmap, "params['square'].W", "gram"),
-    "scan": (_in_scan, "params['square'].W", "`scan`"),
+    "scan": (_in_scan, "params['square'].W", "broadcast"),  # shared by the steps
+    "cond": (_in_cond, "params['square'].W", "`cond`"),
     "flattened": (_flattened, "params['square'].W", r"`reshape` \(4, 2, 3\) -> \(8, 3\) merges"),
 }
-FALLS_BACK = ("scan", "flattened")
+FALLS_BACK = ("cond", "flattened")
 
 
 def _other_params():

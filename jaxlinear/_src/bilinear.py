@@ -219,6 +219,33 @@ def _moved(a, axis, size):
 OPS_BY_PRIMITIVE: dict = {}
 
 
+def op_call(eqn):
+    """``(op, kw, apply)`` when ``eqn`` (of a traced program) is a call of the family's op
+    ``op`` bound with ``kw``: its dual primitive, or its ``custom_vjp`` binding (read off the
+    backward rule JAX keeps, ``_vjp_bwd`` bound to the op with the call's ``_Static``);
+    ``apply(x, w, b)`` binds it again. ``None`` otherwise."""
+    op = OPS_BY_PRIMITIVE.get(getattr(eqn, "primitive", None))
+    if op is not None:
+        kw = dict(eqn.params)
+        return op, kw, lambda x, w, b: op.dual(x, w, b, **kw)
+    bwd = eqn.params.get("bwd") if eqn is not None else None
+    op = getattr(getattr(bwd, "f", None), "__self__", None)
+    if not isinstance(op, BilinearOp) or getattr(bwd.f, "__func__", None) is not (
+        BilinearOp._vjp_bwd
+    ):
+        return None
+    for _, args in getattr(bwd, "transforms", ()):
+        for a in args if isinstance(args, tuple) else ():
+            for v in a if isinstance(a, tuple) else (a,):
+                static = getattr(v, "val", v)
+                if isinstance(static, _Static):
+                    apply = functools.partial(
+                        op.custom_vjp, residuals=static.residuals, **dict(static.kw)
+                    )
+                    return op, dict(static.kw), apply
+    return None
+
+
 def per_example_rule(op: BilinearOp, params: dict):
     """The per-example rule (``taps``' protocol) of one call of ``op`` bound with ``params``
     (the dual primitive's parameters, or ``compute_dtype``/``out_dtype`` and the op's own)."""

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -61,7 +62,9 @@ import numpy as np
 from jax import lax
 
 from jaxlinear._src import bilinear, program, taps, vma
+from jaxlinear._src.ops.conv import CONV, ConvSpec
 from jaxlinear._src.ops.dot_general import DOT_GENERAL
+from jaxlinear._src.ops.embed import _RULE as EMBED_RULE
 
 _FALLBACKS = ("vmap", "raise")
 
@@ -164,8 +167,8 @@ class _Tap:
     x: int  # the data operand's slot
     w: int  # the weight operand's slot
     b: int | None  # the op's own bias operand, if any
-    x_perm: tuple | None = None  # transposes x, y into the rule's layout (raw dot_general)
-    y_perm: tuple | None = None
+    x_fn: object = None  # x into the rule's layout (examples on axis 0), or None: as is
+    y_perm: tuple | None = None  # transposes y into the rule's layout (raw dot_general)
 
 
 @dataclasses.dataclass
@@ -175,7 +178,7 @@ class _Entry:
     leaf: int
     tap: _Tap
     role: str  # "w" | "b"
-    chain: list  # node indices from the leaf to the operand (casts, reshapes, transposes)
+    path: list  # node indices from the leaf to the operand (casts, reshapes, transposes)
 
 
 def _aval(aval):
@@ -226,8 +229,67 @@ def _dot_tap(prog, k, node, axes):
     call = _Call(rule, None, x_shape, _aval(w_aval), jax.ShapeDtypeStruct(y_shape, y.dtype),
                  y_axis, None)  # fmt: skip
     identity = tuple(range(x_rank))
-    return _Tap(k, call, ins[d], ins[1 - d], None, None if x_perm == identity else x_perm,
+    return _Tap(k, call, ins[d], ins[1 - d], None,
+                None if x_perm == identity else functools.partial(jnp.transpose, axes=x_perm),
                 None if y_perm == tuple(range(len(y_shape))) else y_perm)  # fmt: skip
+
+
+def _conv_tap(prog, k, node, axes):
+    """A raw ``conv_general_dilated`` with the examples on its input's batch axis 0, as a
+    call of the family's ``conv`` op, or ``None``."""
+    x, w = node.ins
+    p = node.eqn.params
+    dn = p["dimension_numbers"]
+    if isinstance(x, program.Lit) or isinstance(w, program.Lit):
+        return None
+    if axes[x] != 0 or dn.lhs_spec[0] != 0 or axes[w] is not None:
+        return None
+    spec = ConvSpec(
+        tuple(int(s) for s in p["window_strides"]),
+        tuple((int(lo), int(hi)) for lo, hi in p["padding"]),
+        tuple(int(d) for d in p["lhs_dilation"]),
+        tuple(int(d) for d in p["rhs_dilation"]),
+        lax.ConvDimensionNumbers(*(tuple(int(d) for d in s) for s in dn)),
+        int(p["feature_group_count"]),
+        int(p["batch_group_count"]),
+    )
+    x_aval, w_aval, y = prog.avals[x], prog.avals[w], prog.avals[node.outs[0]]
+    cd = jnp.result_type(x_aval.dtype, w_aval.dtype)
+    params = dict(spec=spec, precision=p.get("precision"), compute_dtype=None,
+                  out_dtype=None if y.dtype == cd else jnp.dtype(y.dtype))  # fmt: skip
+    rule = bilinear.per_example_rule(CONV, params)
+    y_axis = rule.example_axis(jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype), w_aval)
+    if y_axis is None or y_axis != axes[node.outs[0]]:
+        return None
+    call = _Call(rule, None, tuple(x_aval.shape), _aval(w_aval), y, y_axis, None)
+    return _Tap(k, call, x, w, None)
+
+
+def _gather_tap(prog, k, node, axes):
+    """A raw ``gather`` of rows of a ``(V, d)`` table by ids ``(n, ..., 1)`` (``jnp.take``,
+    Flax's ``Embed``), as a call of the family's ``embed``, or ``None``."""
+    table, idx = node.ins
+    if isinstance(table, program.Lit) or isinstance(idx, program.Lit):
+        return None
+    p = node.eqn.params
+    dn, t_aval, i_aval = p["dimension_numbers"], prog.avals[table], prog.avals[idx]
+    y = prog.avals[node.outs[0]]
+    if (axes[table] is not None or axes[idx] != 0 or len(t_aval.shape) != 2
+            or len(i_aval.shape) < 2 or i_aval.shape[-1] != 1
+            or tuple(dn.offset_dims) != (len(i_aval.shape) - 1,)
+            or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+            or tuple(getattr(dn, "operand_batching_dims", ())) != ()
+            or tuple(p["slice_sizes"]) != (1, t_aval.shape[1])
+            or not any(m in str(p["mode"]) for m in ("FILL_OR_DROP", "PROMISE"))):  # fmt: skip
+        return None
+    V = t_aval.shape[0]
+
+    def ids(i):  # (n, ..., 1) -> (n, ...); a negative id is out of range here: dropped
+        i = i[..., 0]
+        return jnp.where(i < 0, V, i)
+
+    call = _Call(EMBED_RULE, None, tuple(i_aval.shape[:-1]), _aval(t_aval), y, 0, None)
+    return _Tap(k, call, idx, table, None, x_fn=ids)
 
 
 def _op_tap(prog, k, node, axes, n, recorded):
@@ -237,13 +299,13 @@ def _op_tap(prog, k, node, axes, n, recorded):
         if call.reason is not None or axes.get(x) != 0:
             return None
         return _Tap(k, call, x, w, b)
-    op = bilinear.OPS_BY_PRIMITIVE.get(node.eqn.primitive)
-    if op is None or any(isinstance(s, program.Lit) for s in node.ins):
+    found = _op_of(node)
+    if found is None or any(isinstance(s, program.Lit) for s in node.ins):
         return None
     x, w, *b = node.ins
     if axes[x] != 0 or axes[w] is not None or (b and axes[b[0]] is not None):
         return None
-    rule = bilinear.per_example_rule(op, dict(node.eqn.params))
+    rule = bilinear.per_example_rule(*found[:2])
     x_aval, w_aval, y = prog.avals[x], prog.avals[w], prog.avals[node.outs[0]]
     y_axis = rule.example_axis(jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype), w_aval)
     if y_axis is None or y_axis != axes[node.outs[0]]:
@@ -252,14 +314,20 @@ def _op_tap(prog, k, node, axes, n, recorded):
     return _Tap(k, call, x, w, b[0] if b else None)
 
 
+def _op_of(node):
+    """``(op, kw, apply)`` where ``node`` is a call of the family's op, or ``None``."""
+    return None if node.eqn is None else bilinear.op_call(node.eqn)
+
+
 def _op_axis(node, ins):
     """The examples' axis of a dual primitive's output (the op's rule reads it off shapes)."""
-    op = bilinear.OPS_BY_PRIMITIVE.get(node.eqn.primitive)
-    if op is None:
+    found = _op_of(node)
+    if found is None:
         return None
+    op = found[0]
     x, w = (v.aval for v in node.eqn.invars[:2])
     if ins[0] == 0 and all(a is None for a in ins[1:]):
-        rule = bilinear.per_example_rule(op, dict(node.eqn.params))
+        rule = bilinear.per_example_rule(*found[:2])
         y_axis = rule.example_axis(jax.ShapeDtypeStruct(x.shape, x.dtype), w)
         if y_axis is not None:
             return y_axis
@@ -285,6 +353,10 @@ def _plan(prog, axes, n, L, recorded):
         tap = _op_tap(prog, k, node, axes, n, recorded)
         if tap is None and node.name == "dot_general":
             tap = _dot_tap(prog, k, node, axes)
+        if tap is None and node.name == "gather":
+            tap = _gather_tap(prog, k, node, axes)
+        if tap is None and node.name == "conv_general_dilated":
+            tap = _conv_tap(prog, k, node, axes)
         if tap is not None:
             taps_at[k] = tap
     outs = {s for s in prog.outvars if not isinstance(s, program.Lit)}
@@ -302,17 +374,17 @@ def _plan(prog, axes, n, L, recorded):
                         meets.append(k)
                 elif k not in chain_nodes:
                     chain_nodes.append(k)
-                    for o in node.outs:
-                        if o not in chain_slots:
+                    for o in node.outs:  # (an integer or boolean value carries no gradient)
+                        if o not in chain_slots and _inexact(prog.avals[o]):
                             chain_slots.add(o)
                             frontier.append(o)
         if not meets:
             if chain_slots & outs:
                 reasons[j] = "returned by loss_fn without meeting the examples"
             continue  # unused
-        entry = _simple_entry(prog, j, start, chain_nodes, meets, taps_at)
-        if entry is not None:
-            entries.append(entry)
+        found = _simple_entries(prog, j, start, chain_nodes, meets, taps_at)
+        if found is not None:
+            entries += found
             continue
         why = _why_not_broadcast(prog, axes, chain_nodes, meets)
         if why is None:
@@ -322,18 +394,42 @@ def _plan(prog, axes, n, L, recorded):
     return entries, broadcast, reasons
 
 
-def _simple_entry(prog, j, start, chain_nodes, meets, taps_at):
+def _inexact(aval):
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _simple_entries(prog, j, start, chain_nodes, meets, taps_at):
     """The leaf as the weight (or op bias) of one tapped contraction, reached through
-    norm-keeping single-use steps; else ``None``."""
-    if len(meets) != 1 or meets[0] not in taps_at:
+    norm-keeping single-use steps, or (stacked on a scan's axis) one slice per step, each
+    such; else ``None``."""
+    users = prog.users.get(start, ())
+    steps = [prog.nodes[k] for k in users]
+    if len(users) > 1 and all(node.name == "scan_index" for node in steps):
+        if len({node.params["t"] for node in steps}) != len(steps):
+            return None
+        branches = [(node.outs[0], [k]) for k, node in zip(users, steps, strict=True)]
+    else:
+        branches = [(start, [])]
+    entries = []
+    for s, path in branches:
+        entry = _simple_entry(prog, j, s, path, taps_at)
+        if entry is None:
+            return None
+        entries.append(entry)
+    if sum(len(e.path) for e in entries) != len(chain_nodes) or len(entries) != len(meets):
         return None
-    tap, s, path = taps_at[meets[0]], start, []
+    return entries
+
+
+def _simple_entry(prog, j, s, path, taps_at):
+    """One branch of ``_simple_entries``, from slot ``s`` reached by ``path``."""
+    path = list(path)
     while True:
         users = prog.users.get(s, ())
         if len(users) != 1 or s in prog.outvars:
             return None
         k = users[0]
-        if k == tap.node:
+        if k in taps_at:
             break
         node = prog.nodes[k]
         if node.name not in _PASS or len(node.ins) != 1 or len(node.outs) != 1:
@@ -343,9 +439,8 @@ def _simple_entry(prog, j, start, chain_nodes, meets, taps_at):
             return None
         path.append(k)
         s = node.outs[0]
-    if len(path) != len(chain_nodes):
-        return None
-    if s == tap.w:
+    tap = taps_at[k]
+    if s == tap.w and s != tap.x:
         return _Entry(j, tap, "w", path)
     if s == tap.b and tap.call.y_axis != len(tap.call.y.shape) - 1:
         return _Entry(j, tap, "b", path)
@@ -359,11 +454,11 @@ def _why_not_broadcast(prog, axes, chain_nodes, meets):
             return f"used inside `{prog.nodes[k].name}` within loss_fn"
     for k in meets:
         node = prog.nodes[k]
-        known = node.apply or bilinear.OPS_BY_PRIMITIVE.get(node.eqn.primitive)
+        known = node.apply or _op_of(node)
         if node.name not in _MEETS and known is None:
             return (
-                f"meets the examples' data at `{node.name}` within loss_fn, which this driver"
-                " does not evaluate per example"
+                f"used where it meets the examples' data at `{node.name}` within loss_fn,"
+                " which this driver does not evaluate per example"
             )
         for s in (*node.ins, *node.outs):
             a = None if isinstance(s, program.Lit) else axes[s]
@@ -377,6 +472,8 @@ def _why_not_broadcast(prog, axes, chain_nodes, meets):
 
 
 def _bind(node, vals, per_example=False):
+    if node.fn is not None:
+        return node.fn(*vals)
     if per_example and node.apply is not None:  # a kept op call: its jaxpr has fixed shapes
         x, w, *b = vals
         return [node.apply(x, w, b[0] if b else None)]
@@ -650,7 +747,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     _check_losses(fn, out, n)
     calls = recorders[0].calls
     keep = {id(c.vars[3]) for c in calls if c.vars[3] is not None}
-    prog = program.Program(closed, keep)
+    prog = program.Program(closed, keep, lambda eqn: bilinear.op_call(eqn) is not None)
     recorded = {}
     for c in calls:
         if c.vars[3] is not None and id(c.vars[3]) in prog.slot_of:
@@ -662,6 +759,10 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     recorded_nodes = {id(prog.nodes[k]): c for k, (c, _) in recorded.items()}
     for k, (c, _) in recorded.items():
         prog.nodes[k].apply = c.apply  # evaluated per example through the op itself
+    for node in prog.nodes:
+        found = _op_of(node) if node.apply is None else None
+        if found is not None:
+            node.apply = found[2]
 
     def op_axis(node, ins):  # the family's op calls: where their rules put the examples
         call = recorded_nodes.get(id(node))
@@ -704,8 +805,8 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     def tapped(t):
         i = tap_index[id(t)]
         x, g = xs[i], gs[i]
-        if t.x_perm is not None:
-            x = jnp.transpose(x, t.x_perm)
+        if t.x_fn is not None:
+            x = t.x_fn(x)
         if t.y_perm is not None:
             g = jnp.transpose(g, t.y_perm)
         return x, g
@@ -717,7 +818,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
         call = e.tap.call
         x, g = tapped(e.tap)
         if e.role == "w":
-            route, sq_w, w_bars[e.leaf] = _sq_norms(call, x, g, dtype)
+            route, sq_w, w_bars[id(e)] = _sq_norms(call, x, g, dtype)
             sq = sq + sq_w
         else:
             route, rows = "bias", _bias_rows(g.astype(dtype), call.y_axis, (len(call.y.shape) - 1,))
@@ -752,18 +853,19 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
         x, g = tapped(e.tap)
         # (Sums over the examples are reductions, not contractions: on a mesh with Explicit
         # axes a contraction over the sharded examples' axis would need an out_sharding.)
-        if e.role == "w" and w_bars.get(e.leaf) is not None:  # Σ_i c_i w̄_i
-            d = jnp.sum(_example_scaled(w_bars[e.leaf], factors, 0), axis=0)
+        if e.role == "w" and w_bars.get(id(e)) is not None:  # Σ_i c_i w̄_i
+            d = jnp.sum(_example_scaled(w_bars[id(e)], factors, 0), axis=0)
         elif e.role == "w":  # B_wᵀ(c ⊙ g; x): the op's own transpose, g's rows scaled
             d = _weight_grad(call, x, _example_scaled(g, factors, call.y_axis))
         else:  # Σ_i c_i b̄_i
             scaled = _example_scaled(g.astype(dtype), factors, call.y_axis)
             d = jnp.sum(_bias_rows(scaled, call.y_axis, (len(call.y.shape) - 1,)), axis=0)
-        if e.chain:  # back through the casts, reshapes and transposes to the leaf
+        if e.path:  # back through the casts, reshapes, transposes (and a step's slice)
             operand = prog.avals[e.tap.w if e.role == "w" else e.tap.b]
-            _, back = jax.vjp(_chain_fn(prog, e.chain), leaves[e.leaf])
+            _, back = jax.vjp(_chain_fn(prog, e.path), leaves[e.leaf])
             d = back(d.reshape(operand.shape).astype(operand.dtype))[0]
-        grads[e.leaf] = d.reshape(leaves[e.leaf].shape).astype(leaves[e.leaf].dtype)
+        d = d.reshape(leaves[e.leaf].shape).astype(leaves[e.leaf].dtype)
+        grads[e.leaf] = d if grads[e.leaf] is None else grads[e.leaf] + d
     for j, w_i in zip(bcast, w_copies, strict=True):
         d = jnp.sum(_example_scaled(w_i.astype(dtype), factors, 0), axis=0)
         grads[j] = d.astype(leaves[j].dtype)

@@ -20,10 +20,26 @@ r"""The traced program of a loss, flattened, with the examples' axis of every va
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core as jex_core
+
+# A scan of at most this many steps is written out step by step (its body inlined once per
+# step: weights stacked on the scanned axis become one slice per step).
+UNROLL = 128
+
+
+def _index(a, t):
+    return [lax.index_in_dim(a, t, keepdims=False)]
+
+
+def _stack(*parts):
+    return [jnp.stack(parts)]
+
 
 # Equations that are not inlined even though they hold a jaxpr.
 _OPAQUE = frozenset({"scan", "while", "cond", "shard_map", "xla_pmap", "pmap"})
@@ -66,10 +82,13 @@ class Node:
     ins: list  # slot numbers, or Lit
     outs: list  # slot numbers
     apply: object = None  # a kept op call: the op itself, apply(x, w, b) (set by the driver)
+    fn: object = None  # a step made here (unrolling a scan): fn(*ins) -> [outs]
+    label: str = ""  # its name: "scan_index" (params["t"]) or "scan_stack"
+    params: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return self.eqn.primitive.name
+        return self.label if self.fn is not None else self.eqn.primitive.name
 
 
 def callee(eqn):
@@ -101,9 +120,9 @@ class Program:
       producer: ``{slot: node index}``; ``users``: ``{slot: [node index, ...]}``.
     """
 
-    def __init__(self, closed, keep=frozenset()):
+    def __init__(self, closed, keep=frozenset(), keep_eqn=None):
         self.avals, self.consts, self.nodes, self.slot_of = [], {}, [], {}
-        self.keep = keep
+        self.keep, self.keep_eqn = keep, keep_eqn
         const_slots = [self._const(c, v.aval) for c, v in zip(closed.consts, closed.jaxpr.constvars,
                                                                strict=True)]  # fmt: skip
         self.invars = [self._new(v.aval) for v in closed.jaxpr.invars]
@@ -137,8 +156,11 @@ class Program:
         for eqn in jaxpr.eqns:
             refs = [read(v) for v in eqn.invars]
             kept = top_level and any(id(v) in self.keep for v in eqn.outvars)
+            kept = kept or (self.keep_eqn is not None and self.keep_eqn(eqn))
             sub = None if kept else callee(eqn)
-            if sub is not None:
+            if not kept and eqn.primitive.name == "scan" and eqn.params["length"] <= UNROLL:
+                outs = self._unroll(eqn, refs)
+            elif sub is not None:
                 inner, consts = sub
                 const_slots = [self._const(c, v.aval) for c, v in zip(consts, inner.constvars,
                                                                       strict=True)]  # fmt: skip
@@ -151,6 +173,36 @@ class Program:
                 if top_level:
                     self.slot_of[id(v)] = s
         return [read(v) for v in jaxpr.outvars]
+
+    def _unroll(self, eqn, refs):
+        """A ``scan`` written out step by step: its body inlined ``length`` times."""
+        p = eqn.params
+        body, length = p["jaxpr"], p["length"]
+        n_c, n_k = p["num_consts"], p["num_carry"]
+        consts, carry, xs = refs[:n_c], refs[n_c:n_c + n_k], refs[n_c + n_k:]
+        body_consts = [self._const(c, v.aval) for c, v in zip(body.consts, body.jaxpr.constvars,
+                                                              strict=True)]  # fmt: skip
+        ys = []
+        for t in (reversed(range(length)) if p["reverse"] else range(length)):
+            x_t = [self._index(x, t) for x in xs]
+            outs = self._inline(body.jaxpr, body_consts + consts + carry + x_t)
+            carry, y = outs[:n_k], outs[n_k:]
+            ys.append((t, y))
+        ys.sort(key=lambda ty: ty[0])
+        stacked = []
+        for i, v in enumerate(eqn.outvars[n_k:]):
+            parts = [y[i] for _, y in ys]
+            out = self._new(v.aval)
+            self.nodes.append(Node(None, parts, [out], fn=_stack, label="scan_stack"))
+            stacked.append(out)
+        return carry + stacked
+
+    def _index(self, ref, t):
+        aval = self.avals[ref]
+        out = self._new(aval.update(shape=aval.shape[1:]))
+        fn = functools.partial(_index, t=t)
+        self.nodes.append(Node(None, [ref], [out], fn=fn, label="scan_index", params={"t": t}))
+        return out
 
     def shape(self, ref):
         return tuple(np.shape(ref.val)) if isinstance(ref, Lit) else tuple(self.avals[ref].shape)
@@ -178,7 +230,7 @@ def example_axes(prog: Program, in_axes: dict, rule=None) -> dict:
             out = [mixed] * len(node.outs)
         else:
             out = None if rule is None else rule(node, ins)
-            sub = callee(node.eqn) if out is None else None
+            sub = callee(node.eqn) if out is None and node.fn is None else None
             if sub is not None:
                 inner = Program(jex_core.ClosedJaxpr(sub[0], sub[1]))
                 inner_axes = example_axes(inner, dict(zip(inner.invars, ins, strict=True)), rule)
@@ -194,7 +246,7 @@ def example_axes(prog: Program, in_axes: dict, rule=None) -> dict:
 
 def _rule(prog, node, ins):
     """The examples' axis of ``node``'s outputs from its operands' (some not ``None``)."""
-    name, p = node.name, node.eqn.params
+    name, p = node.name, (node.params if node.fn is not None else node.eqn.params)
     shapes = [prog.shape(s) for s in node.ins]
     out_shape = prog.shape(node.outs[0])
     carried = [(a, sh) for a, sh in zip(ins, shapes, strict=True) if a is not None]
@@ -246,6 +298,13 @@ def _rule(prog, node, ins):
         return Mixed("`conv_general_dilated` uses the examples' axis other than as its batch")
     if name == "gather":
         return _gather_axis(p["dimension_numbers"], shapes, ins, out_shape)
+    if name == "scan_index":
+        return Mixed("a `scan` over the examples' axis") if ins[0] == 0 else ins[0] - 1
+    if name == "scan_stack":
+        axs = set(ins)
+        if len(axs) != 1 or not isinstance(ins[0], int):
+            return Mixed("`scan` outputs with the examples on different axes")
+        return ins[0] + 1
     if name in ("scan", "while", "cond"):
         return Mixed(f"computed inside `{name}`, whose body this analysis does not enter")
     return Mixed(f"`{name}` has no examples' axis rule here")
