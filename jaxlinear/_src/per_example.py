@@ -545,7 +545,11 @@ def _evaluate(prog, axes, n, values, taps, zs, broadcast):
         elif all(isinstance(s, program.Lit) or axes[s] is None for s in node.ins):
             in_axes = [0 if b else None for b in is_b]
             outs = jax.vmap(lambda *v, node=node: _bind(node, v, True), in_axes=in_axes)(*vals)
-            batched.update(node.outs)
+            for i, s in enumerate(node.outs):  # integer values carry no gradient: one copy
+                if _inexact(prog.avals[s]):
+                    batched.add(s)
+                else:
+                    outs[i] = outs[i][0]
         else:
             outs = _meet(prog, axes, n, node, vals, is_b)
         i = tap_of.get(k)
