@@ -314,6 +314,12 @@ def _op_tap(prog, k, node, axes, n, recorded):
     return _Tap(k, call, x, w, b[0] if b else None)
 
 
+def _reordered(apply, ins, xwb):
+    """``apply(x, w, b)`` called with the equation's operands ``ins`` in their order."""
+    where = [None if s is None else ins.index(s) for s in xwb]
+    return lambda *vals: apply(*(None if i is None else vals[i] for i in where))
+
+
 def _op_of(node):
     """``(op, kw, apply)`` where ``node`` is a call of the family's op, or ``None``."""
     return None if node.eqn is None else bilinear.op_call(node.eqn)
@@ -475,8 +481,7 @@ def _bind(node, vals, per_example=False):
     if node.fn is not None:
         return node.fn(*vals)
     if per_example and node.apply is not None:  # a kept op call: its jaxpr has fixed shapes
-        x, w, *b = vals
-        return [node.apply(x, w, b[0] if b else None)]
+        return [node.apply(*vals)]
     params = node.eqn.primitive.get_bind_params(node.eqn.params)  # as jax's eval_jaxpr
     out = node.eqn.primitive.bind(*vals, **params)
     return list(out) if node.eqn.primitive.multiple_results else [out]
@@ -760,19 +765,22 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
             if k is not None and None not in slots[:2]:
                 recorded[k] = (c, slots[:3])
     arg_slots = prog.invars[L:]
-    recorded_nodes = {id(prog.nodes[k]): c for k, (c, _) in recorded.items()}
-    for k, (c, _) in recorded.items():
-        prog.nodes[k].apply = c.apply  # evaluated per example through the op itself
+    recorded_nodes = {id(prog.nodes[k]): (c, xwb) for k, (c, xwb) in recorded.items()}
+    for k, (c, xwb) in recorded.items():  # evaluated per example through the op itself
+        prog.nodes[k].apply = _reordered(c.apply, prog.nodes[k].ins, xwb)
     for node in prog.nodes:
         found = _op_of(node) if node.apply is None else None
-        if found is not None:
-            node.apply = found[2]
+        if found is not None:  # (its operands: x, w[, b])
+            xwb = (*node.ins[:2], node.ins[2] if len(node.ins) > 2 else None)
+            node.apply = _reordered(found[2], node.ins, xwb)
 
     def op_axis(node, ins):  # the family's op calls: where their rules put the examples
-        call = recorded_nodes.get(id(node))
+        call, xwb = recorded_nodes.get(id(node), (None, None))
         if call is None:
             return _op_axis(node, ins)
-        if call.reason is None and ins[0] == 0 and all(a is None for a in ins[1:]):
+        axis = dict(zip(node.ins, ins, strict=True))  # (the op's operands, in its order)
+        x_axis, others = axis.get(xwb[0]), [axis.get(s) for s in xwb[1:] if s is not None]
+        if call.reason is None and x_axis == 0 and all(a is None for a in others):
             return call.y_axis
         return program.Mixed(call.reason or f"the {call.rule.name} op's `w` carries the examples")
 
