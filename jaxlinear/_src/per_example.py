@@ -788,6 +788,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
 
     # Pass 2: the plan.
     entries, broadcast, reasons = _plan(prog, axes, n, L, recorded)
+    routed = {e.leaf for e in entries} | set(broadcast)
     other = sorted(reasons)
     if other and fallback == "raise":
         j = other[0]
@@ -796,6 +797,9 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
             " structural formula here; pass fallback='vmap' to compute it from per-example"
             " gradients of that leaf (jax.vmap of jax.grad)"
         )
+    if other:  # the textbook for the whole model: never slower than it (one pass, no more)
+        return _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip,
+                         clip_norm, dtype, report)  # fmt: skip
     taps_used = list({id(e.tap): e.tap for e in entries}.values())
     tap_index = {id(t): i for i, t in enumerate(taps_used)}
     zs = [_zeros_like_type(prog.avals[prog.nodes[t.node].outs[0]]) for t in taps_used]
@@ -804,15 +808,13 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     arg_values = jax.tree.leaves(args)
 
     # Pass 3: one forward and one backward pass that stops at the g's.
-    def losses_of(zs, qs, other_values):
+    def losses_of(zs, qs):
         values = list(leaves)
-        for j, v in zip(other, other_values, strict=True):
-            values[j] = v
         copies = {prog.invars[j]: values[j][None] + q for j, q in zip(bcast, qs, strict=True)}
         return _evaluate(prog, axes, n, values + arg_values, taps_used, zs, copies)
 
-    losses, pullback, xs = jax.vjp(losses_of, zs, qs, [leaves[j] for j in other], has_aux=True)
-    gs, w_copies, _ = pullback(jnp.ones_like(losses))
+    losses, pullback, xs = jax.vjp(losses_of, zs, qs, has_aux=True)
+    gs, w_copies = pullback(jnp.ones_like(losses))
 
     def tapped(t):
         i = tap_index[id(t)]
@@ -843,17 +845,13 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
             f"`{p}`" for p in broadcast[j])
         route = "bias" if broadcast[j] in (["add"], ["add_any"]) else "broadcast"
         routes[j] = Route(names[j], route, None, detail)
-    if other:
-        sq = sq + _fallback_sq(loss_fn, leaves, treedef, args, other, dtype)
     if report is not None:
         for j in range(L):
             if j in routes:
                 report.append(routes[j])
-            elif j in reasons:
-                report.append(Route(names[j], "fallback", None, reasons[j]))
             else:
                 report.append(Route(names[j], "unused", None, "not used by loss_fn"))
-    norms = jnp.sqrt(sq) if routes or other else jnp.zeros((n,), dtype)  # all unused: 0
+    norms = jnp.sqrt(sq) if routes else jnp.zeros((n,), dtype)  # all unused: 0
     if not clip:
         return norms
 
@@ -881,30 +879,40 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     for j, w_i in zip(bcast, w_copies, strict=True):
         d = jnp.sum(_example_scaled(w_i.astype(dtype), factors, 0), axis=0)
         grads[j] = d.astype(leaves[j].dtype)
-    if other:  # one more backward pass, for these leaves only
-        _, _, other_grads = pullback(factors.astype(losses.dtype))
-        for j, d in zip(other, other_grads, strict=True):
-            grads[j] = d
     grads = [jnp.zeros_like(a) if d is None else d for a, d in zip(leaves, grads, strict=True)]
     return treedef.unflatten(grads), norms
 
 
 
-def _fallback_sq(loss_fn, leaves, treedef, args, other, dtype):
-    """``(n,)`` squared norms of the per-example gradients w.r.t. the leaves ``other``."""
+def _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip, clip_norm, dtype,
+              report):  # fmt: skip
+    """Norms (and the clipped sum) from ``jax.vmap`` of ``jax.grad`` of the whole model: the
+    plan when some leaf has no structural route (a second pass for those leaves alone would
+    cost about as much as this, on top of the structural pass)."""
 
     def one(*example):  # every array of args without its leading axis
-        def loss(values):
-            full = list(leaves)
-            for j, v in zip(other, values, strict=True):
-                full[j] = v
-            batch_of_one = jax.tree.map(lambda a: a[None], example)
-            return loss_fn(treedef.unflatten(full), *batch_of_one)[0]
+        batch_of_one = jax.tree.map(lambda a: a[None], example)
+        return jax.grad(lambda v: loss_fn(treedef.unflatten(v), *batch_of_one)[0])(leaves)
 
-        grads = jax.grad(loss)([leaves[j] for j in other])
-        return sum(jnp.sum(jnp.square(d.astype(dtype))) for d in grads)
-
-    return jax.vmap(one)(*args)
+    per = jax.vmap(one)(*args)  # (n, *leaf.shape) each
+    sq = sum(jnp.sum(jnp.square(d.astype(dtype)), axis=tuple(range(1, d.ndim))) for d in per)
+    norms = jnp.sqrt(sq)
+    if report is not None:
+        why = f"whole-model vmap(grad): {len(reasons)} leaves have no structural route"
+        for j, name in enumerate(names):
+            if j in reasons:
+                report.append(Route(name, "fallback", None, reasons[j]))
+            elif j in routed:
+                report.append(Route(name, "vmap", None, why))
+            else:
+                report.append(Route(name, "unused", None, "not used by loss_fn"))
+    if not clip:
+        return norms
+    C = jnp.asarray(clip_norm, dtype)
+    factors = C / jnp.maximum(norms, C)
+    grads = [jnp.sum(_example_scaled(d.astype(dtype), factors, 0), axis=0).astype(a.dtype)
+             for d, a in zip(per, leaves, strict=True)]  # fmt: skip
+    return treedef.unflatten(grads), norms
 
 
 # --------------------------------------------------------------------------------------
