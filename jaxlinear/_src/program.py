@@ -130,6 +130,13 @@ class Program:
         for v, s in zip(top.constvars + top.invars, const_slots + self.invars, strict=True):
             self.slot_of[id(v)] = s
         self.outvars = self._inline(top, const_slots + self.invars, top_level=True)
+        live = {s for s in self.outvars if not isinstance(s, Lit)}
+        kept = []
+        for node in reversed(self.nodes):  # drop what the losses do not use
+            if any(s in live for s in node.outs) or (node.eqn is not None and node.eqn.effects):
+                kept.append(node)
+                live.update(s for s in node.ins if not isinstance(s, Lit))
+        self.nodes = kept[::-1]
         self.producer, self.users = {}, {}
         for k, node in enumerate(self.nodes):
             for s in node.outs:
