@@ -54,7 +54,8 @@ ELEMENTWISE = frozenset(
     min mul ne neg nextafter not or population_count pow real reduce_precision rem round rsqrt
     select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square
     stop_gradient sub tan tanh xor random_bits random_wrap random_unwrap threefry2x32
-    random_fold_in random_seed optimization_barrier""".split()
+    random_fold_in random_seed random_split random_clone optimization_barrier
+    bitcast_convert_type""".split()
 )
 _REDUCE = frozenset(
     "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin"
