@@ -288,3 +288,20 @@ def test_equinox_model_under_vmap():
 
     report = check(loss, params, normal(N, T, D))
     assert report.counts().get("rank_one", 0) + report.counts().get("gram", 0) >= 1
+
+
+def test_equinox_dropout_with_per_example_keys():
+    """Equinox's dropout under ``jax.vmap`` with one key per example (as its ViT example
+    trains): the keys are data, so each example's mask is the plain step's."""
+    lin = eqx.nn.Linear(D, D, key=jax.random.key(1), dtype=jnp.float64)
+    drop = eqx.nn.Dropout(0.3)
+    params = jax.tree.map(lambda a: normal(*a.shape), eqx.filter(lin, eqx.is_array))
+
+    def loss(params, x, keys):
+        model = eqx.combine(params, lin)
+        return jax.vmap(lambda x, k: jnp.sum(jnp.tanh(drop(model(x), key=k)) ** 2))(x, keys)
+
+    x, keys = normal(N, D), jax.random.split(jax.random.key(3), N)
+    per_example = jax.jacrev(loss)(params, x, keys)
+    assert np.any(np.asarray(per_example.bias) == 0)  # a mask did drop
+    check(loss, params, x, keys, per_example=per_example)
