@@ -19,32 +19,34 @@ Clipping: ``B_wᵀ`` is linear in ``g``, so ``Σ_i c_i w̄_i = B_wᵀ(c ⊙ g; x
 of the op's transpose with ``g``'s example rows scaled (or ``Σ_i c_i w̄_i`` where the
 per-example route formed them).
 
-How leaves are matched to ops (all at trace time):
+How leaves are matched to ops (all at trace time; details in ``docs/DESIGN.md``):
 
-1. *Discovery*: ``loss_fn`` is traced once with ``jax.make_jaxpr``; every op call passes
-   through ``taps.call``, and the recorder notes the jaxpr variables of its operands and
-   output. A params leaf is *structural* when its variable reaches exactly one op call
-   as ``w`` or ``b``, directly or through casts and reshapes (Flax's ``promote_dtype``,
-   a ``(1, d)`` row bias), and is used nowhere else; or when it is added to an op's
-   output right after the op as a bias broadcast over the output's trailing axes (Flax's
-   ``Linear``, ``Conv``, ``Einsum`` add their bias outside the op). The op's input must
-   have the ``n`` examples on axis 0 and the op must keep that axis (``example_axis``).
-2. *Computation*: ``loss_fn`` runs again under ``jax.vjp``; each op call that holds a
-   structural leaf returns ``y + Z_k`` with an input ``Z_k = 0`` of ``y``'s shape and keeps
-   its input ``x_k``. The cotangent of ``Z_k`` is ``g_k``.
-3. *Fallback*: every other params leaf (used outside the ops, shared by two op calls,
-   reached through an op inside ``jax.jit``, ``lax.scan``, ``jax.vmap``, ... within
-   ``loss_fn``, an op whose input is not ``(n, ...)``) gets its per-example gradients
-   from ``jax.vmap`` of ``jax.grad`` of the single-example loss with respect to just those
-   leaves (``fallback="vmap"``: memory ``n`` times those leaves), or raises a
-   ``ValueError`` naming the leaf and the reason (``fallback="raise"``).
-   ``per_example_routes`` reports the route of every leaf and why.
+1. *Program*: ``loss_fn`` is traced once (``jax.make_jaxpr``; the family's top-level op
+   calls pass through ``taps.call`` and are recorded with their rules) and flattened by
+   ``program.Program``: ``jit``, ``checkpoint``, custom-rule and other call-like equations
+   inlined, scans of ≤ 128 steps written out. ``program.example_axes`` finds where the
+   examples are in every value, from axis 0 of ``args`` (``jax.vmap`` over the examples
+   is no obstacle: after tracing it is an ordinary axis).
+2. *Plan*: a leaf that reaches one contraction's weight (or an op's bias) through casts,
+   reshapes and transposes, or one slice per step of a scan, is *tapped*: the contraction
+   is read as a call of the family's op (its own call, its dual primitive, a raw
+   ``dot_general``, ``conv_general_dilated``, or a row ``gather``) and its rule applies.
+   Every other leaf gets a *per-example copy* (``"broadcast"``; ``"bias"`` when it is only
+   added): ``n`` copies fed where the leaf meets the examples' data, whose cotangents are
+   its per-example gradients (LayerNorm scales, tables, class tokens, tied or shared
+   weights).
+3. *One pass*: the program runs under ``jax.vjp``, each tapped output plus ``Z_k = 0``
+   (its cotangent is ``g_k``), each copied leaf as ``leaf + Q`` (``Q = 0``, ``(n,
+   *leaf.shape)``). Re-running the traced program, not ``loss_fn``, reuses the plain
+   step's random masks.
+4. *Fallback*: a leaf with neither route (used inside ``lax.cond``/``while_loop`` or where
+   the examples share an axis) makes the whole model take ``jax.vmap`` of ``jax.grad``
+   (``fallback="vmap"``: never slower than that textbook), or raises a ``ValueError``
+   naming the leaf and the reason (``fallback="raise"``). ``per_example_routes`` reports
+   the route of every leaf and why.
 
 Assumptions: the examples do not interact (loss ``i`` depends only on row ``i`` of every
-array in ``args``: no batch norm or other statistics across the batch), and ``loss_fn`` is
-deterministic in its Python control flow (it is traced twice; a different sequence of
-op calls on the second trace raises). A ``jax.jit``-wrapped ``loss_fn`` hides its ops
-(its leaves go to the fallback): pass the plain function and jit the whole step instead.
+array in ``args``: no batch statistics across the batch).
 """
 
 from __future__ import annotations
@@ -933,14 +935,12 @@ def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vm
       loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses. Example ``i`` is
         index ``i`` along axis 0 of every array in ``args``, and loss ``i`` depends on
         example ``i`` only (no statistics across the batch).
-      params: a pytree of real floating arrays. Leaves used as the ``W`` or ``b`` of one
-        ``jaxlinear.linear`` / ``dual_linear`` call (``mlp`` included) at the top level of
-        ``loss_fn``, on an input ``(n, ..., d_in)``, get the structural formula; the
-        others get ``fallback``.
+      params: a pytree of real floating arrays. Each leaf gets a structural route (the
+        module docstring); a leaf with none gets ``fallback``.
       *args: pytrees of arrays, each with the ``n`` examples along axis 0.
-      fallback: for the other leaves: ``"vmap"`` (per-example gradients of just those
-        leaves, ``jax.vmap`` of ``jax.grad``) or ``"raise"`` (a ``ValueError`` naming the
-        leaf and the reason).
+      fallback: when a leaf has no structural route: ``"vmap"`` (the whole model by
+        ``jax.vmap`` of ``jax.grad``) or ``"raise"`` (a ``ValueError`` naming the leaf and
+        the reason).
 
     Returns:
       ``(n,)`` norms in the widest floating dtype of ``params`` (at least float32).
@@ -973,7 +973,7 @@ def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "v
     dense layer is its own pullback applied to ``G`` with row ``i`` scaled by ``c_i`` (one
     more set of ``Xᵀ G`` contractions, no second backward pass through the network; on the
     ``"per_example"`` sequence route, whose norms formed each ``dW_i``, ``Σ_i c_i dW_i``).
-    Fallback leaves get theirs from one more backward pass with the loss cotangent ``c``.
+    Leaves on a per-example copy get ``Σ_i c_i Q̄_i``.
     ``c_i = 1`` at a zero norm.
 
     Args:
@@ -1006,8 +1006,10 @@ def per_example_routes(loss_fn: Callable, params, *args) -> RouteReport:
     Traces ``loss_fn`` as ``per_example_grad_norms`` does (abstractly: nothing is
     computed) and reports, per leaf: ``"rank_one"``, ``"gram"`` (ghost norms: no
     per-example gradient formed), ``"per_example"`` (the op's transpose in ``w`` under
-    ``jax.vmap``: ``n`` copies of that leaf's gradient), ``"bias"``, ``"fallback"`` (with
-    the reason: ``jax.vmap`` of ``jax.grad`` for that leaf) or ``"unused"``.
+    ``jax.vmap``: ``n`` copies of that leaf's gradient), ``"bias"``, ``"broadcast"``
+    (``n`` copies of the leaf where it meets the examples), ``"fallback"`` (with the
+    reason; then every other leaf reads ``"vmap"``: the whole model takes ``jax.vmap`` of
+    ``jax.grad``) or ``"unused"``.
 
     Args:
       loss_fn, params, *args: as in ``per_example_grad_norms``.
