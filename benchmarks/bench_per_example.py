@@ -19,6 +19,12 @@ Cases (float32, CPU unless JAX has another default device):
 - ``transformer_ln_einsum``: the same model with LayerNorm's scale written as
   ``jaxlinear.einsum("btd,d->btd", x̂, scale)`` and its bias added right after: every leaf
   structural, no fallback. (Models: ``benchmarks/dp_models.py``.)
+- ``nnx_decoder``: a Gemma-style decoder in plain Flax NNX (RMSNorm ``x * (1 + scale)``,
+  GQA ``nnx.Einsum``s, the embedding tied via ``attend``, ``nnx.vmap``-made blocks run by
+  ``nnx.scan`` + ``nnx.remat``), n = 32, T = 64, V = 512, d = 128, 4 heads (2 KV).
+- ``eqx_vit``: a ViT in plain Equinox run under ``jax.vmap`` (patch ``Conv2d``, class
+  token, positions, ``MultiheadAttention``, LayerNorm), 32×32×3 images, patch 4,
+  d = 128, 4 heads, n = 32. (Models: ``benchmarks/dp_real_models.py``.)
 
 Implementations, each ``jax.jit``-ed, all on the same data and the same loss function:
 
@@ -71,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlinear
-from benchmarks import dp_models
+from benchmarks import dp_models, dp_real_models
 
 IMPLS = ("grad", "clipped", "norms", "naive_clipped", "naive_norms")  # always run
 OPTIONAL = ("jax_privacy", "clipped_structural")  # when installed / when there are fallbacks
@@ -106,7 +112,10 @@ def cases(smoke: bool) -> list[dict]:
                 heads=2,
                 ln="einsum",
             ),
-        ]
+            dict(name="nnx_decoder", kind="nnx_decoder", n=2, T=8, vocab=16, d=8, heads=2,
+                 kv_heads=1),
+            dict(name="eqx_vit", kind="eqx_vit", n=2, image=8, patch=4, d=8, heads=2),
+        ]  # fmt: skip
     return [
         dict(name="mlp", kind="mlp", n=128, sizes=[512, 512, 512, 10], T=None),
         dict(name="seq_T16", kind="mlp", n=32, sizes=[128, 128, 128, 10], T=16),
@@ -123,7 +132,10 @@ def cases(smoke: bool) -> list[dict]:
             heads=4,
             ln="einsum",
         ),
-    ]
+        dict(name="nnx_decoder", kind="nnx_decoder", n=32, T=64, vocab=512, d=128, heads=4,
+             kv_heads=2),
+        dict(name="eqx_vit", kind="eqx_vit", n=32, image=32, patch=4, d=128, heads=4),
+    ]  # fmt: skip
 
 
 def _build_mlp(n, sizes, T):
@@ -156,6 +168,10 @@ def build(case: dict):
         return _build_mlp(**kw)
     if case["kind"] == "cnn":
         return dp_models.build_cnn(**kw)
+    if case["kind"] == "nnx_decoder":
+        return dp_real_models.build_nnx_decoder(**kw)
+    if case["kind"] == "eqx_vit":
+        return dp_real_models.build_eqx_vit(**kw)
     return dp_models.build_transformer(**kw)
 
 
@@ -462,6 +478,16 @@ def _shape(r: dict) -> str:
     if c["kind"] == "cnn":
         chans = "→".join(str(ch) for ch in (3, *(co for co, _ in c["convs"])))
         return f"cnn ({c['n']}, {c['hw']}, {c['hw']}, 3), conv {chans}, head 10"
+    if c["kind"] == "nnx_decoder":
+        return (
+            f"NNX decoder n={c['n']}, T={c['T']}, V={c['vocab']} (tied), d={c['d']},"
+            f" {c['heads']} heads ({c['kv_heads']} KV), nnx.scan + remat over 2 blocks"
+        )
+    if c["kind"] == "eqx_vit":
+        return (
+            f"Equinox ViT under vmap n={c['n']}, {c['image']}², patch {c['patch']},"
+            f" d={c['d']}, {c['heads']} heads, 2 blocks"
+        )
     ln = "LayerNorm by jaxlinear.einsum" if c.get("ln") == "einsum" else "LayerNorm in jnp"
     return (
         f"transformer n={c['n']}, T={c['T']}, V={c['vocab']}, d={c['d']}, {c['heads']} heads,"

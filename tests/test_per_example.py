@@ -221,6 +221,10 @@ def _in_scan(p, x, lin):  # a layer inside lax.scan
     return jax.lax.scan(lambda h, _: (jnp.tanh(lin(p["square"], h)), None), x, None, 2)[0]
 
 
+def _in_cond(p, x, lin):  # a layer inside lax.cond (whose branches are not entered)
+    return jax.lax.cond(p["scale"] > 0, lambda x: lin(p["square"], x), jnp.tanh, x)
+
+
 def _in_vmap(p, x, lin):  # a layer inside vmap over the examples
     return jax.vmap(lambda v: lin(p["square"], v))(x)
 
@@ -229,15 +233,18 @@ def _flattened(p, x, lin):  # the layer sees (n·T, d): not the examples on axis
     return lin(p["square"], x.reshape(-1, 3)).reshape(x.shape)
 
 
+# name: (model, leaf, its route; or for a fallback, the reason)
 OTHER = {
-    "shared": (_shared, "params['square'].W", "2 jaxlinear op calls"),
-    "elementwise": (_elementwise, "params['scale']", "outside jaxlinear's ops"),
-    "both": (_both, "params['square'].W", "outside jaxlinear's ops"),
-    "derived": (_derived, "params['square'].W", "outside jaxlinear's ops"),
-    "scan": (_in_scan, "params['square'].W", "lax.scan"),
-    "vmap": (_in_vmap, "params['square'].W", "inside a transformation"),
-    "flattened": (_flattened, "params['square'].W", r"has shape \(8, 3\), not \(4, \.\.\.\)"),
+    "shared": (_shared, "params['square'].W", "broadcast"),
+    "elementwise": (_elementwise, "params['scale']", "broadcast"),
+    "both": (_both, "params['square'].W", "broadcast"),
+    "derived": (_derived, "params['square'].W", "broadcast"),
+    "vmap": (_in_vmap, "params['square'].W", "gram"),
+    "scan": (_in_scan, "params['square'].W", "broadcast"),  # shared by the steps
+    "cond": (_in_cond, "params['square'].W", "`cond`"),
+    "flattened": (_flattened, "params['square'].W", r"`reshape` \(4, 2, 3\) -> \(8, 3\) merges"),
 }
+FALLS_BACK = ("cond", "flattened")
 
 
 def _other_params():
@@ -253,7 +260,7 @@ def _other_params():
 
 
 @pytest.mark.parametrize("name", list(OTHER))
-def test_other_uses_fall_back_to_vmap_or_raise(name):
+def test_other_uses_are_structural_or_fall_back(name):
     model, leaf, reason = OTHER[name]
     params, x = _other_params()
 
@@ -268,11 +275,16 @@ def test_other_uses_fall_back_to_vmap_or_raise(name):
     assert_rel_close(norms, expected, 1e-10)
     assert_rel_close(grads, reference_clipped(per_example, clip_norm)[0], 1e-10)
     assert not np.any(np.asarray(grads["unused"]))
+    raising = jax.jit(lambda p, x: jaxlinear.per_example_grad_norms(loss, p, x, fallback="raise"))
+    routes = {r.leaf: r.route for r in jaxlinear.per_example_routes(loss, params, x)}
+    if name not in FALLS_BACK:  # structural: the same norms with no fallback
+        assert routes[leaf] == reason
+        assert_rel_close(raising(params, x), expected, 1e-10)
+        return
+    assert routes[leaf] == "fallback"
     match = rf"per_example_grad_norms: `{re.escape(leaf)}` .*{reason}"
     with pytest.raises(ValueError, match=match):
-        jax.eval_shape(
-            lambda p, x: jaxlinear.per_example_grad_norms(loss, p, x, fallback="raise"), params, x
-        )
+        jax.eval_shape(raising, params, x)
 
 
 def test_structural_leaves_need_no_fallback():

@@ -299,6 +299,47 @@ def _moved(a, axis, size):
     return jnp.moveaxis(a, axis, 0)
 
 
+# The dual binding's primitive of every op, so the per-example driver can read an op's
+# equation in a traced program (inside jit, remat, vmap, ...) as that op's call.
+OPS_BY_PRIMITIVE: dict = {}
+
+
+def op_call(eqn):
+    """``(op, kw, apply)`` when ``eqn`` (of a traced program) is a call of the family's op
+    ``op`` bound with ``kw``: its dual primitive, its custom_vjp binding's primitive, or a
+    ``jax.custom_vjp`` call of the op (read off the backward rule JAX keeps, ``_vjp_bwd``
+    bound to the op with the call's ``_Static``);
+    ``apply(x, w, b)`` binds it again. ``None`` otherwise."""
+    prim = getattr(eqn, "primitive", None)
+    op = OPS_BY_PRIMITIVE.get(prim)
+    if op is not None:
+        kw = dict(eqn.params)
+        bind = op.custom_vjp if prim is op.custom_vjp_primitive else op.dual
+        return op, kw, lambda x, w, b: bind(x, w, b, **kw)
+    bwd = eqn.params.get("bwd") if eqn is not None else None
+    op = getattr(getattr(bwd, "f", None), "__self__", None)
+    if not isinstance(op, BilinearOp) or getattr(bwd.f, "__func__", None) is not (
+        BilinearOp._vjp_bwd
+    ):
+        return None
+    for _, args in getattr(bwd, "transforms", ()):
+        for a in args if isinstance(args, tuple) else ():
+            for v in a if isinstance(a, tuple) else (a,):
+                static = getattr(v, "val", v)
+                if isinstance(static, _Static):
+                    apply = functools.partial(
+                        op.custom_vjp, residuals=static.residuals, **dict(static.kw)
+                    )
+                    return op, dict(static.kw), apply
+    return None
+
+
+def per_example_rule(op: BilinearOp, params: dict):
+    """The per-example rule (``taps``' protocol) of one call of ``op`` bound with ``params``
+    (the dual primitive's parameters, or ``compute_dtype``/``out_dtype`` and the op's own)."""
+    return _Rule(op, tuple(sorted(params.items())))
+
+
 class _Rule:
     """One call's per-example rule (the protocol in ``taps``): the op and its static kw."""
 
@@ -413,6 +454,8 @@ class BilinearOp:
         self.primitive = Primitive(f"jaxlinear_{name}")
         self.pushforward_primitive = Primitive(f"jaxlinear_{name}_pushforward")
         self.custom_vjp_primitive = Primitive(f"jaxlinear_{name}_custom_vjp")
+        OPS_BY_PRIMITIVE[self.primitive] = self
+        OPS_BY_PRIMITIVE[self.custom_vjp_primitive] = self
         self._register()
         self._custom_vjp = self._make_custom_vjp()
 

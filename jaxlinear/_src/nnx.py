@@ -561,6 +561,7 @@ def per_example_loss(model, loss, *, params=None):
     graphdef, state, rest = nnx.split(model, nnx.Param if params is None else params, ...)
 
     def loss_fn(state, x, *targets):
-        return loss(nnx.merge(graphdef, state, rest)(x), *targets)
+        # copy: the RNG counters (dropout) are advanced on copies made inside the trace.
+        return loss(nnx.merge(graphdef, state, rest, copy=True)(x), *targets)
 
     return loss_fn, state

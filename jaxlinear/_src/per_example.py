@@ -19,38 +19,41 @@ Clipping: ``B_wᵀ`` is linear in ``g``, so ``Σ_i c_i w̄_i = B_wᵀ(c ⊙ g; x
 of the op's transpose with ``g``'s example rows scaled (or ``Σ_i c_i w̄_i`` where the
 per-example route formed them).
 
-How leaves are matched to ops (all at trace time):
+How leaves are matched to ops (all at trace time; details in ``docs/DESIGN.md``):
 
-1. *Discovery*: ``loss_fn`` is traced once with ``jax.make_jaxpr``; every op call passes
-   through ``taps.call``, and the recorder notes the jaxpr variables of its operands and
-   output. A params leaf is *structural* when its variable reaches exactly one op call
-   as ``w`` or ``b``, directly or through casts and reshapes (Flax's ``promote_dtype``,
-   a ``(1, d)`` row bias), and is used nowhere else; or when it is added to an op's
-   output right after the op as a bias broadcast over the output's trailing axes (Flax's
-   ``Linear``, ``Conv``, ``Einsum`` add their bias outside the op). The op's input must
-   have the ``n`` examples on axis 0 and the op must keep that axis (``example_axis``).
-2. *Computation*: ``loss_fn`` runs again under ``jax.vjp``; each op call that holds a
-   structural leaf returns ``y + Z_k`` with an input ``Z_k = 0`` of ``y``'s shape and keeps
-   its input ``x_k``. The cotangent of ``Z_k`` is ``g_k``.
-3. *Fallback*: every other params leaf (used outside the ops, shared by two op calls,
-   reached through an op inside ``jax.jit``, ``lax.scan``, ``jax.vmap``, ... within
-   ``loss_fn``, an op whose input is not ``(n, ...)``) gets its per-example gradients
-   from ``jax.vmap`` of ``jax.grad`` of the single-example loss with respect to just those
-   leaves (``fallback="vmap"``: memory ``n`` times those leaves), or raises a
-   ``ValueError`` naming the leaf and the reason (``fallback="raise"``).
-   ``per_example_routes`` reports the route of every leaf and why.
+1. *Program*: ``loss_fn`` is traced once (``jax.make_jaxpr``; the family's top-level op
+   calls pass through ``taps.call`` and are recorded with their rules) and flattened by
+   ``program.Program``: ``jit``, ``checkpoint``, custom-rule and other call-like equations
+   inlined, scans of ≤ 128 steps written out. ``program.example_axes`` finds where the
+   examples are in every value, from axis 0 of ``args`` (``jax.vmap`` over the examples
+   is no obstacle: after tracing it is an ordinary axis).
+2. *Plan*: a leaf that reaches one contraction's weight (or an op's bias) through casts,
+   reshapes and transposes, or one slice per step of a scan, is *tapped*: the contraction
+   is read as a call of the family's op (its own call, its dual primitive, a raw
+   ``dot_general``, ``conv_general_dilated``, or a row ``gather``) and its rule applies.
+   Every other leaf gets a *per-example copy* (``"broadcast"``; ``"bias"`` when it is only
+   added): ``n`` copies fed where the leaf meets the examples' data, whose cotangents are
+   its per-example gradients (LayerNorm scales, tables, class tokens, tied or shared
+   weights).
+3. *One pass*: the program runs under ``jax.vjp``, each tapped output plus ``Z_k = 0``
+   (its cotangent is ``g_k``), each copied leaf as ``leaf + Q`` (``Q = 0``, ``(n,
+   *leaf.shape)``). Re-running the traced program, not ``loss_fn``, reuses the plain
+   step's random masks.
+4. *Fallback*: a leaf with neither route (used inside ``lax.cond``/``while_loop`` or where
+   the examples share an axis) makes the whole model take ``jax.vmap`` of ``jax.grad``
+   (``fallback="vmap"``: never slower than that textbook), or raises a ``ValueError``
+   naming the leaf and the reason (``fallback="raise"``). ``per_example_routes`` reports
+   the route of every leaf and why.
 
 Assumptions: the examples do not interact (loss ``i`` depends only on row ``i`` of every
-array in ``args``: no batch norm or other statistics across the batch), and ``loss_fn`` is
-deterministic in its Python control flow (it is traced twice; a different sequence of
-op calls on the second trace raises). A ``jax.jit``-wrapped ``loss_fn`` hides its ops
-(its leaves go to the fallback): pass the plain function and jit the whole step instead.
+array in ``args``: no batch statistics across the batch).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -58,16 +61,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from jaxlinear._src import taps, vma
+from jaxlinear._src import bilinear, program, taps, vma
+from jaxlinear._src.ops.conv import CONV, ConvSpec
+from jaxlinear._src.ops.dot_general import DOT_GENERAL
+from jaxlinear._src.ops.embed import _RULE as EMBED_RULE
 
 _FALLBACKS = ("vmap", "raise")
-# Unary primitives that hand a value on unchanged up to its dtype or its shape: a leaf may
-# reach an op's `w` or `b` through them (a cast by Flax's promote_dtype, a row bias made
-# (d,)). Its gradient is then the op's, reshaped and cast back.
-_PASS = frozenset({"convert_element_type", "copy", "copy_p", "reshape"})
-# A bias added after the op may also be broadcast on its way.
-_BIAS_PASS = _PASS | {"broadcast_in_dim", "squeeze"}
 
 
 class Route(NamedTuple):
@@ -111,6 +112,7 @@ class _Call:
     y: object  # y's
     y_axis: int | None  # where the examples land in y
     reason: str | None  # why this call cannot be tapped; None: it can
+    apply: object = None  # the op itself, apply(x, w, b) -> y
 
 
 class _Discover:
@@ -150,182 +152,431 @@ class _Discover:
                 )
         # w's type keeps its sharding (on meshes with Explicit axes the transposes read it).
         w_aval, y_aval = jax.typeof(w), jax.typeof(y)
-        self.calls.append(_Call(rule, variables, shape, w_aval, y_aval, y_axis, reason))
+        self.calls.append(_Call(rule, variables, shape, w_aval, y_aval, y_axis, reason, apply))
         return y
+
+
+# --------------------------------------------------------------------------------------
+# Pass 2: the plan, on the flattened program.
+
+
+@dataclasses.dataclass
+class _Tap:
+    """A contraction whose output gets ``Z_k``: the op call, its data and weight slots."""
+
+    node: int
+    call: _Call  # the rule and the canonical shapes (examples on axis 0 of x)
+    x: int  # the data operand's slot
+    w: int  # the weight operand's slot
+    b: int | None  # the op's own bias operand, if any
+    x_fn: object = None  # x into the rule's layout (examples on axis 0), or None: as is
+    y_perm: tuple | None = None  # transposes y into the rule's layout (raw dot_general)
 
 
 @dataclasses.dataclass
 class _Entry:
-    """A structural leaf: the ``w`` or a bias of one op call."""
+    """A leaf on a tapped route: the ``w`` or the bias of one contraction."""
 
     leaf: int
-    call: int
+    tap: _Tap
     role: str  # "w" | "b"
-    axes: tuple[int, ...] = ()  # for "b": the axes of y the bias spans, in order
+    path: list  # node indices from the leaf to the operand (casts, reshapes, transposes)
 
 
-def _bias_axes(leaf_shape, chain, y_shape):
-    """The axes of ``y`` that each axis of a bias broadcast by ``chain`` spans, in order.
+def _aval(aval):
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=getattr(aval, "sharding", None))
 
-    ``chain``: the equations from the leaf to the array added to ``y`` (reshapes that only
-    add or drop size-1 axes, broadcasts, squeezes, casts). ``None`` when the leaf's axes do
-    not land, in order, on axes of ``y`` (then the bias is not one this module can read).
-    """
-    shape = tuple(leaf_shape)
-    labels = [i if s != 1 else None for i, s in enumerate(shape)]
-    for eqn in chain:
-        name, out = eqn.primitive.name, tuple(eqn.outvars[0].aval.shape)
-        if name == "reshape":
-            if [s for s in shape if s != 1] != [s for s in out if s != 1]:
-                return None
-            it = iter(lab for lab, s in zip(labels, shape, strict=True) if s != 1)
-            labels = [next(it) if s != 1 else None for s in out]
-        elif name == "broadcast_in_dim":
-            new = [None] * len(out)
-            for i, d in enumerate(eqn.params["broadcast_dimensions"]):
-                new[d] = labels[i] if shape[i] == out[d] else None
-            labels = new
-        elif name == "squeeze":
-            gone = {d % len(shape) for d in eqn.params["dimensions"]}
-            labels = [lab for i, lab in enumerate(labels) if i not in gone]
-        shape = out
-    if len(shape) != len(y_shape):
+
+def _dot_tap(prog, k, node, axes):
+    """A raw ``dot_general`` with the examples on one operand, as a call of the family's
+    ``dot_general`` op (examples moved to axis 0 of its ``x``), or ``None``."""
+    ins = node.ins
+    if any(isinstance(s, program.Lit) for s in ins):
         return None
-    if any(s not in (1, t) for s, t in zip(shape, y_shape, strict=True)):
-        return None  # (lax's add broadcasts size-1 axes itself)
-    axes = tuple(i for i, lab in enumerate(labels) if lab is not None)
-    if [labels[i] for i in axes] != sorted(labels[i] for i in axes):
+    d = 0 if axes[ins[0]] is not None else 1
+    ax = axes[ins[d]]
+    if not isinstance(ax, int) or axes[ins[1 - d]] is not None:
         return None
-    return axes
+    (lc, rc), (lb, rb) = ([tuple(int(i) for i in t) for t in pair]
+                          for pair in node.eqn.params["dimension_numbers"])  # fmt: skip
+    xc, wc, xb, wb = (lc, rc, lb, rb) if d == 0 else (rc, lc, rb, lb)
+    if ax in xc or ax in xb:
+        return None
+    x_aval, w_aval = prog.avals[ins[d]], prog.avals[ins[1 - d]]
+    x_rank, w_rank = len(x_aval.shape), len(w_aval.shape)
+    x_perm = (ax, *(i for i in range(x_rank) if i != ax))
+    new = {a: x_perm.index(a) for a in range(x_rank)}
+    dims = ((tuple(new[a] for a in xc), wc), (tuple(new[a] for a in xb), wb))
+    # The output's axes, labelled by the operand axis each comes from.
+    l_kept = [i for i in range(len(prog.shape(ins[0]))) if i not in lc and i not in lb]
+    r_kept = [i for i in range(len(prog.shape(ins[1]))) if i not in rc and i not in rb]
+    labels = [(d, a) for a in (lb if d == 0 else rb)]
+    labels += [(0, a) for a in l_kept] + [(1, a) for a in r_kept]
+    x_kept = [a for a in x_perm if a not in xc and a not in xb]
+    w_kept = [a for a in range(w_rank) if a not in wc and a not in wb]
+    canon = [(d, a) for a in xb] + [(d, a) for a in x_kept] + [(1 - d, a) for a in w_kept]
+    y_perm = tuple(labels.index(c) for c in canon)
+    y = prog.avals[node.outs[0]]
+    cd = jnp.result_type(x_aval.dtype, w_aval.dtype)
+    out_dtype = None if y.dtype == cd else jnp.dtype(y.dtype)
+    params = dict(dimension_numbers=dims, precision=node.eqn.params.get("precision"),
+                  compute_dtype=None, out_dtype=out_dtype)  # fmt: skip
+    rule = bilinear.per_example_rule(DOT_GENERAL, params)
+    x_shape = tuple(x_aval.shape[a] for a in x_perm)
+    y_shape = tuple(y.shape[a] for a in y_perm)
+    x_canon = jax.ShapeDtypeStruct(x_shape, x_aval.dtype)
+    y_axis = rule.example_axis(x_canon, w_aval)
+    if y_axis is None:
+        return None
+    call = _Call(rule, None, x_shape, _aval(w_aval), jax.ShapeDtypeStruct(y_shape, y.dtype),
+                 y_axis, None)  # fmt: skip
+    identity = tuple(range(x_rank))
+    return _Tap(k, call, ins[d], ins[1 - d], None,
+                None if x_perm == identity else functools.partial(jnp.transpose, axes=x_perm),
+                None if y_perm == tuple(range(len(y_shape))) else y_perm)  # fmt: skip
 
 
-def _subjaxprs(eqn) -> bool:
-    """Whether ``eqn`` is a higher-order primitive (holds a jaxpr: jit, scan, cond, remat...)."""
-    for p in eqn.params.values():
-        for q in p if isinstance(p, (tuple, list)) else (p,):
-            if hasattr(q, "eqns") or hasattr(q, "jaxpr"):
-                return True
-    return False
+def _conv_tap(prog, k, node, axes):
+    """A raw ``conv_general_dilated`` with the examples on its input's batch axis 0, as a
+    call of the family's ``conv`` op, or ``None``."""
+    x, w = node.ins
+    p = node.eqn.params
+    dn = p["dimension_numbers"]
+    if isinstance(x, program.Lit) or isinstance(w, program.Lit):
+        return None
+    if axes[x] != 0 or dn.lhs_spec[0] != 0 or axes[w] is not None:
+        return None
+    spec = ConvSpec(
+        tuple(int(s) for s in p["window_strides"]),
+        tuple((int(lo), int(hi)) for lo, hi in p["padding"]),
+        tuple(int(d) for d in p["lhs_dilation"]),
+        tuple(int(d) for d in p["rhs_dilation"]),
+        lax.ConvDimensionNumbers(*(tuple(int(d) for d in s) for s in dn)),
+        int(p["feature_group_count"]),
+        int(p["batch_group_count"]),
+    )
+    x_aval, w_aval, y = prog.avals[x], prog.avals[w], prog.avals[node.outs[0]]
+    cd = jnp.result_type(x_aval.dtype, w_aval.dtype)
+    params = dict(spec=spec, precision=p.get("precision"), compute_dtype=None,
+                  out_dtype=None if y.dtype == cd else jnp.dtype(y.dtype))  # fmt: skip
+    rule = bilinear.per_example_rule(CONV, params)
+    y_axis = rule.example_axis(jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype), w_aval)
+    if y_axis is None or y_axis != axes[node.outs[0]]:
+        return None
+    call = _Call(rule, None, tuple(x_aval.shape), _aval(w_aval), y, y_axis, None)
+    return _Tap(k, call, x, w, None)
 
 
-def _analyse(jaxpr, calls, num_leaves):
-    """``(entries, reasons)``: the structural leaves and why each other used leaf is not.
+def _gather_tap(prog, k, node, axes):
+    """A raw ``gather`` of rows of a ``(V, d)`` table by ids ``(n, ..., 1)`` (``jnp.take``,
+    Flax's ``Embed``), as a call of the family's ``embed``, or ``None``."""
+    table, idx = node.ins
+    if isinstance(table, program.Lit) or isinstance(idx, program.Lit):
+        return None
+    p = node.eqn.params
+    dn, t_aval, i_aval = p["dimension_numbers"], prog.avals[table], prog.avals[idx]
+    y = prog.avals[node.outs[0]]
+    if (axes[table] is not None or axes[idx] != 0 or len(t_aval.shape) != 2
+            or len(i_aval.shape) < 2 or i_aval.shape[-1] != 1
+            or tuple(dn.offset_dims) != (len(i_aval.shape) - 1,)
+            or tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+            or tuple(getattr(dn, "operand_batching_dims", ())) != ()
+            or tuple(p["slice_sizes"]) != (1, t_aval.shape[1])
+            or not any(m in str(p["mode"]) for m in ("FILL_OR_DROP", "PROMISE"))):  # fmt: skip
+        return None
+    V = t_aval.shape[0]
 
-    ``jaxpr.invars`` are the params leaves, then the args.
-    """
-    producers, uses = {}, collections.defaultdict(list)
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            producers[id(v)] = eqn
-        for v in eqn.invars:
-            uses[id(v)].append(eqn)
-    outs = collections.Counter(id(v) for v in jaxpr.outvars)
-    leaf_of = {id(v): j for j, v in enumerate(jaxpr.invars[:num_leaves])}
+    def ids(i):  # (n, ..., 1) -> (n, ...); a negative id is out of range here: dropped
+        i = i[..., 0]
+        return jnp.where(i < 0, V, i)
 
-    def n_uses(v):
-        return len(uses[id(v)]) + outs[id(v)]
+    call = _Call(EMBED_RULE, None, tuple(i_aval.shape[:-1]), _aval(t_aval), y, 0, None)
+    return _Tap(k, call, idx, table, None, x_fn=ids)
 
-    def chase(v, passing):
-        """Back from ``v`` to a leaf through single-use pass-through equations:
-        ``(leaf or None, chain from the leaf on, whether the leaf itself is used once)``."""
-        chain = []
-        while id(v) not in leaf_of:
-            eqn = producers.get(id(v))
-            if eqn is None or eqn.primitive.name not in passing or n_uses(v) != 1:
-                return None, chain, False
-            chain.append(eqn)
-            v = eqn.invars[0]
-        return leaf_of[id(v)], chain[::-1], n_uses(v) == 1
 
-    def bias_after(k, call):
-        """A leaf added to the op's output right after it, as a trailing-axes bias."""
-        v = call.vars[3]
-        while n_uses(v) == 1 and uses[id(v)][0].primitive.name in ("convert_element_type", "copy"):
-            v = uses[id(v)][0].outvars[0]
-        if n_uses(v) != 1 or uses[id(v)][0].primitive.name != "add":
+def _op_tap(prog, k, node, axes, n, recorded):
+    """A call of the family's ops (seen by its taps, or its dual primitive), or ``None``."""
+    if k in recorded:
+        call, (x, w, b) = recorded[k]
+        if call.reason is not None or axes.get(x) != 0:
             return None
-        add = uses[id(v)][0]
-        other = add.invars[1] if add.invars[0] is v else add.invars[0]
-        if other is v or not hasattr(other, "aval"):
-            return None
-        j, chain, once = chase(other, _BIAS_PASS)
-        if j is None or not once:
-            return None
-        axes = _bias_axes(jaxpr.invars[j].aval.shape, chain, call.y.shape)
-        if axes is None or call.y_axis in axes:
-            return None
-        return _Entry(j, k, "b", axes)
+        return _Tap(k, call, x, w, b)
+    found = _op_of(node)
+    if found is None or any(isinstance(s, program.Lit) for s in node.ins):
+        return None
+    x, w, *b = node.ins
+    if axes[x] != 0 or axes[w] is not None or (b and axes[b[0]] is not None):
+        return None
+    rule = bilinear.per_example_rule(*found[:2])
+    x_aval, w_aval, y = prog.avals[x], prog.avals[w], prog.avals[node.outs[0]]
+    y_axis = rule.example_axis(jax.ShapeDtypeStruct(x_aval.shape, x_aval.dtype), w_aval)
+    if y_axis is None or y_axis != axes[node.outs[0]]:
+        return None
+    call = _Call(rule, None, tuple(x_aval.shape), _aval(w_aval), y, y_axis, None)
+    return _Tap(k, call, x, w, b[0] if b else None)
 
-    entries, reasons, reach = [], {}, collections.Counter()
-    for k, call in enumerate(calls):
-        _, w_var, b_var, _ = call.vars
-        for role, v in (("w", w_var), ("b", b_var)):
-            if v is None:
-                continue
-            j, _, once = chase(v, _PASS)
-            if j is None:
-                continue
-            reach[j] += 1
-            if call.reason is not None:
-                reasons.setdefault(j, call.reason)
-            elif role == "b" and call.y_axis == len(call.y.shape) - 1:
-                reasons.setdefault(j, f"the bias of a {call.rule.name} call on its examples' axis")
-            elif once:
-                entries.append(_Entry(j, k, role, (len(call.y.shape) - 1,) if role == "b" else ()))
-        if b_var is None and call.reason is None:
-            entry = bias_after(k, call)
-            if entry is not None:
-                entries.append(entry)
-    structural = {e.leaf for e in entries}
-    op_eqns = {id(producers.get(id(c.vars[3]))) for c in calls if c.vars[3] is not None}
-    for j in range(num_leaves):
-        v = jaxpr.invars[j]
-        if j in structural or j in reasons or n_uses(v) == 0:
+
+def _reordered(apply, ins, xwb):
+    """``apply(x, w, b)`` called with the equation's operands ``ins`` in their order."""
+    where = [None if s is None else ins.index(s) for s in xwb]
+    return lambda *vals: apply(*(None if i is None else vals[i] for i in where))
+
+
+def _op_of(node):
+    """``(op, kw, apply)`` where ``node`` is a call of the family's op, or ``None``."""
+    return None if node.eqn is None else bilinear.op_call(node.eqn)
+
+
+def _op_axis(node, ins):
+    """The examples' axis of a dual primitive's output (the op's rule reads it off shapes)."""
+    found = _op_of(node)
+    if found is None:
+        return None
+    op = found[0]
+    x, w = (v.aval for v in node.eqn.invars[:2])
+    if ins[0] == 0 and all(a is None for a in ins[1:]):
+        rule = bilinear.per_example_rule(*found[:2])
+        y_axis = rule.example_axis(jax.ShapeDtypeStruct(x.shape, x.dtype), w)
+        if y_axis is not None:
+            return y_axis
+    return program.Mixed(f"the {op.name} op mixes the examples (its `x` or `w` carries them)")
+
+
+# Primitives a leaf may reach a contraction's weight through, keeping its norm: the per-
+# example gradient is the operand's, cast and reshaped back.
+_PASS = frozenset({"convert_element_type", "copy", "copy_p", "reshape", "transpose", "squeeze",
+                   "expand_dims", "broadcast_in_dim"})  # fmt: skip
+# Where a per-example copy of a leaf may meet the examples' data: evaluated per example
+# (jax.vmap) with the copy. ALIGNED ones pair their operands' axes one to one.
+_ALIGNED = program.ELEMENTWISE | {"concatenate", "clamp", "select_n", "pad"}
+_MEETS = _ALIGNED | {"dot_general", "conv_general_dilated", "gather", "dynamic_slice",
+                     "dynamic_update_slice"}  # fmt: skip
+
+
+def _plan(prog, axes, n, L, recorded):
+    """``(entries, broadcast, reasons)``: the leaves on tapped routes, those given a
+    per-example copy (``{leaf: meeting prims}``) and why each other used leaf falls back."""
+    taps_at = {}
+    for k, node in enumerate(prog.nodes):
+        tap = _op_tap(prog, k, node, axes, n, recorded)
+        if tap is None and node.name == "dot_general":
+            tap = _dot_tap(prog, k, node, axes)
+        if tap is None and node.name == "gather":
+            tap = _gather_tap(prog, k, node, axes)
+        if tap is None and node.name == "conv_general_dilated":
+            tap = _conv_tap(prog, k, node, axes)
+        if tap is not None:
+            taps_at[k] = tap
+    outs = {s for s in prog.outvars if not isinstance(s, program.Lit)}
+    entries, broadcast, reasons = [], {}, {}
+    for j in range(L):
+        start = prog.invars[j]
+        chain_slots, chain_nodes, meets = {start}, [], []
+        frontier = [start]
+        while frontier:
+            s = frontier.pop()
+            for k in prog.users.get(s, ()):
+                node = prog.nodes[k]
+                if any(not isinstance(i, program.Lit) and axes[i] is not None for i in node.ins):
+                    if k not in meets:
+                        meets.append(k)
+                elif k not in chain_nodes:
+                    chain_nodes.append(k)
+                    for o in node.outs:  # (an integer or boolean value carries no gradient)
+                        if o not in chain_slots and _inexact(prog.avals[o]):
+                            chain_slots.add(o)
+                            frontier.append(o)
+        if not meets:
+            if chain_slots & outs:
+                reasons[j] = "returned by loss_fn without meeting the examples"
+            continue  # unused
+        found = _simple_entries(prog, j, start, chain_nodes, meets, taps_at)
+        if found is not None:
+            entries += found
             continue
-        others = [e for e in uses[id(v)] if id(e) not in op_eqns]
-        names = sorted({e.primitive.name for e in others})
-        if reach[j] > 1:
-            reasons[j] = f"used by {reach[j]} jaxlinear op calls (shared weights)"
-        elif outs[id(v)]:
-            reasons[j] = "returned by loss_fn"
-        elif any(_subjaxprs(e) for e in others):
-            reasons[j] = (
-                f"passed into `{names[0]}` within loss_fn (jax.jit, lax.scan, lax.cond,"
-                " jax.checkpoint or a custom rule), where its op calls are not seen one by one"
-            )
+        why = _why_not_broadcast(prog, axes, chain_nodes, meets)
+        if why is None:
+            broadcast[j] = sorted({prog.nodes[k].name for k in meets})
         else:
-            reasons[j] = "used outside jaxlinear's ops (by " + ", ".join(f"`{n}`" for n in names)
-            reasons[j] += ", and by a jaxlinear op)" if reach[j] else ")"
-    return entries, reasons
+            reasons[j] = why
+    return entries, broadcast, reasons
+
+
+def _inexact(aval):
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _simple_entries(prog, j, start, chain_nodes, meets, taps_at):
+    """The leaf as the weight (or op bias) of one tapped contraction, reached through
+    norm-keeping single-use steps, or (stacked on a scan's axis) one slice per step, each
+    such; else ``None``."""
+    users = prog.users.get(start, ())
+    steps = [prog.nodes[k] for k in users]
+    if len(users) > 1 and all(node.name == "scan_index" for node in steps):
+        if len({node.params["t"] for node in steps}) != len(steps):
+            return None
+        branches = [(node.outs[0], [k]) for k, node in zip(users, steps, strict=True)]
+    else:
+        branches = [(start, [])]
+    entries = []
+    for s, path in branches:
+        entry = _simple_entry(prog, j, s, path, taps_at)
+        if entry is None:
+            return None
+        entries.append(entry)
+    if sum(len(e.path) for e in entries) != len(chain_nodes) or len(entries) != len(meets):
+        return None
+    return entries
+
+
+def _simple_entry(prog, j, s, path, taps_at):
+    """One branch of ``_simple_entries``, from slot ``s`` reached by ``path``."""
+    path = list(path)
+    while True:
+        users = prog.users.get(s, ())
+        if len(users) != 1 or s in prog.outvars:
+            return None
+        k = users[0]
+        if k in taps_at:
+            break
+        node = prog.nodes[k]
+        if node.name not in _PASS or len(node.ins) != 1 or len(node.outs) != 1:
+            return None
+        if node.name == "broadcast_in_dim" and math.prod(prog.shape(node.outs[0])) != math.prod(
+                prog.shape(node.ins[0])):  # fmt: skip
+            return None
+        path.append(k)
+        s = node.outs[0]
+    tap = taps_at[k]
+    if s == tap.w and s != tap.x:
+        return _Entry(j, tap, "w", path)
+    if s == tap.b and tap.call.y_axis != len(tap.call.y.shape) - 1:
+        return _Entry(j, tap, "b", path)
+    return None
+
+
+def _why_not_broadcast(prog, axes, chain_nodes, meets):
+    """Why a per-example copy of the leaf cannot be fed to where it meets the examples."""
+    for k in chain_nodes:
+        if prog.nodes[k].name in ("while",):
+            return f"used inside `{prog.nodes[k].name}` within loss_fn"
+    for k in meets:
+        node = prog.nodes[k]
+        known = node.apply or _op_of(node)
+        if node.name not in _MEETS and known is None:
+            return (
+                f"used where it meets the examples' data at `{node.name}` within loss_fn,"
+                " which this driver does not evaluate per example"
+            )
+        for s in (*node.ins, *node.outs):
+            a = None if isinstance(s, program.Lit) else axes[s]
+            if isinstance(a, program.Mixed):
+                return f"used where the examples have no single axis: {a}"
+    return None
 
 
 # --------------------------------------------------------------------------------------
-# Pass 2: computation.
+# Pass 3: one forward and one backward pass, on the flattened program.
 
 
-class _Compute:
-    """Pass 2: the op calls holding structural leaves add ``Z_k`` and keep ``x_k``."""
+def _bind(node, vals, per_example=False):
+    if node.fn is not None:
+        return node.fn(*vals)
+    if per_example and node.apply is not None:  # a kept op call: its jaxpr has fixed shapes
+        return [node.apply(*vals)]
+    params = node.eqn.primitive.get_bind_params(node.eqn.params)  # as jax's eval_jaxpr
+    out = node.eqn.primitive.bind(*vals, **params)
+    return list(out) if node.eqn.primitive.multiple_results else [out]
 
-    def __init__(self, fn, calls, slots, zs):
-        self.fn, self.calls, self.slots, self.zs = fn, calls, slots, zs
-        self.k = 0
-        self.xs: list = [None] * len(zs)
 
-    def layer(self, rule, apply, x, w, b):
-        k, self.k = self.k, self.k + 1
-        y = apply(x, w, b)
-        slot = self.slots.get(k)
-        if slot is None:
-            return y
-        call = self.calls[k]
-        if np.shape(x) != call.x_shape or np.shape(y) != call.y.shape:
-            raise RuntimeError(
-                f"{self.fn}: `loss_fn` made different jaxlinear op calls when traced again"
-                f" (call {k}: x of shape {np.shape(x)}, expected {call.x_shape});"
-                " its Python control flow must not change between traces"
-            )
-        self.xs[slot] = x
-        return y + self.zs[slot]
+def _meet(prog, axes, n, node, vals, batched):
+    """``node`` evaluated example by example, where some operands are per-example copies
+    ``(n, *shape)`` of leaf values: every other operand that carries the examples is cut
+    into its examples (each keeps a size-1 examples' axis)."""
+    out_shape = prog.shape(node.outs[0])
+    out_ax = axes[node.outs[0]]
+    aligned = node.name in _ALIGNED
+    ops, in_axes, diag = [], [], []
+    for s, v, is_b in zip(node.ins, vals, batched, strict=True):
+        shape = prog.shape(s)
+        ax = None if isinstance(s, program.Lit) else axes[s]
+        lined = aligned and len(shape) == len(out_shape) and shape[out_ax] == n and n > 1
+        if is_b:
+            ops.append(v)
+            in_axes.append(0)
+            diag.append(lined)
+            continue
+        if ax is None and lined:
+            ax = out_ax  # an example-free operand with a row per example (a dropout mask)
+        if ax is None:
+            ops.append(v)
+            in_axes.append(None)
+        else:
+            ops.append(jnp.expand_dims(v, ax + 1))
+            in_axes.append(ax)
+        diag.append(False)
+
+    def one(i, *ops):
+        ops = [lax.dynamic_slice_in_dim(o, i, 1, out_ax) if dg else o
+               for o, dg in zip(ops, diag, strict=True)]  # fmt: skip
+        return _bind(node, ops, per_example=True)
+
+    outs = jax.vmap(one, in_axes=(0, *in_axes))(jnp.arange(n), *ops)
+    res = []
+    for s, o in zip(node.outs, outs, strict=True):
+        ax = axes[s]
+        res.append(jnp.moveaxis(o, 0, ax).reshape(prog.avals[s].shape))
+    return res
+
+
+def _evaluate(prog, axes, n, values, taps, zs, broadcast):
+    """The losses, and the data operand of each tap: ``prog`` run with ``zs[k]`` added to
+    tap ``k``'s output and each leaf in ``broadcast`` (``{slot: (n, *shape) copy}``)."""
+    env = dict(prog.consts)
+    env.update(zip(prog.invars, values, strict=True))
+    batched = set()
+    for s, v in broadcast.items():
+        env[s] = v
+        batched.add(s)
+    tap_of = {t.node: i for i, t in enumerate(taps)}
+    xs = [None] * len(taps)
+
+    def read(s):
+        return s.val if isinstance(s, program.Lit) else env[s]
+
+    for k, node in enumerate(prog.nodes):
+        vals = [read(s) for s in node.ins]
+        is_b = [not isinstance(s, program.Lit) and s in batched for s in node.ins]
+        if not any(is_b):
+            outs = _bind(node, vals)
+        elif all(isinstance(s, program.Lit) or axes[s] is None for s in node.ins):
+            in_axes = [0 if b else None for b in is_b]
+            outs = jax.vmap(lambda *v, node=node: _bind(node, v, True), in_axes=in_axes)(*vals)
+            for i, s in enumerate(node.outs):  # integer values carry no gradient: one copy
+                if _inexact(prog.avals[s]):
+                    batched.add(s)
+                else:
+                    outs[i] = outs[i][0]
+        else:
+            outs = _meet(prog, axes, n, node, vals, is_b)
+        i = tap_of.get(k)
+        if i is not None:
+            xs[i] = vals[node.ins.index(taps[i].x)]
+            outs[0] = outs[0] + zs[i]
+        env.update(zip(node.outs, outs, strict=True))
+    return read(prog.outvars[0]), xs
+
+
+def _chain_fn(prog, path):
+    """The leaf -> operand map of an entry's path (unary steps)."""
+
+    def f(v):
+        for k in path:
+            v = _bind(prog.nodes[k], [v])[0]
+        return v
+
+    return f
+
 
 
 def _auto_axes(fn, x, specs):
@@ -497,7 +748,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     L = len(leaves)
     dtype = jnp.result_type(*(a.dtype for a in leaves), jnp.float32)  # norms' dtype
 
-    # Pass 1: discovery.
+    # Pass 1: the traced program (the op calls at its top level seen by their taps).
     recorders = []
 
     def discover(leaf_tracers, args):
@@ -507,68 +758,103 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     closed, out = jax.make_jaxpr(discover, return_shape=True)(leaves, args)
     _check_losses(fn, out, n)
     calls = recorders[0].calls
-    entries, reasons = _analyse(closed.jaxpr, calls, L)
-    if not recorders[0].readable:  # matching reads each tracer's jaxpr variable (`.val`)
-        why = "not matched to an op: this JAX version's tracers expose no jaxpr variables"
-        reasons = {j: reasons.get(j, why) for j in range(L) if j in reasons or j in
-                   {e.leaf for e in entries}}  # fmt: skip
-        entries = []
+    keep = {id(c.vars[3]) for c in calls if c.vars[3] is not None}
+    prog = program.Program(closed, keep, lambda eqn: bilinear.op_call(eqn) is not None)
+    recorded = {}
+    for c in calls:
+        if c.vars[3] is not None and id(c.vars[3]) in prog.slot_of:
+            slots = tuple(None if v is None else prog.slot_of.get(id(v)) for v in c.vars)
+            k = prog.producer.get(slots[3])
+            if k is not None and None not in slots[:2]:
+                recorded[k] = (c, slots[:3])
+    arg_slots = prog.invars[L:]
+    recorded_nodes = {id(prog.nodes[k]): (c, xwb) for k, (c, xwb) in recorded.items()}
+    for k, (c, xwb) in recorded.items():  # evaluated per example through the op itself
+        prog.nodes[k].apply = _reordered(c.apply, prog.nodes[k].ins, xwb)
+    for node in prog.nodes:
+        found = _op_of(node) if node.apply is None else None
+        if found is not None:  # (its operands: x, w[, b])
+            xwb = (*node.ins[:2], node.ins[2] if len(node.ins) > 2 else None)
+            node.apply = _reordered(found[2], node.ins, xwb)
+
+    def op_axis(node, ins):  # the family's op calls: where their rules put the examples
+        call, xwb = recorded_nodes.get(id(node), (None, None))
+        if call is None:
+            return _op_axis(node, ins)
+        axis = dict(zip(node.ins, ins, strict=True))  # (the op's operands, in its order)
+        x_axis, others = axis.get(xwb[0]), [axis.get(s) for s in xwb[1:] if s is not None]
+        if call.reason is None and x_axis == 0 and all(a is None for a in others):
+            return call.y_axis
+        return program.Mixed(call.reason or f"the {call.rule.name} op's `w` carries the examples")
+
+    axes = program.example_axes(prog, dict.fromkeys(arg_slots, 0), op_axis)
+
+    # Pass 2: the plan.
+    entries, broadcast, reasons = _plan(prog, axes, n, L, recorded)
+    routed = {e.leaf for e in entries} | set(broadcast)
     other = sorted(reasons)
     if other and fallback == "raise":
         j = other[0]
         raise ValueError(
             f"{fn}: `{names[j]}` is {reasons[j]}, so its per-example gradient norm has no"
             " structural formula here; pass fallback='vmap' to compute it from per-example"
-            " gradients of that leaf (jax.vmap of jax.grad), or use the leaf directly as the"
-            " weight or bias of one top-level jaxlinear op call"
+            " gradients of that leaf (jax.vmap of jax.grad)"
         )
+    if other:  # the textbook for the whole model: never slower than it (one pass, no more)
+        return _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip,
+                         clip_norm, dtype, report)  # fmt: skip
+    taps_used = list({id(e.tap): e.tap for e in entries}.values())
+    tap_index = {id(t): i for i, t in enumerate(taps_used)}
+    zs = [_zeros_like_type(prog.avals[prog.nodes[t.node].outs[0]]) for t in taps_used]
+    bcast = sorted(broadcast)
+    qs = [jnp.zeros((n, *leaves[j].shape), leaves[j].dtype) for j in bcast]
+    arg_values = jax.tree.leaves(args)
 
-    # Pass 2: one forward and one backward pass that stops at the g's.
-    tapped = sorted({e.call for e in entries})
-    slots = {k: slot for slot, k in enumerate(tapped)}
-    zs = [_zeros_like_type(calls[k].y) for k in tapped]
-
-    def losses_of(zs, other_values):
+    # Pass 3: one forward and one backward pass that stops at the g's.
+    def losses_of(zs, qs):
         values = list(leaves)
-        for j, v in zip(other, other_values, strict=True):
-            values[j] = v
-        computing = _Compute(fn, calls, slots, zs)
-        losses = taps.recording(computing, loss_fn, treedef.unflatten(values), *args)
-        if computing.k != len(calls):
-            raise RuntimeError(
-                f"{fn}: `loss_fn` made {computing.k} jaxlinear op calls when traced again,"
-                f" {len(calls)} the first time; its Python control flow must not change"
-                " between traces"
-            )
-        return losses, computing.xs
+        copies = {prog.invars[j]: values[j][None] + q for j, q in zip(bcast, qs, strict=True)}
+        return _evaluate(prog, axes, n, values + arg_values, taps_used, zs, copies)
 
-    losses, pullback, xs = jax.vjp(losses_of, zs, [leaves[j] for j in other], has_aux=True)
-    gs, _ = pullback(jnp.ones_like(losses))
+    losses, pullback, xs = jax.vjp(losses_of, zs, qs, has_aux=True)
+    gs, w_copies = pullback(jnp.ones_like(losses))
+
+    def tapped(t):
+        i = tap_index[id(t)]
+        x, g = xs[i], gs[i]
+        if t.x_fn is not None:
+            x = t.x_fn(x)
+        if t.y_perm is not None:
+            g = jnp.transpose(g, t.y_perm)
+        return x, g
 
     sq = 0  # then (n,), laid out like the examples
     routes: dict[int, Route] = {}
-    w_bars = {}  # call -> per-example w̄_i, where the route formed them
+    w_bars = {}  # entry -> per-example w̄_i, where the route formed them
     for e in entries:
-        call, x, g = calls[e.call], xs[slots[e.call]], gs[slots[e.call]]
+        call = e.tap.call
+        x, g = tapped(e.tap)
         if e.role == "w":
-            route, sq_w, w_bars[e.call] = _sq_norms(call, x, g, dtype)
+            route, sq_w, w_bars[id(e)] = _sq_norms(call, x, g, dtype)
             sq = sq + sq_w
         else:
-            route, rows = "bias", _bias_rows(g.astype(dtype), call.y_axis, e.axes)
+            route, rows = "bias", _bias_rows(g.astype(dtype), call.y_axis, (len(call.y.shape) - 1,))
             sq = sq + jnp.sum(rows**2, axis=tuple(range(1, rows.ndim)))
         detail = f"x {call.x_shape} -> y {call.y.shape}"
         routes[e.leaf] = Route(names[e.leaf], route, call.rule.name, detail)
-    if other:
-        sq = sq + _fallback_sq(loss_fn, leaves, treedef, args, other, dtype)
+    for j, w_i in zip(bcast, w_copies, strict=True):
+        sq = sq + jnp.sum(jnp.square(w_i.astype(dtype)), axis=tuple(range(1, w_i.ndim)))
+        detail = f"per-example copy {(n, *leaves[j].shape)} at " + ", ".join(
+            f"`{p}`" for p in broadcast[j])
+        route = "bias" if broadcast[j] in (["add"], ["add_any"]) else "broadcast"
+        routes[j] = Route(names[j], route, None, detail)
     if report is not None:
         for j in range(L):
             if j in routes:
                 report.append(routes[j])
-            elif j in reasons:
-                report.append(Route(names[j], "fallback", None, reasons[j]))
             else:
                 report.append(Route(names[j], "unused", None, "not used by loss_fn"))
-    norms = jnp.sqrt(sq) if entries or other else jnp.zeros((n,), dtype)  # all unused: 0
+    norms = jnp.sqrt(sq) if routes else jnp.zeros((n,), dtype)  # all unused: 0
     if not clip:
         return norms
 
@@ -576,41 +862,60 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     factors = C / jnp.maximum(norms, C)  # min(1, C/‖∇ℓ_i‖), 1 at a zero norm
     grads: list = [None] * L
     for e in entries:
-        call, x, g = calls[e.call], xs[slots[e.call]], gs[slots[e.call]]
+        call = e.tap.call
+        x, g = tapped(e.tap)
         # (Sums over the examples are reductions, not contractions: on a mesh with Explicit
         # axes a contraction over the sharded examples' axis would need an out_sharding.)
-        if e.role == "w" and w_bars.get(e.call) is not None:  # Σ_i c_i w̄_i
-            d = jnp.sum(_example_scaled(w_bars[e.call], factors, 0), axis=0)
+        if e.role == "w" and w_bars.get(id(e)) is not None:  # Σ_i c_i w̄_i
+            d = jnp.sum(_example_scaled(w_bars[id(e)], factors, 0), axis=0)
         elif e.role == "w":  # B_wᵀ(c ⊙ g; x): the op's own transpose, g's rows scaled
-            scaled = _example_scaled(g, factors, call.y_axis)
-            d = _weight_grad(call, x, scaled)
+            d = _weight_grad(call, x, _example_scaled(g, factors, call.y_axis))
         else:  # Σ_i c_i b̄_i
             scaled = _example_scaled(g.astype(dtype), factors, call.y_axis)
-            d = jnp.sum(_bias_rows(scaled, call.y_axis, e.axes), axis=0)
-        grads[e.leaf] = d.reshape(leaves[e.leaf].shape).astype(leaves[e.leaf].dtype)
-    if other:  # one more backward pass, for these leaves only
-        _, other_grads = pullback(factors.astype(losses.dtype))
-        for j, d in zip(other, other_grads, strict=True):
-            grads[j] = d
+            d = jnp.sum(_bias_rows(scaled, call.y_axis, (len(call.y.shape) - 1,)), axis=0)
+        if e.path:  # back through the casts, reshapes, transposes (and a step's slice)
+            operand = prog.avals[e.tap.w if e.role == "w" else e.tap.b]
+            _, back = jax.vjp(_chain_fn(prog, e.path), leaves[e.leaf])
+            d = back(d.reshape(operand.shape).astype(operand.dtype))[0]
+        d = d.reshape(leaves[e.leaf].shape).astype(leaves[e.leaf].dtype)
+        grads[e.leaf] = d if grads[e.leaf] is None else grads[e.leaf] + d
+    for j, w_i in zip(bcast, w_copies, strict=True):
+        d = jnp.sum(_example_scaled(w_i.astype(dtype), factors, 0), axis=0)
+        grads[j] = d.astype(leaves[j].dtype)
     grads = [jnp.zeros_like(a) if d is None else d for a, d in zip(leaves, grads, strict=True)]
     return treedef.unflatten(grads), norms
 
 
-def _fallback_sq(loss_fn, leaves, treedef, args, other, dtype):
-    """``(n,)`` squared norms of the per-example gradients w.r.t. the leaves ``other``."""
+
+def _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip, clip_norm, dtype,
+              report):  # fmt: skip
+    """Norms (and the clipped sum) from ``jax.vmap`` of ``jax.grad`` of the whole model: the
+    plan when some leaf has no structural route (a second pass for those leaves alone would
+    cost about as much as this, on top of the structural pass)."""
 
     def one(*example):  # every array of args without its leading axis
-        def loss(values):
-            full = list(leaves)
-            for j, v in zip(other, values, strict=True):
-                full[j] = v
-            batch_of_one = jax.tree.map(lambda a: a[None], example)
-            return loss_fn(treedef.unflatten(full), *batch_of_one)[0]
+        batch_of_one = jax.tree.map(lambda a: a[None], example)
+        return jax.grad(lambda v: loss_fn(treedef.unflatten(v), *batch_of_one)[0])(leaves)
 
-        grads = jax.grad(loss)([leaves[j] for j in other])
-        return sum(jnp.sum(jnp.square(d.astype(dtype))) for d in grads)
-
-    return jax.vmap(one)(*args)
+    per = jax.vmap(one)(*args)  # (n, *leaf.shape) each
+    sq = sum(jnp.sum(jnp.square(d.astype(dtype)), axis=tuple(range(1, d.ndim))) for d in per)
+    norms = jnp.sqrt(sq)
+    if report is not None:
+        why = f"whole-model vmap(grad): {len(reasons)} leaves have no structural route"
+        for j, name in enumerate(names):
+            if j in reasons:
+                report.append(Route(name, "fallback", None, reasons[j]))
+            elif j in routed:
+                report.append(Route(name, "vmap", None, why))
+            else:
+                report.append(Route(name, "unused", None, "not used by loss_fn"))
+    if not clip:
+        return norms
+    C = jnp.asarray(clip_norm, dtype)
+    factors = C / jnp.maximum(norms, C)
+    grads = [jnp.sum(_example_scaled(d.astype(dtype), factors, 0), axis=0).astype(a.dtype)
+             for d, a in zip(per, leaves, strict=True)]  # fmt: skip
+    return treedef.unflatten(grads), norms
 
 
 # --------------------------------------------------------------------------------------
@@ -631,14 +936,12 @@ def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vm
       loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses. Example ``i`` is
         index ``i`` along axis 0 of every array in ``args``, and loss ``i`` depends on
         example ``i`` only (no statistics across the batch).
-      params: a pytree of real floating arrays. Leaves used as the ``W`` or ``b`` of one
-        ``jaxlinear.linear`` / ``dual_linear`` call (``mlp`` included) at the top level of
-        ``loss_fn``, on an input ``(n, ..., d_in)``, get the structural formula; the
-        others get ``fallback``.
+      params: a pytree of real floating arrays. Each leaf gets a structural route (the
+        module docstring); a leaf with none gets ``fallback``.
       *args: pytrees of arrays, each with the ``n`` examples along axis 0.
-      fallback: for the other leaves: ``"vmap"`` (per-example gradients of just those
-        leaves, ``jax.vmap`` of ``jax.grad``) or ``"raise"`` (a ``ValueError`` naming the
-        leaf and the reason).
+      fallback: when a leaf has no structural route: ``"vmap"`` (the whole model by
+        ``jax.vmap`` of ``jax.grad``) or ``"raise"`` (a ``ValueError`` naming the leaf and
+        the reason).
 
     Returns:
       ``(n,)`` norms in the widest floating dtype of ``params`` (at least float32).
@@ -669,7 +972,7 @@ def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "v
     dense layer is its own pullback applied to ``G`` with row ``i`` scaled by ``c_i`` (one
     more set of ``Xᵀ G`` contractions, no second backward pass through the network; on the
     ``"per_example"`` sequence route, whose norms formed each ``dW_i``, ``Σ_i c_i dW_i``).
-    Fallback leaves get theirs from one more backward pass with the loss cotangent ``c``.
+    Leaves on a per-example copy get ``Σ_i c_i Q̄_i``.
     ``c_i = 1`` at a zero norm.
 
     Args:
@@ -710,8 +1013,10 @@ def per_example_routes(loss_fn: Callable, params, *args) -> RouteReport:
     Traces ``loss_fn`` as ``per_example_grad_norms`` does (abstractly: nothing is
     computed) and reports, per leaf: ``"rank_one"``, ``"gram"`` (ghost norms: no
     per-example gradient formed), ``"per_example"`` (the op's transpose in ``w`` under
-    ``jax.vmap``: ``n`` copies of that leaf's gradient), ``"bias"``, ``"fallback"`` (with
-    the reason: ``jax.vmap`` of ``jax.grad`` for that leaf) or ``"unused"``.
+    ``jax.vmap``: ``n`` copies of that leaf's gradient), ``"bias"``, ``"broadcast"``
+    (``n`` copies of the leaf where it meets the examples), ``"fallback"`` (with the
+    reason; then every other leaf reads ``"vmap"``: the whole model takes ``jax.vmap`` of
+    ``jax.grad``) or ``"unused"``.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses, as in
