@@ -444,9 +444,10 @@ def test_jaxlinear_imports_without_flax():
 
 @pytest.mark.parametrize("kind", ["dropout", "batchnorm"])
 def test_per_example_loss_with_dropout_or_batch_stats_as_documented(kind):
-    """``per_example_loss``'s docstring: training mode raises Flax's TraceContextError;
+    """``per_example_loss``'s docstring: dropout in training mode runs (each example's
+    gradient, mask included, equals the batched loss's Jacobian row); BatchNorm in training
+    mode mixes the examples and is refused under ``fallback="raise"``, naming the leaf;
     evaluation mode runs (each example's loss depends on that example alone)."""
-
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.lin = nnx.Linear(3, 4, rngs=rngs, param_dtype=jnp.float32)
@@ -462,10 +463,16 @@ def test_per_example_loss_with_dropout_or_batch_stats_as_documented(kind):
     model = jlnnx.explicit(Net(nnx.Rngs(0)))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32)
     loss_fn, params = jlnnx.per_example_loss(model, lambda y: jnp.sum(y**2, axis=1))
-    from flax.errors import TraceContextError
-
-    with pytest.raises(TraceContextError, match="Cannot mutate"):
-        jaxlinear.per_example_routes(loss_fn, params, x)
+    if kind == "dropout":
+        norms = jaxlinear.per_example_grad_norms(loss_fn, params, x, fallback="raise")
+        rows = jax.jacrev(loss_fn)(params, x)  # the same masks: drawn once per trace
+        want = jnp.sqrt(
+            sum(jnp.sum(a**2, axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(rows))
+        )
+        np.testing.assert_allclose(norms, want, rtol=1e-5)
+    else:
+        with pytest.raises(ValueError, match=r"params\['mid'\].*examples have no single axis"):
+            jaxlinear.per_example_grad_norms(loss_fn, params, x, fallback="raise")
     model.eval()
     loss_fn, params = jlnnx.per_example_loss(model, lambda y: jnp.sum(y**2, axis=1))
     norms = jaxlinear.per_example_grad_norms(loss_fn, params, x)

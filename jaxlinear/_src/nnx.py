@@ -527,16 +527,18 @@ def per_example_loss(model, loss, *, params=None):
     model on ``params``. The gradients come back as an ``nnx.State`` shaped like ``params``:
     apply them with ``nnx.update`` or an ``nnx.Optimizer``.
 
-    Dropout and batch statistics: ``loss_fn`` runs the model in the mode it is in. In
-    training mode (``model.train()``) an ``nnx.Dropout`` draws from its RNG counter and an
-    ``nnx.BatchNorm`` updates its running statistics, both state mutated inside the traced
-    loss: ``per_example_routes``, ``per_example_grad_norms`` and ``clipped_grad`` then
-    raise Flax's ``TraceContextError`` ("Cannot mutate RngCount / BatchStat from a
-    different trace level"). In evaluation mode (``model.eval()``) dropout is the identity
-    and batch normalization uses its running averages, so each example's loss depends on
-    that example alone, as the per-example functions require (statistics of the batch
-    would mix the examples). Training with dropout under DP is not supported yet; the
-    supported way will be linked here.
+    Dropout and batch statistics: ``loss_fn`` runs the model in the mode it is in.
+    - Dropout in training mode (``model.train()``) works: the loss is traced once, so each
+      example's mask is the one the plain step draws, and the RNG counters advance on
+      copies made inside the trace. ``model``'s own RNG state is not advanced by the
+      per-example functions: reseed between steps (``nnx.reseed``), or split a new key.
+    - ``nnx.BatchNorm`` in training mode normalizes with statistics of the whole batch,
+      which mixes the examples: a per-example gradient is not defined there.
+      ``per_example_routes`` names the leaves and the reduction that mixes them, and
+      ``fallback="raise"`` raises. Use ``model.eval()`` (running averages: each example's
+      loss depends on that example alone), or a per-example norm such as ``LayerNorm``
+      or ``GroupNorm``.
+    The guide: ``docs/guides/dp-real-models.md``.
 
     Args:
       model: an NNX module, e.g. after ``explicit(model)``.
