@@ -1,0 +1,440 @@
+"""The adapters against the original layers, option by option (non-default values).
+
+Each hypothesis example draws a few layers, converts a copy of each with
+``jaxlinear.nnx.explicit`` / ``jaxlinear.equinox.explicit``, and compares the converted
+layer with the original (Flax's or Equinox's own code under JAX's AD, float64): the output
+and the gradients in the parameters and the input of ``⟨sin(y), R⟩`` (``R`` varies with
+the position, so a shifted or permuted output changes the numbers). All layers of one
+example run in one jitted program. ``JAXLINEAR_LONG=1`` runs many more examples.
+
+Also: subclasses of every layer type the adapters convert are left as they are (their
+``__call__`` may compute something else), and mixed dtypes / ``param_dtype``.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import assert_trees_close
+
+nnx = pytest.importorskip("flax.nnx")
+eqx = pytest.importorskip("equinox")
+jlnnx = pytest.importorskip("jaxlinear.nnx")
+import jaxlinear.equinox as je  # noqa: E402
+
+LONG = bool(os.environ.get("JAXLINEAR_LONG"))
+BINDINGS = ("custom_vjp", "dual")
+
+
+def examples(ci):
+    """``ci`` examples (20× with ``JAXLINEAR_LONG=1``); no shrinking: every example compiles,
+    so a failure is reported as drawn (shrinking one would cost minutes)."""
+    return settings(
+        max_examples=ci * 20 if LONG else ci,
+        deadline=None,
+        derandomize=True,
+        phases=(Phase.explicit, Phase.generate),
+    )
+
+
+def _readout(y):
+    return jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))
+
+
+def _draw(key, shape, dtype=jnp.float64):
+    """A Flax initializer drawing with NumPy, seeded by the shape: nothing to compile."""
+    del key
+    scale = 1 / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+    return jnp.asarray(np.random.default_rng(list(shape)).standard_normal(shape) * scale, dtype)
+
+
+def _x(shape, dtype=jnp.float64, seed=0):
+    return jnp.asarray(np.random.default_rng([seed, *shape]).standard_normal(shape), dtype)
+
+
+# -- Flax NNX ------------------------------------------------------------------------------
+
+F64 = dict(kernel_init=_draw, bias_init=_draw, dtype=jnp.float64, param_dtype=jnp.float64)
+
+
+def _nnx_value_and_grads(m, x):
+    def loss(m, x):
+        y = m(x)
+        return jnp.sum(jnp.sin(y) * _readout(y)), y
+
+    (_, y), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(m, x)
+    return y, grads
+
+
+def check_nnx(layers, xs):
+    """Each Flax layer against its converted copy (one binding each, alternating)."""
+    pairs = [
+        (jlnnx.explicit(m, binding=BINDINGS[i % 2], copy=True), m) for i, m in enumerate(layers)
+    ]
+    for ours, _ in pairs:
+        assert all(r.status != "jax-ad" for r in jlnnx.report(ours).rows), jlnnx.report(ours)
+
+    @nnx.jit
+    def run(pairs, xs):
+        return [
+            [_nnx_value_and_grads(m, x) for m in pair] for pair, x in zip(pairs, xs, strict=True)
+        ]
+
+    for got, expected in run(pairs, xs):
+        assert_trees_close(got, expected, atol=1e-11, rtol=1e-11)
+
+
+def _padding(draw, rank, modes):
+    return draw(
+        st.sampled_from(
+            [
+                *modes,
+                1,
+                tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(rank)),
+            ]
+        )
+    )
+
+
+def _mask(draw, shape):
+    if not draw(st.booleans()):
+        return None
+    bits = draw(st.lists(st.booleans(), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    return jnp.asarray(np.reshape(bits, shape), jnp.float64)
+
+
+@st.composite
+def nnx_conv_transposes(draw):
+    """``nnx.ConvTranspose``: rank 1 or 2, strides, every padding (CIRCULAR with and
+    without ``transpose_kernel``), kernel dilation, mask, bias on/off, batch axes."""
+    rank = draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    c_in, c_out = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    transpose_kernel = draw(st.booleans())
+    kw = dict(
+        strides=tuple(draw(st.integers(1, 3)) for _ in range(rank)),
+        padding=_padding(draw, rank, ["SAME", "VALID", "CIRCULAR"]),
+        kernel_dilation=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+        use_bias=draw(st.booleans()),
+        transpose_kernel=transpose_kernel,
+    )
+    shape = (*kernel, c_out, c_in) if transpose_kernel else (*kernel, c_in, c_out)
+    kw["mask"] = _mask(draw, shape)
+    layer = nnx.ConvTranspose(c_in, c_out, kernel, rngs=nnx.Rngs(0), **kw, **F64)
+    batch = draw(st.sampled_from([(2,), (1, 2)]))
+    x = _x((*batch, *(draw(st.integers(2, 4)) for _ in range(rank)), c_in))
+    return layer, x
+
+
+@examples(5)
+@given(st.lists(nnx_conv_transposes(), min_size=3, max_size=3))
+def test_nnx_conv_transpose_options(cases):
+    check_nnx(*zip(*cases, strict=True))
+
+
+def test_nnx_conv_transpose_circular_masked_and_valid():
+    """The cases the issue names, fixed: CIRCULAR without ``transpose_kernel`` where the
+    wrap is uneven, a masked layer, VALID with a dilated kernel larger than the stride."""
+    mask = jnp.asarray([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]])  # (3, 1, 2)
+    layers = [
+        nnx.ConvTranspose(1, 2, (3,), strides=2, padding="CIRCULAR", rngs=nnx.Rngs(0), **F64),
+        nnx.ConvTranspose(1, 2, (2,), strides=3, padding="CIRCULAR", rngs=nnx.Rngs(0), **F64),
+        nnx.ConvTranspose(1, 2, (3,), padding="SAME", mask=mask, rngs=nnx.Rngs(0), **F64),
+        nnx.ConvTranspose(
+            1, 2, (3,), strides=2, padding="VALID", kernel_dilation=2, rngs=nnx.Rngs(0), **F64
+        ),
+    ]
+    check_nnx(layers, [_x((2, 5, 1)), _x((2, 4, 1)), _x((2, 4, 1)), _x((2, 3, 1))])
+
+
+@st.composite
+def nnx_convs(draw):
+    """``nnx.Conv`` (jaxlinear's op injected): rank 1 or 2, strides, every padding mode
+    Flax has, input and kernel dilation, feature groups, mask, bias on/off."""
+    rank = draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    groups = draw(st.integers(1, 2))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    modes = ["SAME", "VALID", "CIRCULAR", "REFLECT"] + (["CAUSAL"] if rank == 1 else [])
+    kw = dict(
+        strides=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+        padding=_padding(draw, rank, modes),
+        input_dilation=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+        kernel_dilation=tuple(draw(st.integers(1, 2)) for _ in range(rank)),
+        feature_group_count=groups,
+        use_bias=draw(st.booleans()),
+    )
+    if max(kw["input_dilation"]) > 1 and isinstance(kw["padding"], str):
+        kw["padding"] = 1  # lax (so Flax) defines no padding by name with input dilation
+    kw["mask"] = _mask(draw, (*kernel, c_in // groups, c_out))
+    layer = nnx.Conv(c_in, c_out, kernel, rngs=nnx.Rngs(0), **kw, **F64)
+    x = _x((2, *(draw(st.integers(3, 5)) for _ in range(rank)), c_in))
+    return layer, x
+
+
+@examples(5)
+@given(st.lists(nnx_convs(), min_size=3, max_size=3))
+def test_nnx_conv_options(cases):
+    check_nnx(*zip(*cases, strict=True))
+
+
+DTYPES = [  # (param_dtype, dtype, x dtype, tolerance)
+    (jnp.float32, None, jnp.float64, 1e-6),
+    (jnp.float64, jnp.float32, jnp.float64, 1e-6),
+    (jnp.float32, jnp.bfloat16, jnp.float32, 2e-2),
+    (jnp.bfloat16, None, jnp.float32, 2e-2),
+]
+
+
+@pytest.mark.parametrize("param_dtype,dtype,x_dtype,tol", DTYPES, ids=str)
+def test_nnx_dtypes_and_param_dtype(param_dtype, dtype, x_dtype, tol):
+    """Every converted NNX layer type with ``dtype`` / ``param_dtype``: the same result
+    dtypes and values as Flax's (a rounding of the same products)."""
+
+    def init(key, shape, dtype=jnp.float64):
+        return _draw(key, shape, dtype)
+
+    kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0))
+    ki = dict(kernel_init=init, bias_init=init, **kw)
+    layers = [
+        nnx.Linear(3, 2, **ki),
+        nnx.LinearGeneral(3, (2, 2), **ki),
+        nnx.Einsum("btd,dk->btk", (3, 2), (2,), **ki),
+        nnx.Conv(3, 2, (2,), **ki),
+        nnx.ConvTranspose(3, 2, (2,), strides=2, **ki),
+        nnx.Embed(4, 3, embedding_init=init, **kw),
+    ]
+    xs = [
+        _x((2, 3), x_dtype),
+        _x((2, 3), x_dtype),
+        _x((2, 2, 3), x_dtype),
+        _x((2, 4, 3), x_dtype),
+        _x((2, 3, 3), x_dtype),
+        jnp.asarray([[0, 3], [-1, 2]]),
+    ]
+    pairs = [(jlnnx.explicit(m, copy=True), m) for m in layers]
+
+    @nnx.jit
+    def run(pairs, xs):
+        out = []
+        for pair, x in zip(pairs, xs, strict=True):
+            if jnp.issubdtype(x.dtype, jnp.integer):  # embed: the table's gradient only
+                out.append(
+                    [(m(x), nnx.grad(lambda m, x=x: jnp.sum(jnp.sin(m(x))))(m)) for m in pair]
+                )
+            else:
+                out.append([_nnx_value_and_grads(m, x) for m in pair])
+        return out
+
+    for got, expected in run(pairs, xs):
+        assert_trees_close(got, expected, atol=tol, rtol=tol)
+
+
+def _nnx_subclasses():
+    """A subclass of each layer type ``explicit`` converts, whose ``__call__`` differs."""
+
+    def doubled(cls):
+        def call(self, x):
+            return 2 * cls.__call__(self, x)
+
+        return type(f"My{cls.__name__}", (cls,), {"__call__": call})
+
+    rngs = nnx.Rngs(0)
+    return [
+        (doubled(nnx.Linear)(3, 2, rngs=rngs, **F64), _x((2, 3))),
+        (doubled(nnx.LinearGeneral)(3, 2, rngs=rngs, **F64), _x((2, 3))),
+        (doubled(nnx.Einsum)("bd,dk->bk", (3, 2), rngs=rngs, **F64), _x((2, 3))),
+        (doubled(nnx.Conv)(3, 2, (2,), rngs=rngs, **F64), _x((2, 4, 3))),
+        (doubled(nnx.ConvTranspose)(3, 2, (2,), rngs=rngs, **F64), _x((2, 4, 3))),
+        (
+            doubled(nnx.Embed)(4, 3, rngs=rngs, param_dtype=jnp.float64, embedding_init=_draw),
+            jnp.asarray([0, 3]),
+        ),
+    ]
+
+
+def test_nnx_subclasses_of_every_converted_type_are_left_alone():
+    for layer, x in _nnx_subclasses():
+        before = layer(x)
+        model = jlnnx.explicit(nnx.Sequential(layer))
+        sub = model.layers[0]
+        assert type(sub) is type(layer), type(sub)
+        assert jlnnx.report(model).rows[0].status == "untouched"
+        assert "subclass of nnx." in jlnnx.report(model).rows[0].runs
+        for attr in ("dot_general", "einsum_op", "conv_general_dilated"):
+            assert not getattr(getattr(sub, attr, None), "__module__", "").startswith("jaxlinear")
+        np.testing.assert_array_equal(sub(x), before)
+
+
+# -- Equinox -------------------------------------------------------------------------------
+
+
+def _eqx_value_and_grads(m, x):
+    def loss(m, x):
+        y = jax.vmap(m)(x)
+        return jnp.sum(jnp.sin(y) * _readout(y)), y
+
+    (_, y), grads = eqx.filter_value_and_grad(loss, has_aux=True)(m, x)
+    dx = jax.grad(lambda x: loss(m, x)[0])(x)
+    return y, grads, dx
+
+
+def check_eqx(layers, xs):
+    pairs = [(je.explicit(m, binding=BINDINGS[i % 2]), m) for i, m in enumerate(layers)]
+    for ours, m in pairs:
+        assert type(ours) is not type(m) and isinstance(ours, type(m))
+
+    @eqx.filter_jit
+    def run(pairs, xs):
+        return [
+            [_eqx_value_and_grads(m, x) for m in pair] for pair, x in zip(pairs, xs, strict=True)
+        ]
+
+    for got, expected in run(pairs, xs):
+        # (the converted layer's grads are a module of another class: compare the leaves)
+        assert_trees_close(jax.tree.leaves(got), jax.tree.leaves(expected), atol=1e-11, rtol=1e-11)
+
+
+@st.composite
+def eqx_convs(draw):
+    """``eqx.nn.Conv`` / ``ConvTranspose``, 1-3 D: every padding mode, padding forms,
+    strides, dilation, groups, output padding, bias on/off."""
+    transpose = draw(st.booleans())
+    rank = draw(st.integers(1, 3 if not transpose else 2))
+    groups = draw(st.integers(1, 2))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    size = tuple(draw(st.integers(3, 5)) for _ in range(rank))
+    key = jax.random.key(0)
+    common = dict(
+        stride=stride,
+        dilation=dilation,
+        groups=groups,
+        use_bias=draw(st.booleans()),
+        dtype=jnp.float64,
+        key=key,
+    )
+    if transpose:
+        mode = draw(st.sampled_from(["ZEROS", "CIRCULAR"]))
+        # (Equinox: CIRCULAR only with SAME / SAME_LOWER padding)
+        padding = draw(
+            st.sampled_from([0, 1, "SAME", "VALID"] if mode == "ZEROS" else ["SAME", "SAME_LOWER"])
+        )
+        # output padding must stay below the stride (or the dilation)
+        out_pad = tuple(
+            draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)
+        )
+        if mode == "CIRCULAR" or isinstance(padding, str):
+            out_pad = 0
+        layer = eqx.nn.ConvTranspose(
+            rank,
+            c_in,
+            c_out,
+            kernel,
+            padding=padding,
+            output_padding=out_pad,
+            padding_mode=mode,
+            **common,
+        )
+    else:
+        mode = draw(st.sampled_from(["ZEROS", "REFLECT", "REPLICATE", "CIRCULAR"]))
+        pads = [
+            0,
+            1,
+            "SAME",
+            "SAME_LOWER",
+            "VALID",
+            tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in size),
+        ]
+        padding = draw(st.sampled_from(pads))
+        if mode != "ZEROS" and not isinstance(padding, str):  # non-zero modes: pad < size
+            padding = 1
+        layer = eqx.nn.Conv(rank, c_in, c_out, kernel, padding=padding, padding_mode=mode, **common)
+    return layer, _x((2, c_in, *size))
+
+
+@examples(6)
+@given(st.lists(eqx_convs(), min_size=3, max_size=3))
+def test_equinox_conv_and_conv_transpose_options(cases):
+    check_eqx(*zip(*cases, strict=True))
+
+
+def test_equinox_conv_transpose_dilated_and_circular():
+    """The cases the issue names, fixed: ``ConvTranspose`` with dilation > 1 (with output
+    padding), and CIRCULAR padding with a stride."""
+    key = jax.random.key(0)
+    layers = [
+        eqx.nn.ConvTranspose1d(
+            2, 3, 3, stride=2, dilation=2, padding=1, output_padding=1, key=key, dtype=jnp.float64
+        ),
+        eqx.nn.ConvTranspose2d(
+            2,
+            2,
+            (2, 3),
+            stride=(1, 2),
+            dilation=(2, 1),
+            groups=2,
+            use_bias=False,
+            key=key,
+            dtype=jnp.float64,
+        ),
+        eqx.nn.ConvTranspose1d(
+            1, 2, 3, stride=2, padding="SAME", padding_mode="CIRCULAR", key=key, dtype=jnp.float64
+        ),
+    ]
+    check_eqx(layers, [_x((2, 2, 4)), _x((2, 2, 3, 4)), _x((2, 1, 5))])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
+def test_equinox_dtypes(dtype):
+    """Layers made in float32 / bfloat16 (Equinox's ``dtype``): the same result dtypes and
+    values as Equinox's, on inputs of that dtype."""
+    key = jax.random.key(0)
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    layers = [
+        eqx.nn.Linear(3, 2, key=key, dtype=dtype),
+        eqx.nn.Conv1d(3, 2, 2, stride=2, key=key, dtype=dtype),
+        eqx.nn.ConvTranspose1d(3, 2, 2, stride=2, key=key, dtype=dtype),
+    ]
+    xs = [_x((2, 3), dtype), _x((2, 3, 4), dtype), _x((2, 3, 3), dtype)]
+    pairs = [(je.explicit(m), m) for m in layers]
+    for (ours, m), x in zip(pairs, xs, strict=True):
+        got, want = jax.vmap(ours)(x), jax.vmap(m)(x)
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+        )
+    table = eqx.nn.Embedding(4, 3, key=key, dtype=dtype)
+    ids = jnp.asarray([0, 3, -1])
+    got, want = jax.vmap(je.explicit(table))(ids), jax.vmap(table)(ids)
+    assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_equinox_subclasses_of_every_converted_type_are_left_alone():
+    key = jax.random.key(0)
+
+    def doubled(cls):
+        def call(self, x, *, key=None):
+            return 2 * cls.__call__(self, x)
+
+        return type(f"My{cls.__name__}", (cls,), {"__call__": call})
+
+    layers = [
+        (doubled(eqx.nn.Linear)(3, 2, key=key), _x((3,))),
+        (doubled(eqx.nn.Conv)(1, 3, 2, 2, key=key), _x((3, 4))),
+        (doubled(eqx.nn.Conv2d)(3, 2, 2, key=key), _x((3, 4, 4))),
+        (doubled(eqx.nn.ConvTranspose1d)(3, 2, 2, key=key), _x((3, 4))),
+        (doubled(eqx.nn.Embedding)(4, 3, key=key), jnp.asarray(2)),
+    ]
+    for layer, x in layers:
+        new = je.explicit([layer])[0]
+        assert type(new) is type(layer)
+        np.testing.assert_array_equal(new(x), layer(x))
+        assert "subclass of eqx.nn." in je.report([layer]).rows[0].runs
