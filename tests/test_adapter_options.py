@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import assert_trees_close
@@ -39,6 +39,7 @@ def examples(ci):
         deadline=None,
         derandomize=True,
         phases=(Phase.explicit, Phase.generate),
+        suppress_health_check=list(HealthCheck),  # drawing builds arrays: slow when loaded
     )
 
 
@@ -233,6 +234,63 @@ def test_nnx_dtypes_and_param_dtype(param_dtype, dtype, x_dtype, tol):
 
     for got, expected in run(pairs, xs):
         assert_trees_close(got, expected, atol=tol, rtol=tol)
+
+
+def test_nnx_dense_family_options():
+    """``Linear`` without bias, ``LinearGeneral`` over several input/output axes and with a
+    batch axis, ``Einsum`` with the examples inside the output and a bias broadcast along
+    a middle axis, ``precision``: each against Flax's own layer."""
+
+    def init(key, shape, dtype=jnp.float64):
+        return _draw(key, shape, dtype)
+
+    kw = dict(kernel_init=init, bias_init=init, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    layers = [
+        nnx.Linear(3, 2, use_bias=False, precision=jax.lax.Precision.HIGHEST, **kw),
+        nnx.LinearGeneral((2, 3), (2, 2), axis=(-2, -1), **kw),
+        nnx.LinearGeneral(3, 2, axis=-1, batch_axis={0: 2}, **kw),
+        nnx.Einsum("nhk,kj->jnh", (3, 4), (4, 1, 1), **kw),
+    ]
+    check_nnx(layers, [_x((2, 3)), _x((2, 2, 3)), _x((2, 4, 3)), _x((3, 2, 3))])
+
+
+def test_nnx_per_example_through_the_adapter():
+    """``jaxlinear.nnx.per_example_loss`` on converted ``LinearGeneral`` (several axes) and
+    ``Einsum`` (examples inside the output, a bias on a middle axis): every leaf
+    structural, norms and clipped gradients as ``vmap(grad)`` of Flax's own model."""
+    from test_per_example import reference, reference_clipped, reference_norms
+
+    import jaxlinear
+
+    def init(key, shape, dtype=jnp.float64):
+        return _draw(key, shape, dtype)
+
+    kw = dict(kernel_init=init, bias_init=init, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.a = nnx.LinearGeneral(3, (2, 2), axis=-1, **kw)
+            self.b = nnx.LinearGeneral((2, 2), 3, axis=(-2, -1), **kw)
+            self.c = nnx.Einsum("nhk,kj->njh", (3, 4), (4, 1), **kw)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x))).sum(-1) + self.c(x).sum(1)
+
+    def loss(y):
+        return jnp.sum(jnp.sin(y) * _readout(y[0])[None], axis=1)
+
+    model, x = Model(), _x((3, 2, 3))
+    plain, params = jlnnx.per_example_loss(model, loss)
+    per_example = reference(plain, params, x)
+    loss_fn, params = jlnnx.per_example_loss(jlnnx.explicit(model), loss)
+    grads, norms = jax.jit(
+        lambda p: jaxlinear.clipped_grad(loss_fn, p, x, clip_norm=1.0, fallback="raise")
+    )(params)
+    expected = reference_norms(per_example)
+    np.testing.assert_allclose(norms, expected, rtol=1e-12)
+    assert_trees_close(grads, reference_clipped(per_example, 1.0)[0], atol=1e-12)
+    counts = jaxlinear.per_example_routes(loss_fn, params, x).counts()
+    assert "fallback" not in counts and counts.get("bias") == 3, counts
 
 
 def _nnx_subclasses():

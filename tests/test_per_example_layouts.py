@@ -19,7 +19,7 @@ import string
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from jax import lax
 from test_per_example import assert_rel_close, reference, reference_clipped, reference_norms
@@ -38,6 +38,7 @@ def examples(ci):
         deadline=None,
         derandomize=True,
         phases=(Phase.explicit, Phase.generate),
+        suppress_health_check=list(HealthCheck),  # drawing builds arrays: slow when loaded
     )
 
 
