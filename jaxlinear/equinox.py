@@ -10,7 +10,9 @@ runs the same computation through a jaxlinear op:
                                       ``padding_mode`` other than zeros pads first)
 ``eqx.nn.ConvTranspose`` (1-3D)        ``conv_general_dilated`` with the input dilated,
                                       as Equinox computes it
-``eqx.nn.Embedding``                   ``embed``
+``eqx.nn.Embedding``                   ``embed`` indexing as ``weight[x]`` does: a
+                                      negative id wraps once, an out-of-range id is
+                                      clamped to an end row (``mode="clip"``)
 ``eqx.nn.MultiheadAttention``          its four ``Linear`` projections; the two
                                       activation-activation einsums (``q·kᵀ``,
                                       ``softmax·v``) stay JAX's
@@ -147,7 +149,11 @@ def _embedding_call(self, x, *, key=None):
             "`eqx.nn.Embedding()(x)` should be called with a scalar index `x`. "
             "Use `jax.vmap` if you would like to index with multiple values."
         )
-    return _op(self, "embed")(self.weight, jnp.asarray(x))
+    # Equinox indexes `weight[x]`: JAX wraps a negative index once, then clamps into
+    # [0, V) (its gather's default), so an out-of-range id reads, and trains, an end row.
+    x = jnp.asarray(x)
+    x = jnp.where(x < 0, x + self.num_embeddings, x)
+    return _op(self, "embed")(self.weight, x, mode="clip")
 
 
 # class -> (its new __call__, the op it runs, what the report says)

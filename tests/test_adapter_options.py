@@ -450,29 +450,57 @@ def test_equinox_conv_transpose_dilated_and_circular():
     check_eqx(layers, [_x((2, 2, 4)), _x((2, 2, 3, 4)), _x((2, 1, 5))])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
-def test_equinox_dtypes(dtype):
-    """Layers made in float32 / bfloat16 (Equinox's ``dtype``): the same result dtypes and
-    values as Equinox's, on inputs of that dtype."""
+def test_equinox_dtypes():
+    """float32 and bfloat16 layers (Equinox's ``dtype``) on inputs of that dtype: the same
+    result and gradient dtypes as Equinox's, values within a rounding (one program)."""
     key = jax.random.key(0)
-    tol = 1e-6 if dtype == jnp.float32 else 2e-2
-    layers = [
-        eqx.nn.Linear(3, 2, key=key, dtype=dtype),
-        eqx.nn.Conv1d(3, 2, 2, stride=2, key=key, dtype=dtype),
-        eqx.nn.ConvTranspose1d(3, 2, 2, stride=2, key=key, dtype=dtype),
-    ]
-    xs = [_x((2, 3), dtype), _x((2, 3, 4), dtype), _x((2, 3, 3), dtype)]
+    layers, xs = [], []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        layers += [
+            eqx.nn.Linear(3, 2, key=key, dtype=dtype),
+            eqx.nn.Conv1d(3, 2, 2, stride=2, key=key, dtype=dtype),
+            eqx.nn.ConvTranspose1d(3, 2, 2, stride=2, key=key, dtype=dtype),
+        ]
+        xs += [_x((2, 3), dtype), _x((2, 3, 4), dtype), _x((2, 3, 3), dtype)]
     pairs = [(je.explicit(m), m) for m in layers]
-    for (ours, m), x in zip(pairs, xs, strict=True):
-        got, want = jax.vmap(ours)(x), jax.vmap(m)(x)
-        assert got.dtype == want.dtype == dtype
-        np.testing.assert_allclose(
-            np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
-        )
-    table = eqx.nn.Embedding(4, 3, key=key, dtype=dtype)
+    tables = [eqx.nn.Embedding(4, 3, key=key, dtype=d) for d in (jnp.float32, jnp.bfloat16)]
     ids = jnp.asarray([0, 3, -1])
-    got, want = jax.vmap(je.explicit(table))(ids), jax.vmap(table)(ids)
-    assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+
+    @eqx.filter_jit
+    def run(pairs, xs, tables):
+        dense = [[_eqx_value_and_grads(m, x) for m in p] for p, x in zip(pairs, xs, strict=True)]
+        return dense, [[jax.vmap(t)(ids) for t in (je.explicit(t), t)] for t in tables]
+
+    dense, lookups = run(pairs, xs, tables)
+    for got, expected in dense:
+        tol = 1e-6 if got[0].dtype == jnp.float32 else 2e-2  # got[0]: the layer's output
+        for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            assert a.dtype == e.dtype == got[0].dtype, (a.dtype, e.dtype)
+            a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+            np.testing.assert_allclose(a, e, rtol=tol, atol=tol * np.abs(e).max())
+    for got, want in lookups:
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_equinox_embedding_ids_out_of_range_as_equinox():
+    """``eqx.nn.Embedding`` indexes ``weight[x]``: a negative id in ``[-V, 0)`` wraps, any
+    other id is clamped to an end row, which also gets its gradient. The converted layer
+    does the same (value and gradient), in both bindings."""
+    table = eqx.nn.Embedding(4, 3, weight=_x((4, 3)))
+    ids = jnp.asarray([0, 3, -1, -4, 4, 9, -5, -9, 2, 2])
+
+    def value_and_grad(m):
+        def loss(m):
+            y = jax.vmap(m)(ids)
+            return jnp.sum(jnp.sin(y) * _readout(y)), y
+
+        (_, y), grads = eqx.filter_value_and_grad(loss, has_aux=True)(m)
+        return y, grads.weight
+
+    run = eqx.filter_jit(lambda ms: [value_and_grad(m) for m in ms])
+    expected, *got = run([table, *(je.explicit(table, binding=b) for b in BINDINGS)])
+    for g in got:
+        assert_trees_close(g, expected)
 
 
 def test_equinox_subclasses_of_every_converted_type_are_left_alone():

@@ -322,6 +322,22 @@ MUTANTS = [
         "subclasses of Equinox layers taken for the layer itself",
     ),
     Mutant(
+        "equinox_embedding_negative_ids_clamped",
+        "jaxlinear/equinox.py",
+        "    x = jnp.where(x < 0, x + self.num_embeddings, x)\n",
+        "",
+        ("tests/test_adapter_options.py", "-k", "equinox_embedding"),
+        "Equinox Embedding: a negative id reads row 0 instead of wrapping (weight[-1])",
+    ),
+    Mutant(
+        "equinox_embedding_out_of_range_reads_zeros",
+        "jaxlinear/equinox.py",
+        'return _op(self, "embed")(self.weight, x, mode="clip")',
+        'return _op(self, "embed")(self.weight, x)',
+        ("tests/test_adapter_options.py", "-k", "equinox_embedding"),
+        "Equinox Embedding: an out-of-range id reads zeros (Equinox clamps: the bug fixed here)",
+    ),
+    Mutant(
         "from_torch_bf16_comes_back_float32",
         "jaxlinear/_src/convert.py",
         "return jnp.asarray(np.asarray(a.float()), jnp.bfloat16)",
