@@ -19,6 +19,7 @@ import string
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from jax import lax
@@ -370,3 +371,58 @@ def test_leaf_used_by_an_op_and_a_regulariser():
         return jnp.full((N,), r) + 0.1 * jnp.sum(b**2)
 
     check(layers, extra=regulariser)
+
+
+# -- axis 0 of an op's input with n entries that are not the examples --------------------
+
+
+def test_time_major_input_with_as_many_steps_as_examples():
+    """``x: (n, T, d)`` made time-major ``(T, n, d)`` before the op, with ``T = n``: axis 0
+    of the op's input has ``n`` entries but they are time steps. Its leaves must not be
+    read as structural (``fallback="raise"`` names them; the fallback's numbers are right).
+    A loss with the batch size written into it (not traceable at another size) keeps
+    today's reading of axis 0 as the examples."""
+    rng = np.random.default_rng(4)
+    p = jaxlinear.Params(jnp.asarray(rng.normal(size=(2, 4))), jnp.asarray(rng.normal(size=4)))
+    x = jnp.asarray(rng.normal(size=(N, N, 2)))
+
+    def time_major(linear):
+        def loss(p, x):
+            y = linear(p, jnp.swapaxes(x, 0, 1))  # (T, n, 4)
+            return jnp.sum(jnp.sin(y) * _readout_like(y), axis=(0, 2))
+
+        return loss
+
+    def fixed_batch(linear):
+        def loss(p, x):
+            y = linear(p, x.reshape(N, N, 2))  # N written in: no other batch size traces
+            return jnp.sum(jnp.sin(y) * _readout_like(y), axis=(1, 2))
+
+        return loss
+
+    def plain(p, x):
+        return x @ p.W + p.b.reshape(1, 1, -1)
+
+    loss = time_major(jaxlinear.linear)
+    with pytest.raises(
+        ValueError,
+        match=r"`params\.W` is used by a jaxlinear affine call whose"
+        r" input `x` \(shape \(3, 3, 2\)\) has 3 entries on axis 0 that are not",
+    ):
+        jaxlinear.per_example_grad_norms(loss, p, x, fallback="raise")
+    expected = reference_norms(reference(time_major(plain), p, x))
+    assert_rel_close(
+        jax.jit(lambda p, x: jaxlinear.per_example_grad_norms(loss, p, x))(p, x), expected, 1e-10
+    )
+    assert jaxlinear.per_example_routes(loss, p, x).counts() == {"fallback": 2}
+    # The batch size written in: vmap(grad) over batches of one cannot run it; the
+    # reference is the Jacobian of the n losses (row i: example i's gradient).
+    loss = fixed_batch(jaxlinear.linear)
+    jac = jax.jacrev(fixed_batch(plain))(p, x)
+    norms = jax.jit(lambda p, x: jaxlinear.per_example_grad_norms(loss, p, x, fallback="raise"))
+    assert_rel_close(norms(p, x), reference_norms(jac), 1e-10)
+    assert "fallback" not in jaxlinear.per_example_routes(loss, p, x).counts()
+
+
+def _readout_like(y):
+    return jnp.cos(jnp.arange(y[0].size, dtype=y.dtype).reshape(y.shape[1:]))[None]

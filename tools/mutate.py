@@ -224,6 +224,14 @@ MUTANTS = [
         "clipping factors applied along axis 0 of g, not the examples' axis",
     ),
     Mutant(
+        "per_example_example_axis_unchecked",
+        "jaxlinear/_src/per_example.py",
+        "    if len(shapes.x_shapes) != len(calls):\n        return",
+        "    if True:\n        return",
+        ("tests/test_per_example_layouts.py", "-k", "time_major"),
+        "axis 0 of an op's input taken for the examples because it has n entries (T = n)",
+    ),
+    Mutant(
         "embed_rank_one_counts_out_of_range_ids",
         "jaxlinear/_src/ops/embed.py",
         "jnp.where(inside[:, 0], jnp.sum(g[:, 0] ** 2, axis=-1), 0)",

@@ -154,6 +154,43 @@ class _Discover:
         return y
 
 
+class _Shapes:
+    """A recorder that notes each op call's input shape (``_check_example_axes``)."""
+
+    def __init__(self):
+        self.x_shapes: list[tuple[int, ...]] = []
+
+    def layer(self, rule, apply, x, w, b):
+        self.x_shapes.append(tuple(np.shape(x)))
+        return apply(x, w, b)
+
+
+def _check_example_axes(calls, loss_fn, params, args, n):
+    """Axis 0 of each op's input must *be* the examples, not merely have ``n`` entries (a
+    time-major ``(T, n, d)`` input with ``T = n``): ``loss_fn`` is traced again, abstractly,
+    on ``n + 1`` examples, and a call whose input does not become ``(n + 1, *rest)`` is not
+    tapped (its leaves take the fallback). Skipped where ``loss_fn`` cannot be traced at
+    another batch size (sizes written into it) or makes other op calls there: then axis 0
+    is trusted, as before."""
+    shapes = _Shapes()
+    bigger = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n + 1, *a.shape[1:]), a.dtype), args)
+    try:
+        jax.eval_shape(lambda args: taps.recording(shapes, loss_fn, params, *args), bigger)
+    except Exception:  # any failure at another batch size: nothing to check
+        return
+    if len(shapes.x_shapes) != len(calls):
+        return
+    for call, shape in zip(calls, shapes.x_shapes, strict=True):
+        if call.reason is None and shape != (n + 1, *call.x_shape[1:]):
+            call.y_axis = None
+            call.reason = (
+                f"used by a jaxlinear {call.rule.name} call whose input `x` (shape"
+                f" {call.x_shape}) has {n} entries on axis 0 that are not the examples (with"
+                f" {n + 1} examples its shape is {shape}; a batch size written into loss_fn"
+                " does this too)"
+            )
+
+
 @dataclasses.dataclass
 class _Entry:
     """A structural leaf: the ``w`` or a bias of one op call."""
@@ -506,6 +543,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     closed, out = jax.make_jaxpr(discover, return_shape=True)(leaves, args)
     _check_losses(fn, out, n)
     calls = recorders[0].calls
+    _check_example_axes(calls, loss_fn, treedef.unflatten(leaves), args, n)
     entries, reasons = _analyse(closed.jaxpr, calls, L)
     if not recorders[0].readable:  # matching reads each tracer's jaxpr variable (`.val`)
         why = "not matched to an op: this JAX version's tracers expose no jaxpr variables"
