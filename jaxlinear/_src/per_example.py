@@ -28,7 +28,9 @@ How leaves are matched to ops (all at trace time):
    a ``(1, d)`` row bias), and is used nowhere else; or when it is added to an op's
    output right after the op as a bias broadcast over the output's trailing axes (Flax's
    ``Linear``, ``Conv``, ``Einsum`` add their bias outside the op). The op's input must
-   have the ``n`` examples on axis 0 and the op must keep that axis (``example_axis``).
+   have the ``n`` examples on axis 0 (checked by tracing ``loss_fn`` once more, abstractly,
+   on ``n + 1`` examples: a time-major ``(T, n, d)`` with ``T = n`` is not read as
+   examples) and the op must keep that axis (``example_axis``).
 2. *Computation*: ``loss_fn`` runs again under ``jax.vjp``; each op call that holds a
    structural leaf returns ``y + Z_k`` with an input ``Z_k = 0`` of ``y``'s shape and keeps
    its input ``x_k``. The cotangent of ``Z_k`` is ``g_k``.
