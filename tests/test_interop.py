@@ -75,10 +75,17 @@ def test_sharded_layers_name_the_conversion():
 
 
 class FakeTensor:
-    """What ``from_torch`` reads from a ``torch.Tensor``: detach, cpu, numpy (no torch here)."""
+    """What ``from_torch`` reads from a ``torch.Tensor`` (no torch here): ``detach``,
+    ``cpu``, ``numpy``, ``float``, ``__array__`` and a ``dtype`` that names the tensor's own
+    dtype, as torch does (``"torch.float16"``, ...). As in torch, a bfloat16 tensor has no
+    NumPy form (``.numpy()`` raises ``TypeError``); ``.float()`` converts it exactly."""
 
-    def __init__(self, a):
-        self.a, self.dtype = np.asarray(a), "torch.float32"
+    def __init__(self, a, dtype=None):
+        a = np.asarray(a)
+        self.dtype = f"torch.{dtype or a.dtype}"
+        if self.dtype == "torch.bfloat16":  # kept as float32 holding bfloat16 values
+            a = np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32)
+        self.a = a
 
     def detach(self):
         return self
@@ -87,7 +94,15 @@ class FakeTensor:
         return self
 
     def numpy(self):
+        if self.dtype == "torch.bfloat16":
+            raise TypeError("Got unsupported ScalarType BFloat16")  # torch's message
         return self.a
+
+    def float(self):
+        return FakeTensor(self.a.astype(np.float32))
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(tensor), through .numpy() in torch
+        return np.asarray(self.numpy(), dtype)
 
 
 def test_torch_linear_round_trip_and_values():
@@ -125,6 +140,36 @@ def test_torch_conv2d_oihw_round_trip_and_values(f):
         w = RNG.standard_normal(shape)
         np.testing.assert_array_equal(jaxlinear.to_torch(jaxlinear.from_torch({"weight": w}))
                                       ["weight"], w)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_torch_dtypes_every_rank_and_prefixes(dtype):
+    """bf16, f16 and f32 tensors keep their dtype (bf16 through ``.float()``, exactly) and
+    their values, for a Linear and a Conv1d/2d/3d (non-square kernels, ``I ≠ O``), read
+    from a whole model's state dict by (nested) prefix; ``to_torch`` gives them back."""
+    want = jnp.dtype(dtype)
+    shapes = {"fc": (3, 4), "enc.conv1": (5, 2, 3), "enc.conv2": (5, 2, 3, 2),
+              "enc.block.conv3": (5, 2, 3, 2, 1)}  # fmt: skip
+    arrays = {k: np.asarray(jnp.asarray(RNG.standard_normal(s), want), np.float32)
+              for k, s in shapes.items()}  # fmt: skip
+    biases = {k: np.asarray(jnp.asarray(RNG.standard_normal(s[0]), want), np.float32)
+              for k, s in shapes.items()}  # fmt: skip
+    held = np.float32 if dtype == "bfloat16" else dtype  # what the stand-in holds
+    sd = {}
+    for k in shapes:  # as a torch model's state dict: "<prefix>.weight", "<prefix>.bias"
+        sd[f"{k}.weight"] = FakeTensor(arrays[k].astype(held), dtype)
+        sd[f"{k}.bias"] = FakeTensor(biases[k].astype(held), dtype)
+    for k, shape in shapes.items():
+        p = jaxlinear.from_torch(sd, prefix=k)
+        assert p.W.dtype == p.b.dtype == want, (k, p.W.dtype, p.b.dtype)
+        # PyTorch (out, in) / (O, I, *kernel) -> (in, out) / (*kernel, I, O), by hand
+        moved = np.moveaxis(arrays[k], (0, 1), (-1, -2))
+        assert p.W.shape == moved.shape, (k, p.W.shape)
+        np.testing.assert_array_equal(np.asarray(p.W, np.float32), moved)
+        np.testing.assert_array_equal(np.asarray(p.b, np.float32), biases[k])
+        back = jaxlinear.to_torch(p)
+        assert back["weight"].dtype == want and back["weight"].shape == shape
+        np.testing.assert_array_equal(np.asarray(back["weight"], np.float32), arrays[k])
 
 
 def test_equinox_conv_bias_is_flattened():

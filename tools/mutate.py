@@ -174,6 +174,193 @@ MUTANTS = [
         ("tests/test_per_example_family.py", "-k", "conv and groups"),
         "conv's per-example rule mixes the feature groups",
     ),
+    # --- per-example rules off the usual path (issue 24) -----------------------------------
+    Mutant(
+        "einsum_ghost_g_read_in_y_order",
+        "jaxlinear/_src/ops/einsum.py",
+        'G = jnp.einsum(f"{ys}->{e}{T}{p}", g).reshape(n, X.shape[1], -1)',
+        "G = g.reshape(n, X.shape[1], -1)",
+        ("tests/test_per_example_layouts.py", "-k", "einsum"),
+        "einsum's ghost rule reads g as if y were (examples, T letters, p letters)",
+    ),
+    Mutant(
+        "dot_general_ghost_with_batch_axes",
+        "jaxlinear/_src/ops/dot_general.py",
+        "if xb:  # batch axes pair x with w",
+        "if False:  # batch axes pair x with w",
+        ("tests/test_per_example_layouts.py", "-k", "one_and_two_shared"),
+        "dot_general's ghost rule used with batch axes shared with the weight",
+    ),
+    Mutant(
+        "per_example_leaf_used_elsewhere_structural",
+        "jaxlinear/_src/per_example.py",
+        "            elif once:\n                entries.append(",
+        "            else:\n                entries.append(",
+        ("tests/test_per_example_layouts.py", "-k", "regulariser"),
+        "a weight also used outside its op (a regulariser) counted as structural",
+    ),
+    Mutant(
+        "per_example_bias_after_used_elsewhere",
+        "jaxlinear/_src/per_example.py",
+        "        if j is None or not once:\n            return None",
+        "        if j is None:\n            return None",
+        ("tests/test_per_example_layouts.py", "-k", "regulariser"),
+        "a bias added after the op and also used elsewhere counted as structural",
+    ),
+    Mutant(
+        "per_example_bias_rows_axes_not_shifted",
+        "jaxlinear/_src/per_example.py",
+        "moved = [a + (a < y_axis) for a in axes]",
+        "moved = list(axes)",
+        ("tests/test_per_example_layouts.py", "-k", "einsum"),
+        "a bias on an axis before the examples' axis of y summed over the wrong axes",
+    ),
+    Mutant(
+        "per_example_scaled_on_axis_0",
+        "jaxlinear/_src/per_example.py",
+        "shape[y_axis] = factors.shape[0]",
+        "shape[0] = factors.shape[0]",
+        ("tests/test_per_example_layouts.py", "-k", "einsum"),
+        "clipping factors applied along axis 0 of g, not the examples' axis",
+    ),
+    Mutant(
+        "per_example_example_axis_unchecked",
+        "jaxlinear/_src/per_example.py",
+        "    if len(shapes.x_shapes) != len(calls):\n        return",
+        "    if True:\n        return",
+        ("tests/test_per_example_layouts.py", "-k", "time_major"),
+        "axis 0 of an op's input taken for the examples because it has n entries (T = n)",
+    ),
+    Mutant(
+        "embed_rank_one_counts_out_of_range_ids",
+        "jaxlinear/_src/ops/embed.py",
+        "jnp.where(inside[:, 0], jnp.sum(g[:, 0] ** 2, axis=-1), 0)",
+        "jnp.sum(g[:, 0] ** 2, axis=-1)",
+        ("tests/test_per_example_layouts.py", "-k", "embed"),
+        "one id per example: an out-of-range id's cotangent counted in the norm",
+    ),
+    Mutant(
+        "embed_gram_negative_ids_not_wrapped",
+        "jaxlinear/_src/ops/embed.py",
+        "row = jnp.where(ids < 0, ids + V, ids)",
+        "row = ids",
+        ("tests/test_per_example_layouts.py", "-k", "embed"),
+        "embed's Gram rule: a negative id and its positive twin not seen as one row",
+    ),
+    Mutant(
+        "conv_ghost_channels_first_not_moved",
+        "jaxlinear/_src/ops/conv.py",
+        "a = jnp.moveaxis(a, (out_spec[0], out_spec[1]), (0, -1)).reshape(n, T, groups, size)",
+        "a = a.reshape(n, T, groups, size)",
+        ("tests/test_per_example_layouts.py", "-k", "conv_every_layout"),
+        "conv's per-example rule reads a channels-first y as channels-last",
+    ),
+    Mutant(
+        "conv_per_example_groups_not_interleaved",
+        "jaxlinear/_src/ops/conv.py",
+        "w_bars = jnp.moveaxis(w_bars, 1, -2).reshape(n, -1, *kernel, groups * p)",
+        "w_bars = w_bars.reshape(n, -1, *kernel, groups * p)",
+        ("tests/test_per_example_layouts.py", "-k", "conv_every_layout"),
+        "conv's per-example w̄_i with feature groups laid out in the wrong order",
+    ),
+    Mutant(
+        "conv_transpose_per_example_not_flipped_back",
+        "jaxlinear/_src/ops/conv_transpose.py",
+        "return route, sq, lax.rev(w_bars, tuple(1 + a for a in spec.dimension_numbers."
+        "rhs_spec[2:]))",
+        "return route, sq, w_bars",
+        ("tests/test_per_example_layouts.py", "-k", "conv_transpose"),
+        "conv_transpose(transpose_kernel=True): clipped w̄ from unflipped per-example w̄_i",
+    ),
+    # --- adapters and converters, option by option (issue 24) ---------------------------
+    Mutant(
+        "nnx_conv_transpose_circular_wrap_other_side",
+        "jaxlinear/_src/nnx.py",
+        "total_pad = [((d + 1) // 2, d // 2) for d in size_diffs]",
+        "total_pad = [(d // 2, (d + 1) // 2) for d in size_diffs]",
+        ("tests/test_adapter_options.py", "-k", "circular_masked_and_valid"),
+        "CIRCULAR without transpose_kernel: an uneven wrap split the other way",
+    ),
+    Mutant(
+        "nnx_conv_transpose_mask_ignored",
+        "jaxlinear/_src/nnx.py",
+        "            kernel *= self.mask",
+        "            kernel = kernel",
+        ("tests/test_adapter_options.py", "-k", "circular_masked_and_valid"),
+        "a masked nnx.ConvTranspose runs the whole kernel",
+    ),
+    Mutant(
+        "conv_transpose_valid_padding_short",
+        "jaxlinear/_src/ops/conv_transpose.py",
+        "total = k + s - 2 + max(k - s, 0)",
+        "total = k + s - 2",
+        ("tests/test_adapter_options.py", "-k", "circular_masked_and_valid"),
+        "VALID conv_transpose where the dilated kernel is larger than the stride",
+    ),
+    Mutant(
+        "nnx_subclass_replaced",
+        "jaxlinear/_src/nnx.py",
+        "        if kind is flax_kind:\n            # The class alone",
+        "        if issubclass(kind, flax_kind):\n            # The class alone",
+        ("tests/test_adapter_options.py", "-k", "nnx_subclasses"),
+        "a subclass of nnx.Embed / ConvTranspose swapped to jaxlinear's class (its __call__ lost)",
+    ),
+    Mutant(
+        "equinox_conv_transpose_dilation_dropped",
+        "jaxlinear/_src/equinox.py",
+        "        lhs_dilation=self.stride,\n        rhs_dilation=self.dilation,",
+        "        lhs_dilation=self.stride,\n        rhs_dilation=None,",
+        ("tests/test_adapter_options.py", "-k", "equinox_conv_transpose_dilated"),
+        "Equinox ConvTranspose with dilation > 1 runs an undilated kernel",
+    ),
+    Mutant(
+        "equinox_reflect_padding_as_zeros",
+        "jaxlinear/_src/equinox.py",
+        'if self.padding_mode != "ZEROS":',
+        'if self.padding_mode not in ("ZEROS", "REFLECT"):',
+        ("tests/test_adapter_options.py", "-k", "equinox_conv_and"),
+        "Equinox Conv padding_mode='REFLECT' padded with zeros",
+    ),
+    Mutant(
+        "equinox_subclass_converted",
+        "jaxlinear/_src/equinox.py",
+        "    return _original_class(type(x)) in _KNOWN",
+        "    return isinstance(x, tuple(_KNOWN))",
+        ("tests/test_adapter_options.py", "-k", "equinox_subclasses"),
+        "subclasses of Equinox layers taken for the layer itself",
+    ),
+    Mutant(
+        "equinox_embedding_negative_ids_clamped",
+        "jaxlinear/_src/equinox.py",
+        "    x = jnp.where(x < 0, x + self.num_embeddings, x)\n",
+        "",
+        ("tests/test_adapter_options.py", "-k", "equinox_embedding"),
+        "Equinox Embedding: a negative id reads row 0 instead of wrapping (weight[-1])",
+    ),
+    Mutant(
+        "equinox_embedding_out_of_range_reads_zeros",
+        "jaxlinear/_src/equinox.py",
+        'return _op(self, "embed")(self.weight, x, mode="clip")',
+        'return _op(self, "embed")(self.weight, x)',
+        ("tests/test_adapter_options.py", "-k", "equinox_embedding"),
+        "Equinox Embedding: an out-of-range id reads zeros (Equinox clamps: the bug fixed here)",
+    ),
+    Mutant(
+        "from_torch_bf16_comes_back_float32",
+        "jaxlinear/_src/convert.py",
+        "return jnp.asarray(np.asarray(a.float()), jnp.bfloat16)",
+        "return jnp.asarray(np.asarray(a.float()))",
+        ("tests/test_interop.py", "-k", "torch_dtypes"),
+        "a bfloat16 PyTorch tensor read as float32",
+    ),
+    Mutant(
+        "from_torch_f16_widened",
+        "jaxlinear/_src/convert.py",
+        "    return jnp.asarray(a)\n",
+        "    return jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))\n",
+        ("tests/test_interop.py", "-k", "torch_dtypes"),
+        "a float16 PyTorch tensor widened to float32",
+    ),
 ]
 
 
@@ -204,6 +391,20 @@ def _pytest(copy: Path, args, timeout):
     return proc.returncode, time.perf_counter() - start, (proc.stdout + proc.stderr)[-2000:]
 
 
+def _merged(selections):
+    """The baseline's pytest runs: selections ``(file, "-k", expr)`` of one file merged
+    into one run, ``-k "(expr1) or (expr2)"`` (every pytest start imports jax: seconds)."""
+    runs, by_file = [], {}
+    for tests in selections:
+        if len(tests) == 3 and tests[1] == "-k":
+            by_file.setdefault(tests[0], []).append(tests[2])
+        else:
+            runs.append(tests)
+    for path, exprs in by_file.items():
+        runs.append((path, "-k", " or ".join(f"({e})" for e in exprs)))
+    return runs
+
+
 def _verdict(rc):
     # pytest: 0 all passed, 1 some failed, 2 interrupted (e.g. a collection error), 5 none.
     return {0: "SURVIVED", 1: "killed", 2: "killed (error)", 5: "no tests"}.get(
@@ -231,12 +432,14 @@ def main(argv=None):
         _copy_tree(copy)
         if not opts.no_baseline:
             selections = list(dict.fromkeys(m.tests for m in mutants))
-            for tests in selections:
+            runs = _merged(selections)
+            for tests in runs:
                 rc, secs, out = _pytest(copy, tests, opts.timeout)
                 if rc != 0:
                     print(f"baseline FAILED ({' '.join(tests)}): {_verdict(rc)}\n{out}")
                     return 2
-            print(f"baseline: the {len(selections)} selections pass unmutated", file=sys.stderr)
+            print(f"baseline: the {len(selections)} selections pass unmutated"
+                  f" ({len(runs)} pytest runs)", file=sys.stderr)  # fmt: skip
         for m in mutants:
             path = copy / m.file
             text = path.read_text() if path.is_file() else ""

@@ -315,7 +315,8 @@ def op_call(eqn):
     if op is not None:
         kw = dict(eqn.params)
         bind = op.custom_vjp if prim is op.custom_vjp_primitive else op.dual
-        return op, kw, lambda x, w, b: bind(x, w, b, **kw)
+        rule_kw = {k: v for k, v in kw.items() if k != "residuals"}  # a binding's, not B's
+        return op, rule_kw, lambda x, w, b: bind(x, w, b, **kw)
     bwd = eqn.params.get("bwd") if eqn is not None else None
     op = getattr(getattr(bwd, "f", None), "__self__", None)
     if not isinstance(op, BilinearOp) or getattr(bwd.f, "__func__", None) is not (

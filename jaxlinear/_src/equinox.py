@@ -9,12 +9,13 @@ runs the same computation through a jaxlinear op:
 | ``eqx.nn.Linear`` (also ``"scalar"``) | ``linear`` / ``dual_linear`` on ``W = weight.T`` |
 | ``eqx.nn.Conv``, ``Conv1d/2d/3d`` | ``conv_general_dilated`` (every option) ¹ |
 | ``eqx.nn.ConvTranspose`` (1-3D) | ``conv_general_dilated`` of the dilated input ² |
-| ``eqx.nn.Embedding`` | ``embed`` |
+| ``eqx.nn.Embedding`` | ``embed``, indexing as ``weight[x]`` does ⁴ |
 | ``eqx.nn.MultiheadAttention`` | its four ``Linear`` projections ³ |
 | ``eqx.nn.GRUCell``, ``LSTMCell`` | ``linear`` on ``weight_ih.T`` and ``weight_hh.T`` |
 
 ¹ A ``padding_mode`` other than zeros pads first, as Equinox does. ² As Equinox computes
 it. ³ The two activation-activation einsums (``q·kᵀ``, ``softmax·v``) stay JAX's.
+⁴ A negative id wraps once, an out-of-range id is clamped to an end row (``mode="clip"``).
 
 The new modules have exactly the fields of the old ones (same names, shapes, dtypes,
 weight layout ``(out, in)`` and conv ``(O, I/groups, *kernel)``, same static fields), so
@@ -155,7 +156,11 @@ def _embedding_call(self, x, *, key=None):
             "`eqx.nn.Embedding()(x)` should be called with a scalar index `x`. "
             "Use `jax.vmap` if you would like to index with multiple values."
         )
-    return _op(self, "embed")(self.weight, jnp.asarray(x))
+    # Equinox indexes `weight[x]`: JAX wraps a negative index once, then clamps into
+    # [0, V) (its gather's default), so an out-of-range id reads, and trains, an end row.
+    x = jnp.asarray(x)
+    x = jnp.where(x < 0, x + self.num_embeddings, x)
+    return _op(self, "embed")(self.weight, x, mode="clip")
 
 
 def _gru_call(self, input, hidden, *, key=None):
