@@ -785,7 +785,15 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
         x_axis, others = axis.get(xwb[0]), [axis.get(s) for s in xwb[1:] if s is not None]
         if call.reason is None and x_axis == 0 and all(a is None for a in others):
             return call.y_axis
-        return program.Mixed(call.reason or f"the {call.rule.name} op's `w` carries the examples")
+        if call.reason is not None:
+            return program.Mixed(call.reason)
+        if x_axis != 0:
+            where = "nowhere" if x_axis is None else f"on axis {x_axis}"
+            return program.Mixed(
+                f"the {call.rule.name} op's input `x` (shape {call.x_shape}) has the examples"
+                f" {where}, not on axis 0"
+            )
+        return program.Mixed(f"the {call.rule.name} op's `w` carries the examples")
 
     axes = program.example_axes(prog, dict.fromkeys(arg_slots, 0), op_axis)
 
