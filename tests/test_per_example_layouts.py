@@ -406,8 +406,8 @@ def test_time_major_input_with_as_many_steps_as_examples():
     loss = time_major(jaxlinear.linear)
     with pytest.raises(
         ValueError,
-        match=r"`params\.W` is used by a jaxlinear affine call whose"
-        r" input `x` \(shape \(3, 3, 2\)\) has 3 entries on axis 0 that are not",
+        match=r"per_example_grad_norms: `params\.W` is used where the examples have no single"
+        r" axis",
     ):
         jaxlinear.per_example_grad_norms(loss, p, x, fallback="raise")
     expected = reference_norms(reference(time_major(plain), p, x))
