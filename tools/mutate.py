@@ -42,6 +42,18 @@ class Mutant:
     why: str = ""
 
 
+# The unchanged lines of bilinear.contract() between its two roundings.
+_CONTRACT_MIDDLE = """
+    def call(a, b):
+        return fn(a, b, *aval, preferred_element_type=acc, **params)
+
+    if jnp.dtype(acc) == jnp.dtype(cd) or not jnp.issubdtype(cd, jnp.floating):
+        return call(a, b)
+    info = jnp.finfo(cd)
+
+    def widen(a):  # reduce_precision: XLA may drop a float32 -> 16-bit -> float32 round trip
+"""
+
 MUTANTS = [
     # --- the four that no test killed (issue 16) ---------------------------------------
     Mutant(
@@ -399,10 +411,14 @@ MUTANTS = [
     Mutant(
         "contract_rounding_dropped",
         "jaxlinear/_src/bilinear.py",
-        "        return lax.reduce_precision(a.astype(acc), info.nexp, info.nmant)",
-        "        return a.astype(acc)",
-        ("tests/test_family.py", "-k", "bf16"),
-        "contract(): 16-bit compute dtype on CPU without the rounding (XLA drops the round trip)",
+        # Two roundings in a row on CPU (the cast to the compute dtype, then
+        # reduce_precision after widening): either alone hides the other's loss, so the
+        # mutant drops both (the snippet spans the lines between them, unchanged).
+        "    a, b = a.astype(cd), b.astype(cd)\n" + _CONTRACT_MIDDLE
+        + "        return lax.reduce_precision(a.astype(acc), info.nexp, info.nmant)",
+        "    a, b = a, b\n" + _CONTRACT_MIDDLE + "        return a.astype(acc)",
+        ("tests/test_linear.py", "-k", "mixed_precision_forward"),
+        "contract(): operands not rounded to the compute dtype (e.g. bfloat16) before the product",
     ),
     Mutant(
         "fsdp_scatter_as_slice",
@@ -446,6 +462,23 @@ MUTANTS = [
         "return dot_general(query, embedding, (((query.ndim - 1,), (0,)), ((), ())))",
         ("tests/test_linen.py", "-k", "trains_like_the_original and lm"),
         "linen Embed.attend contracts the query with the table's vocabulary axis",
+    ),
+
+    Mutant(
+        "per_example_scan_steps_overwrite",
+        "jaxlinear/_src/per_example.py",
+        "grads[e.leaf] = d if grads[e.leaf] is None else grads[e.leaf] + d",
+        "grads[e.leaf] = d",
+        ("tests/test_per_example_models.py", "-k", "plain_models and scan"),
+        "scan-stacked weights: each step's entry overwrites the previous steps' clipped w̄",
+    ),
+    Mutant(
+        "per_example_textbook_scales_up",
+        "jaxlinear/_src/per_example.py",
+        "    factors = C / jnp.maximum(norms, C)\n    grads = [jnp.sum(",
+        "    factors = C / norms\n    grads = [jnp.sum(",
+        ("tests/test_per_example.py", "-k", "other_uses and cond"),
+        "whole-model vmap(grad) plan: examples with a norm under C scaled up to C",
     ),
 
 ]
