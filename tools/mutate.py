@@ -209,11 +209,14 @@ MUTANTS = [
         # The driver has two guards for this (the leaf's one use on the way to the op, and
         # as many chain steps and meetings as the entries account for); either alone
         # catches it, so the mutant drops both.
-        "    if sum(len(e.path) for e in entries) != len(chain_nodes) or len(entries) != len(meets):"
-        "\n        return None\n    return entries\n\n\ndef _simple_entry(prog, j, s, path, taps_at):"
+        "    if sum(len(e.path) for e in entries) != len(chain_nodes)"
+        " or len(entries) != len(meets):"
+        "\n        return None\n    return entries\n\n\n"
+        "def _simple_entry(prog, j, s, path, taps_at):"
         '\n    """One branch of ``_simple_entries``, from slot ``s`` reached by ``path``."""'
         "\n    path = list(path)\n    while True:\n        users = prog.users.get(s, ())\n",
-        "    return entries\n\n\ndef _simple_entry(prog, j, s, path, taps_at):"
+        "    return entries\n\n\n"
+        "def _simple_entry(prog, j, s, path, taps_at):"
         '\n    """One branch of ``_simple_entries``, from slot ``s`` reached by ``path``."""'
         "\n    path = list(path)\n    while True:\n        users = prog.users.get(s, ())[:1]\n",
         ("tests/test_per_example_layouts.py", "-k", "regulariser"),
@@ -224,7 +227,8 @@ MUTANTS = [
         "jaxlinear/_src/per_example.py",
         "        d = jnp.sum(_example_scaled(w_i.astype(dtype), factors, 0), axis=0)\n"
         "        grads[j] = d.astype(leaves[j].dtype)",
-        "        d = jnp.sum(w_i.astype(dtype), axis=0)\n        grads[j] = d.astype(leaves[j].dtype)",
+        "        d = jnp.sum(w_i.astype(dtype), axis=0)\n"
+        "        grads[j] = d.astype(leaves[j].dtype)",
         ("tests/test_per_example_layouts.py", "-k", "regulariser"),
         "a leaf on the per-example-copy route (a bias after the op, also in a regulariser):"
         " its clipped gradient without the clipping factors",
