@@ -234,12 +234,15 @@ MUTANTS = [
         " its clipped gradient without the clipping factors",
     ),
     Mutant(
-        "per_example_bias_rows_axes_not_shifted",
+        # (The driver's own bias rows now only see an op's bias on y's last axis; a bias
+        # added after the op on another axis takes the per-example copy, evaluated here.)
+        "per_example_copy_result_axis_not_moved",
         "jaxlinear/_src/per_example.py",
-        "moved = [a + (a < y_axis) for a in axes]",
-        "moved = list(axes)",
+        "res.append(jnp.moveaxis(o, 0, ax).reshape(prog.avals[s].shape))",
+        "res.append(o.reshape(prog.avals[s].shape))",
         ("tests/test_per_example_layouts.py", "-k", "einsum"),
-        "a bias on an axis before the examples' axis of y summed over the wrong axes",
+        "per-example copy (a bias after the op, examples not on y's axis 0): each example's"
+        " result put back as if the examples were on axis 0",
     ),
     Mutant(
         "per_example_scaled_on_axis_0",
