@@ -327,6 +327,20 @@ def test_subclass_rule():
     )
     assert adapt.replaced_by(Replaces, Base, ("__call__",)) is None
 
+    class InheritsReplaces(Replaces):  # the replacing override is a parent's
+        pass
+
+    class CallsAnother(Base):  # reaches the parent, but not its own method
+        def attend(self, q):
+            return super().__call__(q)
+
+    assert adapt.replaced_by(InheritsReplaces, Base, ("__call__", "attend")) == (
+        "Replaces.attend replaces Base.attend (never calls it)"
+    )
+    assert adapt.replaced_by(CallsAnother, Base, ("attend",)) == (
+        "CallsAnother.attend replaces Base.attend (never calls it)"
+    )
+
 
 def test_from_torch_names_prefix_and_lists_the_prefixes():
     W1, W2 = np.ones((3, 2)), np.arange(12.0).reshape(4, 3)

@@ -313,7 +313,17 @@ def _nnx_subclasses():
             doubled(nnx.Embed)(4, 3, rngs=rngs, param_dtype=jnp.float64, embedding_init=_draw),
             jnp.asarray([0, 3]),
         ),
+        (  # the lookup inherited, ``attend`` replaced (no call of Embed.attend)
+            type("NegatedAttend", (nnx.Embed,), {"attend": _negated_attend})(
+                4, 3, rngs=rngs, param_dtype=jnp.float64, embedding_init=_draw
+            ),
+            jnp.asarray([0, 3]),
+        ),
     ]
+
+
+def _negated_attend(self, query):
+    return -(query @ self.embedding[...].T)
 
 
 def test_nnx_subclasses_of_every_converted_type_are_left_alone():
@@ -327,6 +337,9 @@ def test_nnx_subclasses_of_every_converted_type_are_left_alone():
         for attr in ("dot_general", "einsum_op", "conv_general_dilated"):
             assert not getattr(getattr(sub, attr, None), "__module__", "").startswith("jaxlinear")
         np.testing.assert_array_equal(sub(x), before)
+        if hasattr(layer, "attend"):
+            q = _x((2, 3))
+            np.testing.assert_array_equal(sub.attend(q), layer.attend(q))
 
 
 # -- Equinox -------------------------------------------------------------------------------

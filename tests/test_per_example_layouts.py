@@ -406,8 +406,9 @@ def test_time_major_input_with_as_many_steps_as_examples():
     loss = time_major(jaxlinear.linear)
     with pytest.raises(
         ValueError,
-        match=r"`params\.W` is used where the examples have no single axis: the affine op's"
-        r" input `x` \(shape \(3, 3, 2\)\) has the examples on axis 1, not on axis 0",
+        match=r"per_example_grad_norms: `params\.W` is used where the examples have no single"
+        r" axis: the affine op's input `x` \(shape \(3, 3, 2\)\) has the examples on axis 1,"
+        r" not on axis 0",
     ):
         jaxlinear.per_example_grad_norms(loss, p, x, fallback="raise")
     expected = reference_norms(reference(time_major(plain), p, x))

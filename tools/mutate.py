@@ -42,6 +42,18 @@ class Mutant:
     why: str = ""
 
 
+# The unchanged lines of bilinear.contract() between its two roundings.
+_CONTRACT_MIDDLE = """
+    def call(a, b):
+        return fn(a, b, *aval, preferred_element_type=acc, **params)
+
+    if jnp.dtype(acc) == jnp.dtype(cd) or not jnp.issubdtype(cd, jnp.floating):
+        return call(a, b)
+    info = jnp.finfo(cd)
+
+    def widen(a):  # reduce_precision: XLA may drop a float32 -> 16-bit -> float32 round trip
+"""
+
 MUTANTS = [
     # --- the four that no test killed (issue 16) ---------------------------------------
     Mutant(
@@ -161,8 +173,8 @@ MUTANTS = [
     Mutant(
         "clipped_bias_unscaled",
         "jaxlinear/_src/per_example.py",
-        "d = jnp.sum(_bias_rows(scaled, call.y_axis, e.axes), axis=0)",
-        "d = jnp.sum(_bias_rows(g.astype(dtype), call.y_axis, e.axes), axis=0)",
+        "d = jnp.sum(_bias_rows(scaled, call.y_axis, (len(call.y.shape) - 1,)), axis=0)",
+        "d = jnp.sum(_bias_rows(g.astype(dtype), call.y_axis, (len(call.y.shape) - 1,)), axis=0)",
         ("tests/test_per_example.py", "-k", "2d"),
         "the clipped bias gradient without the clipping factors",
     ),
@@ -194,26 +206,43 @@ MUTANTS = [
     Mutant(
         "per_example_leaf_used_elsewhere_structural",
         "jaxlinear/_src/per_example.py",
-        "            elif once:\n                entries.append(",
-        "            else:\n                entries.append(",
+        # The driver has two guards for this (the leaf's one use on the way to the op, and
+        # as many chain steps and meetings as the entries account for); either alone
+        # catches it, so the mutant drops both.
+        "    if sum(len(e.path) for e in entries) != len(chain_nodes)"
+        " or len(entries) != len(meets):"
+        "\n        return None\n    return entries\n\n\n"
+        "def _simple_entry(prog, j, s, path, taps_at):"
+        '\n    """One branch of ``_simple_entries``, from slot ``s`` reached by ``path``."""'
+        "\n    path = list(path)\n    while True:\n        users = prog.users.get(s, ())\n",
+        "    return entries\n\n\n"
+        "def _simple_entry(prog, j, s, path, taps_at):"
+        '\n    """One branch of ``_simple_entries``, from slot ``s`` reached by ``path``."""'
+        "\n    path = list(path)\n    while True:\n        users = prog.users.get(s, ())[:1]\n",
         ("tests/test_per_example_layouts.py", "-k", "regulariser"),
         "a weight also used outside its op (a regulariser) counted as structural",
     ),
     Mutant(
-        "per_example_bias_after_used_elsewhere",
+        "per_example_broadcast_copy_unclipped",
         "jaxlinear/_src/per_example.py",
-        "        if j is None or not once:\n            return None",
-        "        if j is None:\n            return None",
+        "        d = jnp.sum(_example_scaled(w_i.astype(dtype), factors, 0), axis=0)\n"
+        "        grads[j] = d.astype(leaves[j].dtype)",
+        "        d = jnp.sum(w_i.astype(dtype), axis=0)\n"
+        "        grads[j] = d.astype(leaves[j].dtype)",
         ("tests/test_per_example_layouts.py", "-k", "regulariser"),
-        "a bias added after the op and also used elsewhere counted as structural",
+        "a leaf on the per-example-copy route (a bias after the op, also in a regulariser):"
+        " its clipped gradient without the clipping factors",
     ),
     Mutant(
-        "per_example_bias_rows_axes_not_shifted",
+        # (The driver's own bias rows now only see an op's bias on y's last axis; a bias
+        # added after the op on another axis takes the per-example copy, evaluated here.)
+        "per_example_copy_result_axis_not_moved",
         "jaxlinear/_src/per_example.py",
-        "moved = [a + (a < y_axis) for a in axes]",
-        "moved = list(axes)",
+        "res.append(jnp.moveaxis(o, 0, ax).reshape(prog.avals[s].shape))",
+        "res.append(o.reshape(prog.avals[s].shape))",
         ("tests/test_per_example_layouts.py", "-k", "einsum"),
-        "a bias on an axis before the examples' axis of y summed over the wrong axes",
+        "per-example copy (a bias after the op, examples not on y's axis 0): each example's"
+        " result put back as if the examples were on axis 0",
     ),
     Mutant(
         "per_example_scaled_on_axis_0",
@@ -225,11 +254,11 @@ MUTANTS = [
     ),
     Mutant(
         "per_example_example_axis_unchecked",
-        "jaxlinear/_src/per_example.py",
-        "    if len(shapes.x_shapes) != len(calls):\n        return",
-        "    if True:\n        return",
+        "jaxlinear/_src/program.py",
+        '            return list(p["permutation"]).index(ax)',
+        "            return ax",
         ("tests/test_per_example_layouts.py", "-k", "time_major"),
-        "axis 0 of an op's input taken for the examples because it has n entries (T = n)",
+        "examples' axis kept through a transpose: a time-major input with T = n read as examples",
     ),
     Mutant(
         "embed_rank_one_counts_out_of_range_ids",
@@ -300,8 +329,8 @@ MUTANTS = [
     Mutant(
         "nnx_subclass_replaced",
         "jaxlinear/_src/nnx.py",
-        "        if kind is flax_kind:\n            # The class alone",
-        "        if issubclass(kind, flax_kind):\n            # The class alone",
+        '    return base, adapt.replaced_by(kind, base, _METHODS.get(base, ("__call__",)))',
+        "    return base, None",
         ("tests/test_adapter_options.py", "-k", "nnx_subclasses"),
         "a subclass of nnx.Embed / ConvTranspose swapped to jaxlinear's class (its __call__ lost)",
     ),
@@ -324,8 +353,8 @@ MUTANTS = [
     Mutant(
         "equinox_subclass_converted",
         "jaxlinear/_src/equinox.py",
-        "    return _original_class(type(x)) in _KNOWN",
-        "    return isinstance(x, tuple(_KNOWN))",
+        '    return base, adapt.replaced_by(cls, base, ("__call__",))',
+        "    return base, None",
         ("tests/test_adapter_options.py", "-k", "equinox_subclasses"),
         "subclasses of Equinox layers taken for the layer itself",
     ),
@@ -361,6 +390,104 @@ MUTANTS = [
         ("tests/test_interop.py", "-k", "torch_dtypes"),
         "a float16 PyTorch tensor widened to float32",
     ),
+    # --- issue 24 follow-up: the modules merged since (quant, fsdp, linen/adapt, contract) --
+    Mutant(
+        "quant_scale_over_kept_axes",
+        "jaxlinear/_src/quant.py",
+        "axes = tuple(i for i in range(np.ndim(a)) if i not in keep)",
+        "axes = tuple(i for i in range(np.ndim(a)) if i in keep)",
+        ("tests/test_quant.py", "-k", "quantize_matches"),
+        "a per-axis scale reduced over the kept axes instead of the others (wrong axis)",
+    ),
+    Mutant(
+        "quant_e4m3_e5m2_swapped",
+        "jaxlinear/_src/quant.py",
+        '"e4m3": jnp.dtype(jnp.float8_e4m3fn),\n    "e5m2": jnp.dtype(jnp.float8_e5m2),',
+        '"e4m3": jnp.dtype(jnp.float8_e5m2),\n    "e5m2": jnp.dtype(jnp.float8_e4m3fn),',
+        ("tests/test_quant.py", "-k", "quantize_matches"),
+        "the two fp8 formats swapped (e4m3 operands stored as e5m2 and back)",
+    ),
+    Mutant(
+        "quant_int8_truncates",
+        "jaxlinear/_src/quant.py",
+        "        v = jnp.round(v)  # half to even",
+        "        v = v  # half to even",
+        ("tests/test_quant.py", "-k", "quantize_matches"),
+        "int8: a / s truncated toward zero by the cast instead of rounded to nearest",
+    ),
+    Mutant(
+        "contract_rounding_dropped",
+        "jaxlinear/_src/bilinear.py",
+        # Two roundings in a row on CPU (the cast to the compute dtype, then
+        # reduce_precision after widening): either alone hides the other's loss, so the
+        # mutant drops both (the snippet spans the lines between them, unchanged).
+        "    a, b = a.astype(cd), b.astype(cd)\n" + _CONTRACT_MIDDLE
+        + "        return lax.reduce_precision(a.astype(acc), info.nexp, info.nmant)",
+        "    a, b = a, b\n" + _CONTRACT_MIDDLE + "        return a.astype(acc)",
+        ("tests/test_linear.py", "-k", "mixed_precision_forward"),
+        "contract(): operands not rounded to the compute dtype (e.g. bfloat16) before the product",
+    ),
+    Mutant(
+        "fsdp_scatter_as_slice",
+        "jaxlinear/_src/fsdp.py",
+        "return lax.psum_scatter(w_bar, self.axis, scatter_dimension=self.dim, tiled=True)",
+        "return lax.dynamic_slice_in_dim(w_bar, lax.axis_index(self.axis)"
+        " * (w_bar.shape[self.dim] // lax.axis_size(self.axis)),"
+        " w_bar.shape[self.dim] // lax.axis_size(self.axis), self.dim)",
+        ("tests/test_sharded.py", "-k", "eight_simulated"),
+        "FSDP: the shard's gradient sliced from this device's w̄, not summed over the devices",
+    ),
+    Mutant(
+        "adapt_subclass_rule_any_parent_call",
+        "jaxlinear/_src/adapt.py",
+        'return method in names and ("super" in names or base.__name__ in names)',
+        'return "super" in names or base.__name__ in names',
+        ("tests/test_adapt.py", "-k", "subclass_rule"),
+        "subclass rule: an override calling another parent method (super().__call__ in attend)"
+        " taken as reaching its own",
+    ),
+    Mutant(
+        "adapt_subclass_rule_own_class_only",
+        "jaxlinear/_src/adapt.py",
+        "        for klass in cls.__mro__:\n            if klass is base",
+        "        for klass in cls.__mro__[:1]:\n            if klass is base",
+        ("tests/test_adapt.py", "-k", "subclass_rule"),
+        "subclass rule: only the class's own overrides read, not those it inherits",
+    ),
+    Mutant(
+        "nnx_embed_attend_not_checked",
+        "jaxlinear/_src/nnx.py",
+        '_METHODS = {nnx.Embed: ("__call__", "attend")}',
+        '_METHODS = {nnx.Embed: ("__call__",)}',
+        ("tests/test_adapter_options.py", "-k", "nnx_subclasses"),
+        "a subclass of nnx.Embed replacing attend converted (its attend lost)",
+    ),
+    Mutant(
+        "linen_attend_contracts_wrong_axis",
+        "jaxlinear/_src/linen.py",
+        "return dot_general(query, embedding, (((query.ndim - 1,), (1,)), ((), ())))",
+        "return dot_general(query, embedding, (((query.ndim - 1,), (0,)), ((), ())))",
+        ("tests/test_linen.py", "-k", "trains_like_the_original and lm"),
+        "linen Embed.attend contracts the query with the table's vocabulary axis",
+    ),
+
+    Mutant(
+        "per_example_scan_steps_overwrite",
+        "jaxlinear/_src/per_example.py",
+        "grads[e.leaf] = d if grads[e.leaf] is None else grads[e.leaf] + d",
+        "grads[e.leaf] = d",
+        ("tests/test_per_example_models.py", "-k", "plain_models and scan"),
+        "scan-stacked weights: each step's entry overwrites the previous steps' clipped w̄",
+    ),
+    Mutant(
+        "per_example_textbook_scales_up",
+        "jaxlinear/_src/per_example.py",
+        "    factors = C / jnp.maximum(norms, C)\n    grads = [jnp.sum(",
+        "    factors = C / norms\n    grads = [jnp.sum(",
+        ("tests/test_per_example.py", "-k", "other_uses and cond"),
+        "whole-model vmap(grad) plan: examples with a norm under C scaled up to C",
+    ),
+
 ]
 
 
