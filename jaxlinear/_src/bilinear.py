@@ -58,7 +58,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxlinear._src import fsdp, taps, vma
+from jaxlinear._src import fsdp, ghost, taps, vma
 from jaxlinear._src import quant as _quant
 
 _NAMES = ("x", "w", "b")  # the operands, in order; also the names used in `wrt`
@@ -380,8 +380,12 @@ class _Rule:
             x_i = x_i[None]
             return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
 
-        w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (n, *w.shape)
-        return "per_example", jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim))), w_bars
+        def sq(x, g):  # ‖w̄_i‖² of a block; w̄_i dropped (the clipped sum is B_wᵀ(c ⊙ g; x))
+            w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (k, *w.shape)
+            return jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
+
+        size = int(np.prod(w_aval.shape))
+        return "per_example", ghost.in_blocks(sq, [x, g], [0, y_axis], size), None
 
     def weight_grad(self, x, g, w_aval):
         """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype."""

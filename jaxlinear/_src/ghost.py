@@ -19,6 +19,46 @@ contracted axes last; a convolution's ``X_i`` is its input patches
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
+
+BLOCK_ELEMENTS = 2**21
+"""Where a route forms per-example buffers (``w̄_i``, a convolution's patches), it forms them
+for a block of examples at a time, at most this many elements (8 MiB in float32): the norms'
+memory stays bounded in ``n``; the clipped sum is then ``B_wᵀ(c ⊙ g; x)``, not ``Σ c_i w̄_i``."""
+
+
+def in_blocks(f, args, axes, per_example: int):
+    """``f(*args)`` (``(n,)``, one value per example), ``f`` applied to blocks of examples.
+
+    Args:
+      f: takes ``args`` with fewer examples (each still on its axis in ``axes``) -> ``(k,)``.
+      args: arrays holding the ``n`` examples on ``axes``.
+      axes: each array's examples' axis.
+      per_example: elements ``f`` forms per example: blocks of
+        ``max(1, BLOCK_ELEMENTS // per_example)`` examples under ``lax.map`` (one call when
+        all fit).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f = lambda a: jnp.sum(a, axis=1) * jnp.arange(a.shape[0])  # 0, 3, ... in a block
+      >>> in_blocks(f, [jnp.ones((5, 3))], [0], BLOCK_ELEMENTS // 2).tolist()  # blocks of 2
+      [0.0, 3.0, 0.0, 3.0, 0.0]
+    """
+    n = args[0].shape[axes[0]]
+    block = max(1, BLOCK_ELEMENTS // max(1, per_example))
+    if block >= n:
+        return f(*args)
+    q, m = divmod(n, block)
+    moved = [jnp.moveaxis(a, ax, 0) for a, ax in zip(args, axes, strict=True)]
+
+    def one(blocks):  # a block: (block, ...) back to each array's layout
+        return f(*(jnp.moveaxis(b, 0, ax) for b, ax in zip(blocks, axes, strict=True)))
+
+    head = [a[: q * block].reshape(q, block, *a.shape[1:]) for a in moved]
+    out = lax.map(one, head).reshape(q * block)
+    if m:
+        out = jnp.concatenate([out, one([a[q * block :] for a in moved])])
+    return out
 
 
 def gram_pays(T: int, d: int, p: int) -> bool:
