@@ -380,12 +380,16 @@ class _Rule:
             x_i = x_i[None]
             return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
 
-        def sq(x, g):  # ‖w̄_i‖² of a block; w̄_i dropped (the clipped sum is B_wᵀ(c ⊙ g; x))
-            w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (k, *w.shape)
-            return jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
-
         size = int(np.prod(w_aval.shape))
-        return "per_example", ghost.in_blocks(sq, [x, g], [0, y_axis], size), None
+        keep = ghost.keeps(x.shape[0], size, x.size + g.size)
+
+        def sq(x, g):  # ‖w̄_i‖² of a block, and w̄_i where kept for the clipped sum Σ c_i w̄_i
+            w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (k, *w.shape)
+            sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
+            return (sq, w_bars) if keep else sq
+
+        got = ghost.in_blocks(sq, [x, g], [0, y_axis], size)
+        return ("per_example", *got) if keep else ("per_example", got, None)
 
     def weight_grad(self, x, g, w_aval):
         """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype."""

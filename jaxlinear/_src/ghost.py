@@ -18,20 +18,37 @@ contracted axes last; a convolution's ``X_i`` is its input patches
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-BLOCK_ELEMENTS = 2**21
+BLOCK_ELEMENTS = 2**19
 """Where a route forms per-example buffers (``w̄_i``, a convolution's patches), it forms them
-for a block of examples at a time, at most this many elements (8 MiB in float32): the norms'
-memory stays bounded in ``n``; the clipped sum is then ``B_wᵀ(c ⊙ g; x)``, not ``Σ c_i w̄_i``."""
+for a block of examples at a time, at most this many elements (2 MiB in float32): the norms'
+memory stays bounded in ``n`` (and on CPU small blocks were faster, too)."""
+
+
+def keeps(n: int, w_size: int, held: int) -> bool:
+    """Whether a route keeps its ``w̄_i`` for the clipped sum ``Σ_i c_i w̄_i``: when their
+    ``n·|w|`` elements are at most ``held`` (``x``'s and ``g``'s, which the clipped sum
+    holds until the clip factors are known anyway). Else the sum is the op's own transpose
+    ``B_wᵀ(c ⊙ g; x)``: no ``n·|w|`` buffer, one more weight-gradient pass.
+
+    Examples:
+      >>> keeps(128, 3 * 3 * 32 * 64, 128 * (32 * 32 * 32 + 16 * 16 * 64))  # 2.4M ≤ 6.3M
+      True
+      >>> keeps(128, 3 * 3 * 64 * 64, 128 * 2 * 16 * 16 * 64)  # 4.7M > 4.2M
+      False
+    """
+    return n * w_size <= held
 
 
 def in_blocks(f, args, axes, per_example: int):
-    """``f(*args)`` (``(n,)``, one value per example), ``f`` applied to blocks of examples.
+    """``f(*args)``, ``f`` applied to blocks of examples.
 
     Args:
-      f: takes ``args`` with fewer examples (each still on its axis in ``axes``) -> ``(k,)``.
+      f: takes ``args`` with fewer examples (each still on its axis in ``axes``) -> arrays
+        (a pytree) with those examples on axis 0.
       args: arrays holding the ``n`` examples on ``axes``.
       axes: each array's examples' axis.
       per_example: elements ``f`` forms per example: blocks of
@@ -55,9 +72,10 @@ def in_blocks(f, args, axes, per_example: int):
         return f(*(jnp.moveaxis(b, 0, ax) for b, ax in zip(blocks, axes, strict=True)))
 
     head = [a[: q * block].reshape(q, block, *a.shape[1:]) for a in moved]
-    out = lax.map(one, head).reshape(q * block)
+    out = jax.tree.map(lambda a: a.reshape(q * block, *a.shape[2:]), lax.map(one, head))
     if m:
-        out = jnp.concatenate([out, one([a[q * block :] for a in moved])])
+        rest = one([a[q * block :] for a in moved])
+        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
     return out
 
 

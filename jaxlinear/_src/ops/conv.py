@@ -224,8 +224,8 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
       convolution when the examples are sharded, see docs/DESIGN.md), squared and summed.
 
     Patches (``k·C_in`` times ``x``'s size) and ``w̄_i`` are formed for a block of examples
-    at a time (``ghost.in_blocks``) and not kept: the clipped sum is the op's own transpose
-    ``B_wᵀ(c ⊙ g; x)``.
+    at a time (``ghost.in_blocks``); ``w̄_i`` are returned for the clipped sum only where
+    ``ghost.keeps`` says so (else it is the op's own transpose ``B_wᵀ(c ⊙ g; x)``).
 
     Declined for batch groups (``w̄_i`` then mixes examples' channels): the generic route.
     """
@@ -263,14 +263,23 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
             _, sq = ghost.matmul_sq_norms(U.reshape(k * groups, T, d), G.reshape(k * groups, T, p))
             return sq.reshape(k, groups).sum(axis=1)
         w_bars = jnp.einsum("ngtd,ngtp->ngdp", U, G, precision=precision)  # (k, groups, d, p)
-        return jnp.sum(w_bars**2, axis=(1, 2, 3))
+        sq = jnp.sum(w_bars**2, axis=(1, 2, 3))
+        if not keep:
+            return sq
+        # (k, groups, C_in/groups, *kernel, p) -> (k, C_in/groups, *kernel, C_out) -> w's layout
+        w_bars = w_bars.reshape(k, groups, -1, *kernel, p)
+        w_bars = jnp.moveaxis(w_bars, 1, -2).reshape(k, -1, *kernel, groups * p)
+        axes = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the axis of w each axis above is
+        return sq, w_bars.transpose(0, *(1 + axes.index(a) for a in range(len(axes))))
 
-    # Patches and w̄_i are formed a block of examples at a time; w̄_i are not kept: the
-    # clipped sum is the op's own transpose B_wᵀ(c ⊙ g; x)
-    per_example = groups * T * (d + (2 * T if gram else p)) + (0 if gram else groups * d * p)
-    sq = ghost.in_blocks(sq_norms, [x, g], [lhs_spec[0], out_spec[0]], per_example)
+    # Patches and w̄_i are formed a block of examples at a time; w̄_i kept only where
+    # ghost.keeps says so, else the clipped sum is the op's own transpose B_wᵀ(c ⊙ g; x)
+    n, size = x.shape[lhs_spec[0]], int(np.prod(w_aval.shape))
+    keep = not gram and ghost.keeps(n, size, x.size + g.size)
+    per_example = groups * T * (d + (2 * T if gram else p)) + (0 if gram else size)
+    got = ghost.in_blocks(sq_norms, [x, g], [lhs_spec[0], out_spec[0]], per_example)
     route = "rank_one" if T == 1 else "gram" if gram else "per_example"
-    return route, sq
+    return (route, *got) if keep else (route, got)
 
 
 def batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, spec: ConvSpec, **_):

@@ -76,12 +76,15 @@ def transpose_w(g, x, w_aval, *, spec, flip_kernel, precision=None, preferred_el
 
 def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec, flip_kernel, precision):
     """The convolution's per-example rule (``conv._per_example``) on the flipped kernel: a
-    flip permutes ``w̄_i``'s entries, so the norms are the convolution's (no ``w̄_i`` kept)."""
-    del flip_kernel
-    return conv._per_example(
+    flip permutes ``w̄_i``'s entries, so the norms are the convolution's; ``w̄_i`` flip back."""
+    got = conv._per_example(
         x, g, w_aval, y_axis=y_axis, preferred_element_type=preferred_element_type,
         spec=spec, precision=precision,
     )  # fmt: skip
+    if got is None or len(got) == 2 or not flip_kernel:
+        return got
+    route, sq, w_bars = got
+    return route, sq, lax.rev(w_bars, tuple(1 + a for a in spec.dimension_numbers.rhs_spec[2:]))
 
 
 # vmap: conv's rule (folds into feature/batch axes; the flip acts on the spatial axes only).
