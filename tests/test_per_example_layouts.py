@@ -427,3 +427,48 @@ def test_time_major_input_with_as_many_steps_as_examples():
 
 def _readout_like(y):
     return jnp.cos(jnp.arange(y[0].size, dtype=y.dtype).reshape(y.shape[1:]))[None]
+
+
+# -- per-example buffers formed a block of examples at a time -----------------------------
+
+
+@pytest.mark.parametrize("block_elements", [12, 400, 1700])
+def test_norms_and_clipped_sum_in_blocks_of_examples(monkeypatch, block_elements):
+    """The routes that form per-example buffers, their blocks of the 5 examples: conv's
+    ``"per_example"`` (810 elements an example: blocks of 1, 1, 2) and ``"gram"`` (its
+    patches, 176: 1, 2, all), conv_transpose (conv's rule; 840: 1, 1, 2), the generic
+    route (einsum where the Gram does not pay; 6: 2, all, all), conv (784: 1, 1, 2); 2
+    leaves a remainder. The
+    last conv's ``w̄_i`` outweigh its ``x`` and ``g`` (``ghost.keeps``): its clipped sum is
+    ``B_wᵀ(c ⊙ g; x)``; the others' ``Σ c_i w̄_i``."""
+    from jaxlinear._src import ghost
+
+    monkeypatch.setattr(ghost, "BLOCK_ELEMENTS", block_elements)
+    rng = np.random.default_rng(7)
+    n, dims = 5, ("NHWC", "HWIO", "NHWC")
+
+    def conv(op, strides):
+        return lambda w, x: op(x, w, strides, "SAME", dimension_numbers=dims)
+
+    def transpose(op):
+        return lambda w, x: op(x, w, (2, 2), "SAME", dimension_numbers=dims)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape))
+
+    layers = [
+        Layer(conv(jaxlinear.conv_general_dilated, (1, 1)), conv(lax.conv_general_dilated, (1, 1)),
+              normal(3, 3, 2, 3), normal(n, 6, 6, 2), 0, rng),
+        Layer(conv(jaxlinear.conv_general_dilated, (3, 3)), conv(lax.conv_general_dilated, (3, 3)),
+              normal(3, 3, 4, 4), normal(n, 6, 6, 4), 0, rng),
+        Layer(transpose(jaxlinear.conv_transpose), transpose(lax.conv_transpose),
+              normal(2, 2, 2, 3), normal(n, 3, 3, 2), 0, rng),
+        Layer(lambda w, x: jaxlinear.einsum("ntd,dp->ntp", x, w),
+              lambda w, x: jnp.einsum("ntd,dp->ntp", x, w), normal(2, 3), normal(n, 6, 2), 0, rng),
+        Layer(conv(jaxlinear.conv_general_dilated, (1, 1)), conv(lax.conv_general_dilated, (1, 1)),
+              normal(3, 3, 4, 4), normal(n, 4, 4, 4), 0, rng),
+    ]
+    assert [ghost.keeps(n, la.params.size, la.x.size + la.x.size) for la in layers[::4]] == [
+        True, False]  # x and y the same size here
+    routes = [r.route for r in check(layers)]
+    assert routes == ["per_example", "gram", "per_example", "per_example", "per_example"], routes

@@ -305,3 +305,24 @@ def test_equinox_dropout_with_per_example_keys():
     per_example = jax.jacrev(loss)(params, x, keys)
     assert np.any(np.asarray(per_example.bias) == 0)  # a mask did drop
     check(loss, params, x, keys, per_example=per_example)
+
+
+def test_position_table_read_by_embed_with_broadcast_ids():
+    """``embed(pos, broadcast_to(arange(T), (n, T)))``: the ids are example-free, so the
+    table takes a per-example copy; copy ``i`` reads row ``i`` of the ids only (the program
+    has no ``n·n·T·d`` buffer), values against ``vmap(grad)``."""
+    n, T, V, d = 4, 3, 5, 6
+    params = {"tok": normal(V, d), "pos": normal(T, d), "scale": 1 + normal(d), "w": normal(d)}
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, V, (n, T)))
+
+    def loss(p, ids):
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=ids.dtype), ids.shape)
+        h = jaxlinear.embed(p["tok"], ids) + jaxlinear.embed(p["pos"], positions)
+        h = layer_norm(h, p["scale"], 0.0)
+        return jnp.sum(jnp.tanh(h) @ p["w"], axis=1)
+
+    report = check(loss, params, ids)
+    assert {r.leaf: r.route for r in report}["params['pos']"] == "bias", str(report)
+    hlo = jax.jit(lambda p, ids: jaxlinear.clipped_grad(loss, p, ids, clip_norm=1.0)).lower(
+        params, ids).as_text()  # fmt: skip
+    assert f"{n}x{n}x{T}x{d}x" not in hlo and f"{n * n * T}x" not in hlo

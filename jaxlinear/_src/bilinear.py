@@ -58,7 +58,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxlinear._src import fsdp, taps, vma
+from jaxlinear._src import fsdp, ghost, taps, vma
 from jaxlinear._src import quant as _quant
 
 _NAMES = ("x", "w", "b")  # the operands, in order; also the names used in `wrt`
@@ -380,8 +380,16 @@ class _Rule:
             x_i = x_i[None]
             return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
 
-        w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (n, *w.shape)
-        return "per_example", jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim))), w_bars
+        size = int(np.prod(w_aval.shape))
+        keep = ghost.keeps(x.shape[0], size, x.size + g.size)
+
+        def sq(x, g):  # ‖w̄_i‖² of a block, and w̄_i where kept for the clipped sum Σ c_i w̄_i
+            w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (k, *w.shape)
+            sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
+            return (sq, w_bars) if keep else sq
+
+        got = ghost.in_blocks(sq, [x, g], [0, y_axis], size)
+        return ("per_example", *got) if keep else ("per_example", got, None)
 
     def weight_grad(self, x, g, w_aval):
         """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype."""

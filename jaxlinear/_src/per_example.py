@@ -529,9 +529,38 @@ def _meet(prog, axes, n, node, vals, batched):
     return res
 
 
-def _evaluate(prog, axes, n, values, taps, zs, broadcast):
+def _diagonal(prog, axes, n, node, is_b, users, op_axis):
+    """Where a kept op call of a copied weight reads example-free ``x`` with a row per
+    example (position ids ``broadcast_to(arange(T), (n, T))``) and every user of its
+    output meets the examples' data aligned on the rows' axis: ``(x's operand index, that
+    axis)`` (copy ``i`` then evaluates row ``i`` only, which ``_meet`` reads by slicing a
+    size-1 axis; not ``n²`` rows). Else ``None``."""
+    if node.apply is None or len(node.outs) != 1 or n < 2:
+        return None
+    out = node.outs[0]
+    if out in prog.outvars or not users.get(out):
+        return None
+    free = [j for j, s in enumerate(node.ins) if not is_b[j] and not isinstance(s, program.Lit)
+            and axes[s] is None and prog.shape(s)[:1] == (n,)]  # fmt: skip
+    if len(free) != 1:
+        return None
+    a = op_axis(node, [0 if j == free[0] else None for j in range(len(node.ins))])
+    if not isinstance(a, int):
+        return None
+    for u in users[out]:
+        if u.name not in _ALIGNED or any(axes[o] != a for o in u.outs):
+            return None
+        if all(isinstance(s, program.Lit) or axes[s] is None for s in u.ins):
+            return None  # not a meeting: it would read all the rows
+        if len(prog.shape(u.outs[0])) != len(prog.shape(out)):
+            return None
+    return free[0], a
+
+
+def _evaluate(prog, axes, n, values, taps, zs, broadcast, op_axis):
     """The losses, and the data operand of each tap: ``prog`` run with ``zs[k]`` added to
-    tap ``k``'s output and each leaf in ``broadcast`` (``{slot: (n, *shape) copy}``)."""
+    tap ``k``'s output and each leaf in ``broadcast`` (``{slot: (n, *shape) copy}``);
+    ``op_axis(node, in_axes)`` as for ``program.example_axes``."""
     env = dict(prog.consts)
     env.update(zip(prog.invars, values, strict=True))
     batched = set()
@@ -540,6 +569,11 @@ def _evaluate(prog, axes, n, values, taps, zs, broadcast):
         batched.add(s)
     tap_of = {t.node: i for i, t in enumerate(taps)}
     xs = [None] * len(taps)
+    users = {}
+    for node in prog.nodes:
+        for s in node.ins:
+            if not isinstance(s, program.Lit):
+                users.setdefault(s, []).append(node)
 
     def read(s):
         return s.val if isinstance(s, program.Lit) else env[s]
@@ -549,6 +583,16 @@ def _evaluate(prog, axes, n, values, taps, zs, broadcast):
         is_b = [not isinstance(s, program.Lit) and s in batched for s in node.ins]
         if not any(is_b):
             outs = _bind(node, vals)
+        elif (diag := _diagonal(prog, axes, n, node, is_b, users, op_axis)) is not None:
+            # copy i needs only row i (the meeting slices it): example-free rows cut too
+            def row(i, *v, node=node, j=diag[0]):
+                v = list(v)
+                v[j] = lax.dynamic_slice_in_dim(v[j], i, 1, 0)
+                return _bind(node, v, True)
+
+            in_axes = [0 if b else None for b in is_b]
+            outs = jax.vmap(row, in_axes=(0, *in_axes))(jnp.arange(n), *vals)
+            batched.add(node.outs[0])
         elif all(isinstance(s, program.Lit) or axes[s] is None for s in node.ins):
             in_axes = [0 if b else None for b in is_b]
             outs = jax.vmap(lambda *v, node=node: _bind(node, v, True), in_axes=in_axes)(*vals)
@@ -822,7 +866,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     def losses_of(zs, qs):
         values = list(leaves)
         copies = {prog.invars[j]: values[j][None] + q for j, q in zip(bcast, qs, strict=True)}
-        return _evaluate(prog, axes, n, values + arg_values, taps_used, zs, copies)
+        return _evaluate(prog, axes, n, values + arg_values, taps_used, zs, copies, op_axis)
 
     losses, pullback, xs = jax.vjp(losses_of, zs, qs, has_aux=True)
     gs, w_copies = pullback(jnp.ones_like(losses))

@@ -221,7 +221,11 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
     - ``"gram"`` when ``gram_pays(T, d, p)``: ``Σ_groups ⟨U_i U_iᵀ, G_i G_iᵀ⟩``, no ``w̄_i`` formed;
     - else ``"per_example"``: the ``w̄_i`` as one batched matrix product over the examples
       (not ``jax.vmap`` of the transpose: XLA:CPU's partitioner miscomputes that batched
-      convolution when the examples are sharded, see docs/DESIGN.md).
+      convolution when the examples are sharded, see docs/DESIGN.md), squared and summed.
+
+    Patches (``k·C_in`` times ``x``'s size) and ``w̄_i`` are formed for a block of examples
+    at a time (``ghost.in_blocks``); ``w̄_i`` are returned for the clipped sum only where
+    ``ghost.keeps`` says so (else it is the op's own transpose ``B_wᵀ(c ⊙ g; x)``).
 
     Declined for batch groups (``w̄_i`` then mixes examples' channels): the generic route.
     """
@@ -230,37 +234,52 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
     groups = spec.feature_group_count
     if spec.batch_group_count != 1:
         return None
-    n, kernel = x.shape[lhs_spec[0]], [w_aval.shape[a] for a in rhs_spec[2:]]
+    kernel = [w_aval.shape[a] for a in rhs_spec[2:]]
     T = int(np.prod([g.shape[a] for a in out_spec[2:]], dtype=int))
     d = int(np.prod(kernel, dtype=int)) * x.shape[lhs_spec[1]] // groups
     p = g.shape[out_spec[1]] // groups
-    patches = lax.conv_general_dilated_patches(
-        x,
-        kernel,
-        spec.window_strides,
-        spec.padding,
-        spec.lhs_dilation,
-        spec.rhs_dilation,
-        spec.dimension_numbers,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )  # laid out like y, features (C_in, *kernel) flattened: channel-major, so per group
+    gram = T == 1 or ghost.gram_pays(T, d, p)
 
-    def per_group(a, size):  # (n, *spatial, groups·size) -> (n, groups, T, size)
-        a = jnp.moveaxis(a, (out_spec[0], out_spec[1]), (0, -1)).reshape(n, T, groups, size)
-        return a.transpose(0, 2, 1, 3)
+    def sq_norms(x, g):  # a block of k examples -> (k,)
+        k = x.shape[lhs_spec[0]]
+        patches = lax.conv_general_dilated_patches(
+            x,
+            kernel,
+            spec.window_strides,
+            spec.padding,
+            spec.lhs_dilation,
+            spec.rhs_dilation,
+            spec.dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )  # laid out like y, features (C_in, *kernel) flattened: channel-major, so per group
 
-    U, G = per_group(patches, d), per_group(g, p)
-    if T == 1 or ghost.gram_pays(T, d, p):
-        route, sq = ghost.matmul_sq_norms(U.reshape(n * groups, T, d), G.reshape(n * groups, T, p))
-        return route, sq.reshape(n, groups).sum(axis=1)
-    w_bars = jnp.einsum("ngtd,ngtp->ngdp", U, G, precision=precision)  # (n, groups, d, p)
-    sq = jnp.sum(w_bars**2, axis=(1, 2, 3))
-    # (n, groups, C_in/groups, *kernel, p) -> (n, C_in/groups, *kernel, C_out) -> w's layout
-    w_bars = w_bars.reshape(n, groups, -1, *kernel, p)
-    w_bars = jnp.moveaxis(w_bars, 1, -2).reshape(n, -1, *kernel, groups * p)
-    axes = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the axis of w each axis above is
-    return "per_example", sq, w_bars.transpose(0, *(1 + axes.index(a) for a in range(len(axes))))
+        def per_group(a, size):  # (k, *spatial, groups·size) -> (k, groups, T, size)
+            a = jnp.moveaxis(a, (out_spec[0], out_spec[1]), (0, -1)).reshape(k, T, groups, size)
+            return a.transpose(0, 2, 1, 3)
+
+        U, G = per_group(patches, d), per_group(g, p)
+        if gram:
+            _, sq = ghost.matmul_sq_norms(U.reshape(k * groups, T, d), G.reshape(k * groups, T, p))
+            return sq.reshape(k, groups).sum(axis=1)
+        w_bars = jnp.einsum("ngtd,ngtp->ngdp", U, G, precision=precision)  # (k, groups, d, p)
+        sq = jnp.sum(w_bars**2, axis=(1, 2, 3))
+        if not keep:
+            return sq
+        # (k, groups, C_in/groups, *kernel, p) -> (k, C_in/groups, *kernel, C_out) -> w's layout
+        w_bars = w_bars.reshape(k, groups, -1, *kernel, p)
+        w_bars = jnp.moveaxis(w_bars, 1, -2).reshape(k, -1, *kernel, groups * p)
+        axes = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the axis of w each axis above is
+        return sq, w_bars.transpose(0, *(1 + axes.index(a) for a in range(len(axes))))
+
+    # Patches and w̄_i are formed a block of examples at a time; w̄_i kept only where
+    # ghost.keeps says so, else the clipped sum is the op's own transpose B_wᵀ(c ⊙ g; x)
+    n, size = x.shape[lhs_spec[0]], int(np.prod(w_aval.shape))
+    keep = not gram and ghost.keeps(n, size, x.size + g.size)
+    per_example = groups * T * (d + (2 * T if gram else p)) + (0 if gram else size)
+    got = ghost.in_blocks(sq_norms, [x, g], [lhs_spec[0], out_spec[0]], per_example)
+    route = "rank_one" if T == 1 else "gram" if gram else "per_example"
+    return (route, *got) if keep else (route, got)
 
 
 def batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, spec: ConvSpec, **_):
