@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import HealthCheck, Phase, settings
 from jax.ad_checkpoint import print_saved_residuals
 from jax.extend.core import jaxprs_in_params
 
@@ -95,3 +96,18 @@ def run_on_simulated_devices(script, count, *args):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     return out
+
+
+LONG = bool(os.environ.get("JAXLINEAR_LONG"))  # JAXLINEAR_LONG=1: 20× the property examples
+
+
+def hypothesis_examples(ci):
+    """``ci`` examples (20× with ``JAXLINEAR_LONG=1``); no shrinking: every example compiles,
+    so a failure is reported as drawn (shrinking one would cost minutes)."""
+    return settings(
+        max_examples=ci * 20 if LONG else ci,
+        deadline=None,
+        derandomize=True,
+        phases=(Phase.explicit, Phase.generate),
+        suppress_health_check=list(HealthCheck),  # drawing builds arrays: slow when loaded
+    )

@@ -11,36 +11,24 @@ Also: subclasses of every layer type the adapters convert are left as they are (
 ``__call__`` may compute something else), and mixed dtypes / ``param_dtype``.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import assert_trees_close
+from tests.helpers import hypothesis_examples as examples
 
 nnx = pytest.importorskip("flax.nnx")
 eqx = pytest.importorskip("equinox")
 jlnnx = pytest.importorskip("jaxlinear.nnx")
 import jaxlinear.equinox as je  # noqa: E402
 
-LONG = bool(os.environ.get("JAXLINEAR_LONG"))
 BINDINGS = ("custom_vjp", "dual")
 
-
-def examples(ci):
-    """``ci`` examples (20× with ``JAXLINEAR_LONG=1``); no shrinking: every example compiles,
-    so a failure is reported as drawn (shrinking one would cost minutes)."""
-    return settings(
-        max_examples=ci * 20 if LONG else ci,
-        deadline=None,
-        derandomize=True,
-        phases=(Phase.explicit, Phase.generate),
-        suppress_health_check=list(HealthCheck),  # drawing builds arrays: slow when loaded
-    )
 
 
 def _readout(y):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from helpers import hypothesis_examples as examples
+from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
 from test_per_example import assert_rel_close, reference, reference_clipped, reference_norms
@@ -28,19 +29,7 @@ from test_per_example import assert_rel_close, reference, reference_clipped, ref
 import jaxlinear
 
 N = 3  # examples
-LONG = bool(os.environ.get("JAXLINEAR_LONG"))
 
-
-def examples(ci):
-    """``ci`` examples (20× with ``JAXLINEAR_LONG=1``); no shrinking: every example compiles,
-    so a failure is reported as drawn (shrinking one would cost minutes)."""
-    return settings(
-        max_examples=ci * 20 if LONG else ci,
-        deadline=None,
-        derandomize=True,
-        phases=(Phase.explicit, Phase.generate),
-        suppress_health_check=list(HealthCheck),  # drawing builds arrays: slow when loaded
-    )
 
 
 class Layer:
