@@ -488,6 +488,39 @@ MUTANTS = [
         "whole-model vmap(grad) plan: examples with a norm under C scaled up to C",
     ),
 
+    # --- this round's changed modules: export registration, the dense recipe rules ---
+    Mutant(
+        "params_not_exportable",
+        "jaxlinear/_src/params.py",
+        'export.register_namedtuple_serialization(Params, serialized_name="jaxlinear.Params")',
+        "pass",
+        ("tests/test_export.py", "-k", "training_step"),
+        "Params not registered with jax.export: an exported training step cannot serialize",
+    ),
+    Mutant(
+        "adjoint_result_not_exportable",
+        "jaxlinear/_src/adjoint.py",
+        "export.register_namedtuple_serialization(\n    AdjointTestResult,",
+        "(lambda *a, **k: None)(\n    AdjointTestResult,",
+        ("tests/test_export.py", "-k", "adjoint"),
+        "AdjointTestResult not registered with jax.export",
+    ),
+    Mutant(
+        "linear_scale_axes_rows_dropped",
+        "jaxlinear/_src/linear.py",
+        "rows = tuple((i, i) for i in range(a_ndim - 1))  # x's (or g's) leading axes",
+        "rows = ()  # x's (or g's) leading axes",
+        ("tests/test_quant.py", "-k", "products_match_reference and dense"),
+        "dense: x's (and g's) per-row scales collapsed to one scale per tensor",
+    ),
+    Mutant(
+        "dual_linear_drops_quant",
+        "jaxlinear/_src/dual.py",
+        "compute_dtype=compute_dtype, quant=quant)",
+        "compute_dtype=compute_dtype)",
+        ("tests/test_quant.py", "-k", "dual_binding_follows_the_recipe and dense"),
+        "dual_linear ignores its recipe (full precision silently)",
+    ),
 ]
 
 
