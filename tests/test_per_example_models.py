@@ -118,6 +118,22 @@ def _tied(p, ids):  # an embedding used for the lookup and for the logits
     return jnp.sum(jax.nn.log_softmax(h @ p["E"].T)[..., 0], axis=1)
 
 
+@jax.custom_vjp
+def _ste_round(x):  # a straight-through estimator: rounds, passes the cotangent unchanged
+    return jnp.round(x)
+
+
+_ste_round.defvjp(lambda x: (jnp.round(x), None), lambda _, g: (g,))
+
+
+def _custom_rules(p, x):
+    """Functions with derivative rules of their own keep them: ``jax.nn.relu`` has slope 0
+    at exactly 0 (AD of its ``max`` would give ½: rows of ``x`` are zero and ``b[0] = 0``),
+    and the straight-through estimator's slope is 1 (AD of ``round`` would give 0)."""
+    h = jax.nn.relu(x @ p["W"] + p["b"])
+    return jnp.sum(jnp.sin(_ste_round(3 * h @ p["V"])), axis=(1, 2))
+
+
 PLAIN = {
     # name: (loss, params, arg)
     "norms": (_norms, dict(ln_scale=1 + normal(D), ln_bias=normal(D), W=normal(D, D),
@@ -132,6 +148,8 @@ PLAIN = {
     "scan": (_scan, dict(Ws=normal(2, D, D), U=normal(D, D)), normal(N, T, D)),
     "tied": (_tied, dict(E=normal(7, D), W=normal(D, D)),
              jnp.asarray(rng.integers(-7, 7, size=(N, T)))),
+    "custom_rules": (_custom_rules, dict(W=normal(D, D), b=normal(D).at[0].set(0.0),
+                                         V=normal(D, D)), normal(N, T, D).at[:, 0].set(0.0)),
 }  # fmt: skip
 
 

@@ -4,11 +4,14 @@ r"""The traced program of a loss, flattened, with the examples' axis of every va
 ``jax.checkpoint``, custom derivative rules and ``jax.vmap`` are explicit:
 
 - ``Program`` inlines every equation that carries one sub-jaxpr called with its own
-  operands (``jit``, ``remat``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``,
-  ``custom_vmap_call`` and whatever call-like primitive a later JAX adds), except those
-  named in ``keep`` (the family's own op calls, seen by their taps) and those with control
-  flow or collectives (``scan``, ``while``, ``cond``, ``shard_map``). What is left is a
-  flat list of ``Node``\ s over numbered value slots.
+  operands (``jit``, ``remat``, ``closed_call``, ``custom_vmap_call`` and whatever
+  call-like primitive a later JAX adds), except those named in ``keep`` (the family's own
+  op calls, seen by their taps), those with control flow or collectives (``scan``,
+  ``while``, ``cond``, ``shard_map``) and those with a derivative rule of their own
+  (``custom_jvp_call``, ``custom_vjp_call``: ``jax.nn.relu``'s zero slope at 0, a
+  straight-through estimator), which stay one equation so that the backward pass runs
+  their rule (their callee is still read for the examples' axis). What is left is a flat
+  list of ``Node``\ s over numbered value slots.
 - ``example_axes`` runs a small dataflow analysis from the args (examples on axis 0):
   each slot's examples' axis is an ``int``; ``None`` for a value that depends on no
   example (params, constants, random masks drawn from a key); a ``Mixed`` (a ``str``
@@ -43,6 +46,8 @@ def _stack(*parts):
 
 # Equations that are not inlined even though they hold a jaxpr.
 _OPAQUE = frozenset({"scan", "while", "cond", "shard_map", "xla_pmap", "pmap"})
+# Equations kept whole for their own derivative rules (their callee is read for the axes).
+_RULED = frozenset({"custom_jvp_call", "custom_vjp_call"})
 _CALLEE_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 # Primitives applied elementwise, whose operands have one rank (size-1 and rank-0 operands
@@ -165,7 +170,7 @@ class Program:
             refs = [read(v) for v in eqn.invars]
             kept = top_level and any(id(v) in self.keep for v in eqn.outvars)
             kept = kept or (self.keep_eqn is not None and self.keep_eqn(eqn))
-            sub = None if kept else callee(eqn)
+            sub = None if kept or eqn.primitive.name in _RULED else callee(eqn)
             if not kept and eqn.primitive.name == "scan" and eqn.params["length"] <= UNROLL:
                 outs = self._unroll(eqn, refs)
             elif sub is not None:
