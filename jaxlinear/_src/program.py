@@ -287,8 +287,13 @@ def _rule(prog, node, ins):
             return _reshape_axis(shapes[0], out_shape, ax)
         if name in _REDUCE:
             dims = set(p["axes"])
-            if ax in dims:
-                return Mixed(f"`{name}` over the examples' axis")
+            if ax in dims:  # loss i then reads other examples: batch statistics, usually
+                return Mixed(
+                    f"`{name}` over the examples' axis (statistics of the batch, as"
+                    " BatchNorm computes in training mode, mix the examples: evaluate such"
+                    " layers with their running statistics, e.g. `model.eval()` or"
+                    " `use_running_average=True`)"
+                )
             return ax - sum(d < ax for d in dims)
         if name in _CUMULATIVE or name in ("sort", "argsort"):
             key = "axis" if name in _CUMULATIVE else "dimension"
