@@ -471,7 +471,8 @@ def test_per_example_loss_with_dropout_or_batch_stats_as_documented(kind):
         )
         np.testing.assert_allclose(norms, want, rtol=1e-5)
     else:
-        with pytest.raises(ValueError, match=r"params\['mid'\].*no single axis.*BatchNorm.*model\.eval\(\)"):
+        why = r"params\['mid'\].*no single axis.*BatchNorm.*model\.eval\(\)"
+        with pytest.raises(ValueError, match=why):
             jaxlinear.per_example_grad_norms(loss_fn, params, x, fallback="raise")
     model.eval()
     loss_fn, params = jlnnx.per_example_loss(model, lambda y: jnp.sum(y**2, axis=1))
