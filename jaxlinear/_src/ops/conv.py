@@ -213,17 +213,46 @@ def transpose_w(g, x, w_aval, *, spec: ConvSpec, precision=None, preferred_eleme
     )
 
 
+def _patches(x, kernel, out, spec: ConvSpec):
+    """Example by example, the input patches ``U: (n, T, K, C_in)`` of the convolution: row ``t``
+    of ``U[i]`` holds, for each of the ``K = prod(kernel)`` kernel offsets (row-major), the
+    ``C_in`` input channels that offset meets at output position ``t`` (``T = prod(out)``).
+
+    Formed by slicing: ``x`` padded (and input-dilated: ``lax.pad``'s interior padding)
+    once, then one strided slice per offset, stacked. ``lax.conv_general_dilated_patches``
+    forms the same entries as a convolution with a one-hot kernel (``feature_group_count =
+    C_in``), which XLA:CPU ran 1.4–3× slower than these copies on the bench CNN's layers.
+    """
+    lhs_spec = spec.dimension_numbers[0]
+    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (n, *spatial, C_in)
+    dilated = zip(spec.padding, spec.lhs_dilation, strict=True)
+    x = lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        [(0, 0, 0), *((lo, hi, r - 1) for (lo, hi), r in dilated), (0, 0, 0)],
+    )
+    strides = (1, *spec.window_strides, 1)
+    pieces = []
+    for offset in np.ndindex(*kernel):
+        start = [j * r for j, r in zip(offset, spec.rhs_dilation, strict=True)]
+        span = [(o - 1) * s + 1 if o else 0 for o, s in zip(out, spec.window_strides, strict=True)]
+        limit = [a + b for a, b in zip(start, span, strict=True)]
+        pieces.append(lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), strides))
+    u = jnp.stack(pieces, axis=-2)  # (n, *out, K, C_in)
+    return u.reshape(x.shape[0], int(np.prod(out, dtype=int)), len(pieces), x.shape[-1])
+
+
 def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec, precision=None):
     r"""Per-example ``w̄_i = U_iᵀ G_i`` from example ``i``'s input patches ``U_i: (T, d)``
-    (``lax.conv_general_dilated_patches``; ``T`` output positions, ``d = k·C_in/groups``) and
-    ``G_i: (T, p)`` (``p = C_out/groups``), group by group:
+    (``_patches``; ``T`` output positions, ``d = K·C_in/groups`` for ``K`` kernel offsets)
+    and ``G_i: (T, p)`` (``p = C_out/groups``), group by group:
 
     - ``"gram"`` when ``gram_pays(T, d, p)``: ``Σ_groups ⟨U_i U_iᵀ, G_i G_iᵀ⟩``, no ``w̄_i`` formed;
     - else ``"per_example"``: the ``w̄_i`` as one batched matrix product over the examples
       (not ``jax.vmap`` of the transpose: XLA:CPU's partitioner miscomputes that batched
       convolution when the examples are sharded, see docs/DESIGN.md), squared and summed.
 
-    Patches (``k·C_in`` times ``x``'s size) and ``w̄_i`` are formed for a block of examples
+    Patches (``K`` times ``x``'s size) and ``w̄_i`` are formed for a block of examples
     at a time (``ghost.in_blocks``); ``w̄_i`` are returned for the clipped sum only where
     ``ghost.keeps`` says so (else it is the op's own transpose ``B_wᵀ(c ⊙ g; x)``).
 
@@ -235,30 +264,19 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
     if spec.batch_group_count != 1:
         return None
     kernel = [w_aval.shape[a] for a in rhs_spec[2:]]
-    T = int(np.prod([g.shape[a] for a in out_spec[2:]], dtype=int))
-    d = int(np.prod(kernel, dtype=int)) * x.shape[lhs_spec[1]] // groups
-    p = g.shape[out_spec[1]] // groups
+    out = [g.shape[a] for a in out_spec[2:]]
+    K, T = int(np.prod(kernel, dtype=int)), int(np.prod(out, dtype=int))
+    c = x.shape[lhs_spec[1]] // groups  # input channels per group
+    d, p = K * c, g.shape[out_spec[1]] // groups
     gram = T == 1 or ghost.gram_pays(T, d, p)
 
     def sq_norms(x, g):  # a block of k examples -> (k,)
         k = x.shape[lhs_spec[0]]
-        patches = lax.conv_general_dilated_patches(
-            x,
-            kernel,
-            spec.window_strides,
-            spec.padding,
-            spec.lhs_dilation,
-            spec.rhs_dilation,
-            spec.dimension_numbers,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        )  # laid out like y, features (C_in, *kernel) flattened: channel-major, so per group
-
-        def per_group(a, size):  # (k, *spatial, groups·size) -> (k, groups, T, size)
-            a = jnp.moveaxis(a, (out_spec[0], out_spec[1]), (0, -1)).reshape(k, T, groups, size)
-            return a.transpose(0, 2, 1, 3)
-
-        U, G = per_group(patches, d), per_group(g, p)
+        U = _patches(x, kernel, out, spec).reshape(k, T, K, groups, c)
+        G = jnp.transpose(g, (out_spec[0], *out_spec[2:], out_spec[1])).reshape(k, T, groups, p)
+        if groups > 1:  # (k, groups, T, ·): the groups are independent products
+            U, G = U.transpose(0, 3, 1, 2, 4), G.transpose(0, 2, 1, 3)
+        U, G = U.reshape(k, groups, T, d), G.reshape(k, groups, T, p)
         if gram:
             _, sq = ghost.matmul_sq_norms(U.reshape(k * groups, T, d), G.reshape(k * groups, T, p))
             return sq.reshape(k, groups).sum(axis=1)
@@ -266,10 +284,12 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec
         sq = jnp.sum(w_bars**2, axis=(1, 2, 3))
         if not keep:
             return sq
-        # (k, groups, C_in/groups, *kernel, p) -> (k, C_in/groups, *kernel, C_out) -> w's layout
-        w_bars = w_bars.reshape(k, groups, -1, *kernel, p)
-        w_bars = jnp.moveaxis(w_bars, 1, -2).reshape(k, -1, *kernel, groups * p)
-        axes = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the axis of w each axis above is
+        # (k, groups, *kernel, c, p) -> (k, *kernel, c, groups·p) -> w's layout
+        w_bars = w_bars.reshape(k, groups, *kernel, c, p)
+        if groups > 1:
+            w_bars = jnp.moveaxis(w_bars, 1, -2)
+        w_bars = w_bars.reshape(k, *kernel, c, groups * p)
+        axes = [*rhs_spec[2:], rhs_spec[1], rhs_spec[0]]  # the axis of w each axis above is
         return sq, w_bars.transpose(0, *(1 + axes.index(a) for a in range(len(axes))))
 
     # Patches and w̄_i are formed a block of examples at a time; w̄_i kept only where
