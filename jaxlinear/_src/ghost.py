@@ -79,6 +79,32 @@ def in_blocks(f, args, axes, per_example: int):
     return out
 
 
+def summed_in_blocks(f, args, axes, per_example: int):
+    """``Σ_blocks f(block)``: ``f`` applied to blocks of examples (as ``in_blocks``) and its
+    results (one array, the same shape for every block) added up in a ``lax.fori_loop``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f = lambda a: jnp.sum(a, axis=0)
+      >>> summed_in_blocks(f, [jnp.arange(10.).reshape(5, 2)], [0], BLOCK_ELEMENTS // 2).tolist()
+      [20.0, 25.0]
+    """
+    n = args[0].shape[axes[0]]
+    block = max(1, BLOCK_ELEMENTS // max(1, per_example))
+    if block >= n:
+        return f(*args)
+    q, m = divmod(n, block)
+
+    def one(start, size):  # the block of `size` examples from `start`
+        return f(*(lax.dynamic_slice_in_dim(a, start, size, ax)
+                   for a, ax in zip(args, axes, strict=True)))  # fmt: skip
+
+    out = jax.eval_shape(lambda: one(0, block))
+    zeros = jnp.zeros(out.shape, out.dtype)
+    total = lax.fori_loop(0, q, lambda i, t: t + one(i * block, block), zeros)
+    return total + one(q * block, m) if m else total
+
+
 def gram_pays(T: int, d: int, p: int) -> bool:
     """fastDP's rule (Bu et al., mixed ghost clipping): the Gram form when ``2 T² ≤ p d``.
 
