@@ -458,6 +458,7 @@ def test_norms_and_clipped_sum_in_blocks_of_examples(monkeypatch, block_elements
               normal(5, 5, 4, 4), normal(n, 4, 4, 4), 0, rng),
     ]
     held = [2 * (la.x.size + jax.eval_shape(la.plain, la.params, la.x).size) for la in layers]
-    assert [ghost.keeps(n, la.params.size, h) for la, h in zip(layers, held)][::4] == [True, False]
+    keeps = [ghost.keeps(n, la.params.size, h) for la, h in zip(layers, held, strict=True)]
+    assert keeps[::4] == [True, False]  # conv's rule: w̄_i kept up to 2(|x| + |g|)
     routes = [r.route for r in check(layers)]
     assert routes == ["per_example", "gram", "per_example", "per_example", "per_example"], routes
