@@ -134,6 +134,24 @@ def test_conv_general_dilated_nchw_and_lhs_dilation(op=jaxlinear.dual_conv_gener
           routes={"per_example": 1})  # fmt: skip
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+def test_conv_patches_every_spatial_argument(keep, monkeypatch):
+    """conv's patches (padding and strided slices) under every spatial argument at once:
+    NCHW / OIHW, strides, a negative padding, input and kernel dilation, feature groups;
+    the clipped sum from kept ``w̄_i`` and from ``B_wᵀ(c ⊙ g; x)``."""
+    force(monkeypatch, "per_example")
+    monkeypatch.setattr(ghost, "keeps", lambda n, size, held: keep)
+    x, w = normal(N, 4, 5, 6), normal(6, 2, 2, 3)  # 2 groups of 2 -> 3 channels
+    args = ((2, 1), ((-1, 2), (1, 0)), (2, 1), (1, 2), ("NCHW", "OIHW", "NCHW"))
+
+    def loss(w, x, conv=jaxlinear.conv_general_dilated):
+        y = conv(x, w, *args, feature_group_count=2)
+        return jnp.sum(jnp.sin(y), axis=(1, 2, 3))
+
+    check(loss, functools.partial(loss, conv=lax.conv_general_dilated), w, x,
+          routes={"per_example": 1})  # fmt: skip
+
+
 @pytest.mark.parametrize("transpose_kernel", [False, True])
 @routes_and_bindings(jaxlinear.conv_transpose, jaxlinear.dual_conv_transpose)
 def test_conv_transpose(transpose_kernel, route, op, monkeypatch):

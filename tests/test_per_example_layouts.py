@@ -426,10 +426,10 @@ def test_norms_and_clipped_sum_in_blocks_of_examples(monkeypatch, block_elements
     """The routes that form per-example buffers, their blocks of the 5 examples: conv's
     ``"per_example"`` (810 elements an example: blocks of 1, 1, 2) and ``"gram"`` (its
     patches, 176: 1, 2, all), conv_transpose (conv's rule; 840: 1, 1, 2), the generic
-    route (einsum where the Gram does not pay; 6: 2, all, all), conv (784: 1, 1, 2); 2
+    route (einsum where the Gram does not pay; 6: 2, all, all), conv (2064: 1, 1, 1); 2
     leaves a remainder. The
-    last conv's ``w̄_i`` outweigh its ``x`` and ``g`` (``ghost.keeps``): its clipped sum is
-    ``B_wᵀ(c ⊙ g; x)``; the others' ``Σ c_i w̄_i``."""
+    last conv's ``w̄_i`` outweigh twice its ``x`` and ``g`` (``ghost.keeps``, conv's rule):
+    its clipped sum is ``B_wᵀ(c ⊙ g; x)``; the others' ``Σ c_i w̄_i``."""
     from jaxlinear._src import ghost
 
     monkeypatch.setattr(ghost, "BLOCK_ELEMENTS", block_elements)
@@ -455,9 +455,10 @@ def test_norms_and_clipped_sum_in_blocks_of_examples(monkeypatch, block_elements
         Layer(lambda w, x: jaxlinear.einsum("ntd,dp->ntp", x, w),
               lambda w, x: jnp.einsum("ntd,dp->ntp", x, w), normal(2, 3), normal(n, 6, 2), 0, rng),
         Layer(conv(jaxlinear.conv_general_dilated, (1, 1)), conv(lax.conv_general_dilated, (1, 1)),
-              normal(3, 3, 4, 4), normal(n, 4, 4, 4), 0, rng),
+              normal(5, 5, 4, 4), normal(n, 4, 4, 4), 0, rng),
     ]
-    assert [ghost.keeps(n, la.params.size, la.x.size + la.x.size) for la in layers[::4]] == [
-        True, False]  # x and y the same size here
+    held = [2 * (la.x.size + jax.eval_shape(la.plain, la.params, la.x).size) for la in layers]
+    keeps = [ghost.keeps(n, la.params.size, h) for la, h in zip(layers, held, strict=True)]
+    assert keeps[::4] == [True, False]  # conv's rule: w̄_i kept up to 2(|x| + |g|)
     routes = [r.route for r in check(layers)]
     assert routes == ["per_example", "gram", "per_example", "per_example", "per_example"], routes

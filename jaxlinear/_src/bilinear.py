@@ -392,7 +392,16 @@ class _Rule:
         return ("per_example", *got) if keep else ("per_example", got, None)
 
     def weight_grad(self, x, g, w_aval):
-        """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype."""
+        """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype: the op's
+        ``per_example_sum`` where it has one (and no ``quant``), else its pullback."""
+        summed = self.op.per_example_sum
+        if summed is not None and self.kw.get("quant") is None:
+            kw = self.kw
+            cd, acc, _ = policy(x.dtype, w_aval.dtype, kw["compute_dtype"], kw["out_dtype"])
+            w_bar = summed(x.astype(cd), g.astype(cd), w_aval, preferred_element_type=acc,
+                           **self._params())  # fmt: skip
+            if w_bar is not None:
+                return w_bar.astype(w_aval.dtype)
         return self.op.pullback(x, w_aval, g, wrt=("w",), **self.kw)[1]
 
 
@@ -451,10 +460,11 @@ class BilinearOp:
         pullback: Callable | None = None,
         pushforward: Callable | None = None,
         per_example: Callable | None = None,
+        per_example_sum: Callable | None = None,
         scale_axes: Callable | None = None,
     ):
         self.name = name
-        self.per_example_rule = per_example
+        self.per_example_rule, self.per_example_sum = per_example, per_example_sum
         self.scale_axes = scale_axes
         self.forward_fn, self.transpose_x, self.transpose_w = forward, transpose_x, transpose_w
         self._batch_hook, self._out_sharding = batch, out_sharding
@@ -1013,6 +1023,7 @@ def bilinear_op(
     pullback: Callable | None = None,
     pushforward: Callable | None = None,
     per_example: Callable | None = None,
+    per_example_sum: Callable | None = None,
     scale_axes: Callable | None = None,
 ) -> BilinearOp:
     r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
@@ -1065,6 +1076,12 @@ def bilinear_op(
         ``(route, sq, w̄_i: (n, *w.shape))`` (clipping then reuses them). Without it, or
         when it declines, the generic route forms each ``w̄_i`` with ``transpose_w`` under
         ``jax.vmap`` over the examples.
+      per_example_sum: optional ``per_example_sum(x, g, w_aval, *, preferred_element_type,
+        **params) -> w̄ | None``: ``B_wᵀ(g; x)`` formed the per-example rule's way (e.g. a
+        block of examples at a time), for ``clipped_grad``'s sum ``B_wᵀ(c ⊙ g; x)`` where
+        the rule returned no ``w̄_i``, when that is cheaper than ``transpose_w`` (operands in
+        the compute dtype, ``preferred_element_type`` the accumulation dtype; unquantized).
+        ``None`` declines: ``transpose_w``.
       scale_axes: optional rule for quantization recipes (``quant=``) with per-axis
         scaling: ``scale_axes(product, a_ndim, b_ndim, **params) -> (a_map, b_map)`` for
         ``product`` in ``"forward"`` (operands ``x, w``; result ``y``), ``"grad_x"``
@@ -1113,5 +1130,6 @@ def bilinear_op(
         pullback=pullback,
         pushforward=pushforward,
         per_example=per_example,
+        per_example_sum=per_example_sum,
         scale_axes=scale_axes,
     )

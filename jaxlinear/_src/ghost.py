@@ -52,7 +52,7 @@ def in_blocks(f, args, axes, per_example: int):
       args: arrays holding the ``n`` examples on ``axes``.
       axes: each array's examples' axis.
       per_example: elements ``f`` forms per example: blocks of
-        ``max(1, BLOCK_ELEMENTS // per_example)`` examples under ``lax.map`` (one call when
+        ``max(1, BLOCK_ELEMENTS // per_example)`` examples in a ``lax.scan`` (one call when
         all fit).
 
     Examples:
@@ -66,17 +66,43 @@ def in_blocks(f, args, axes, per_example: int):
     if block >= n:
         return f(*args)
     q, m = divmod(n, block)
-    moved = [jnp.moveaxis(a, ax, 0) for a, ax in zip(args, axes, strict=True)]
 
-    def one(blocks):  # a block: (block, ...) back to each array's layout
-        return f(*(jnp.moveaxis(b, 0, ax) for b, ax in zip(blocks, axes, strict=True)))
+    def one(start, size):  # the block of `size` examples from `start`
+        return f(*(lax.dynamic_slice_in_dim(a, start, size, ax)
+                   for a, ax in zip(args, axes, strict=True)))  # fmt: skip
 
-    head = [a[: q * block].reshape(q, block, *a.shape[1:]) for a in moved]
-    out = jax.tree.map(lambda a: a.reshape(q * block, *a.shape[2:]), lax.map(one, head))
+    # The loop slices the blocks out of `args` as they are (lax.map over `args` reshaped to
+    # (blocks, block, ...) made XLA copy them into the loop: 12 MiB more on the bench CNN)
+    _, outs = lax.scan(lambda _, i: (None, one(i * block, block)), None, jnp.arange(q))
+    out = jax.tree.map(lambda a: a.reshape(q * block, *a.shape[2:]), outs)
     if m:
-        rest = one([a[q * block :] for a in moved])
+        rest = one(q * block, m)
         out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
     return out
+
+
+def summed_in_blocks(f, args, axes, per_example: int):
+    """``Σ_blocks f(block)``: ``f`` applied to blocks of examples (as ``in_blocks``) and its
+    results (one array, the same shape for every block) added up in a ``lax.fori_loop``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f = lambda a: jnp.sum(a, axis=0)
+      >>> summed_in_blocks(f, [jnp.arange(10.).reshape(5, 2)], [0], BLOCK_ELEMENTS // 2).tolist()
+      [20.0, 25.0]
+    """
+    n = args[0].shape[axes[0]]
+    block = max(1, BLOCK_ELEMENTS // max(1, per_example))
+    if block >= n:
+        return f(*args)
+    q, m = divmod(n, block)
+
+    def one(start, size):  # the block of `size` examples from `start`
+        return f(*(lax.dynamic_slice_in_dim(a, start, size, ax)
+                   for a, ax in zip(args, axes, strict=True)))  # fmt: skip
+
+    total = lax.fori_loop(1, q, lambda i, t: t + one(i * block, block), one(0, block))
+    return total + one(q * block, m) if m else total
 
 
 def gram_pays(T: int, d: int, p: int) -> bool:

@@ -690,6 +690,16 @@ def _bias_rows(g, y_axis, axes):
     return jnp.sum(g, axis=tuple(i for i in range(1, g.ndim) if i not in moved))
 
 
+def _weighted_sum(a, factors):
+    """``Σ_i factors[i] a[i]`` over ``a``'s leading (examples') axis: a contraction (XLA:CPU
+    ran the reduction over the major axis 10-20× slower: 18 ms against 1.4 ms for the bench
+    CNN's ``(128, 3, 3, 64, 64)``), except on a mesh with Explicit axes, where contracting
+    the sharded examples' axis would need an ``out_sharding``: there the reduction."""
+    if vma._explicit_mesh(a) is not None:
+        return jnp.sum(_example_scaled(a, factors, 0), axis=0)
+    return jnp.tensordot(factors.astype(a.dtype), a, axes=1, precision=lax.Precision.HIGHEST)
+
+
 def _example_scaled(g, factors, y_axis):
     """``g`` with example ``i``'s slice (along ``y_axis``) scaled by ``factors[i]``."""
     shape = [1] * g.ndim
@@ -882,7 +892,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
 
     sq = 0  # then (n,), laid out like the examples
     routes: dict[int, Route] = {}
-    w_bars = {}  # entry -> per-example w̄_i, where the route formed them
+    w_bars = {}  # entry -> per-example w̄_i (or b̄_i), where the route formed them
     for e in entries:
         call = e.tap.call
         x, g = tapped(e.tap)
@@ -892,6 +902,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
         else:
             route, rows = "bias", _bias_rows(g.astype(dtype), call.y_axis, (len(call.y.shape) - 1,))
             sq = sq + jnp.sum(rows**2, axis=tuple(range(1, rows.ndim)))
+            w_bars[id(e)] = rows  # kept: the clipped sum needs no g
         detail = f"x {call.x_shape} -> y {call.y.shape}"
         routes[e.leaf] = Route(names[e.leaf], route, call.rule.name, detail)
     for j, w_i in zip(bcast, w_copies, strict=True):
@@ -916,15 +927,10 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     for e in entries:
         call = e.tap.call
         x, g = tapped(e.tap)
-        # (Sums over the examples are reductions, not contractions: on a mesh with Explicit
-        # axes a contraction over the sharded examples' axis would need an out_sharding.)
-        if e.role == "w" and w_bars.get(id(e)) is not None:  # Σ_i c_i w̄_i
-            d = jnp.sum(_example_scaled(w_bars[id(e)], factors, 0), axis=0)
-        elif e.role == "w":  # B_wᵀ(c ⊙ g; x): the op's own transpose, g's rows scaled
+        if w_bars.get(id(e)) is not None:  # Σ_i c_i w̄_i (or Σ_i c_i b̄_i)
+            d = _weighted_sum(w_bars[id(e)], factors)
+        else:  # B_wᵀ(c ⊙ g; x): the op's own transpose, g's rows scaled
             d = _weight_grad(call, x, _example_scaled(g, factors, call.y_axis))
-        else:  # Σ_i c_i b̄_i
-            scaled = _example_scaled(g.astype(dtype), factors, call.y_axis)
-            d = jnp.sum(_bias_rows(scaled, call.y_axis, (len(call.y.shape) - 1,)), axis=0)
         if e.path:  # back through the casts, reshapes, transposes (and a step's slice)
             operand = prog.avals[e.tap.w if e.role == "w" else e.tap.b]
             _, back = jax.vjp(_chain_fn(prog, e.path), leaves[e.leaf])
@@ -932,7 +938,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
         d = d.reshape(leaves[e.leaf].shape).astype(leaves[e.leaf].dtype)
         grads[e.leaf] = d if grads[e.leaf] is None else grads[e.leaf] + d
     for j, w_i in zip(bcast, w_copies, strict=True):
-        d = jnp.sum(_example_scaled(w_i.astype(dtype), factors, 0), axis=0)
+        d = _weighted_sum(w_i.astype(dtype), factors)
         grads[j] = d.astype(leaves[j].dtype)
     grads = [jnp.zeros_like(a) if d is None else d for a, d in zip(leaves, grads, strict=True)]
     return treedef.unflatten(grads), norms

@@ -16,7 +16,8 @@ the op's per-example capability (see ``per_example.py`` for the protocol):
     output cotangent ``g`` (in ``y``'s layout, examples on ``y_axis``), and the per-example
     ``w̄_i: (n, *w.shape)`` where the route formed them.
 ``rule.weight_grad(x, g, w_aval) -> w̄``
-    the op's own transpose in ``w``: ``B_wᵀ(g; x)``.
+    the op's own transpose in ``w``: ``B_wᵀ(g; x)`` (``bilinear_op``'s ``per_example_sum``
+    where the op has one).
 
 This module imports nothing of jaxlinear, so every op module can use it.
 """

@@ -213,73 +213,144 @@ def transpose_w(g, x, w_aval, *, spec: ConvSpec, precision=None, preferred_eleme
     )
 
 
+def _patches(x, kernel, out, spec: ConvSpec):
+    """Example by example, the input patches ``U: (n, T, K, C_in)`` of the convolution: row ``t``
+    of ``U[i]`` holds, for each of the ``K = prod(kernel)`` kernel offsets (row-major), the
+    ``C_in`` input channels that offset meets at output position ``t`` (``T = prod(out)``).
+
+    Formed by slicing: ``x`` padded (and input-dilated: ``lax.pad``'s interior padding)
+    once, then one strided slice per offset, stacked. ``lax.conv_general_dilated_patches``
+    forms the same entries as a convolution with a one-hot kernel (``feature_group_count =
+    C_in``), which XLA:CPU ran 1.4–3× slower than these copies on the bench CNN's layers.
+    """
+    lhs_spec = spec.dimension_numbers[0]
+    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (n, *spatial, C_in)
+    dilated = zip(spec.padding, spec.lhs_dilation, strict=True)
+    x = lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        [(0, 0, 0), *((lo, hi, r - 1) for (lo, hi), r in dilated), (0, 0, 0)],
+    )
+    strides = (1, *spec.window_strides, 1)
+    pieces = []
+    for offset in np.ndindex(*kernel):
+        start = [j * r for j, r in zip(offset, spec.rhs_dilation, strict=True)]
+        span = [(o - 1) * s + 1 if o else 0 for o, s in zip(out, spec.window_strides, strict=True)]
+        limit = [a + b for a, b in zip(start, span, strict=True)]
+        pieces.append(lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), strides))
+    u = jnp.stack(pieces, axis=-2)  # (n, *out, K, C_in)
+    return u.reshape(x.shape[0], int(np.prod(out, dtype=int)), len(pieces), x.shape[-1])
+
+
+class _Rows(NamedTuple):
+    """Sizes of one convolution's per-example products ``w̄_i = U_iᵀ G_i``, group by group."""
+
+    kernel: list  # the kernel's spatial sizes
+    out: list  # y's spatial sizes
+    T: int  # output positions
+    K: int  # kernel offsets
+    c: int  # input channels per group
+    d: int  # patch length: K·c
+    p: int  # output channels per group
+
+
+def _rows_of(x, g, w_aval, spec: ConvSpec) -> _Rows:
+    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
+    kernel = [w_aval.shape[a] for a in rhs_spec[2:]]
+    out = [g.shape[a] for a in out_spec[2:]]
+    c = x.shape[lhs_spec[1]] // spec.feature_group_count
+    p = g.shape[out_spec[1]] // spec.feature_group_count
+    T, K = int(np.prod(out, dtype=int)), int(np.prod(kernel, dtype=int))
+    return _Rows(kernel, out, T, K, c, K * c, p)
+
+
+def _matrices(x, g, r: _Rows, spec: ConvSpec):
+    """A block of ``k`` examples' patches ``U: (k, groups, T, d)`` and ``G: (k, groups, T, p)``."""
+    out_spec, groups = spec.dimension_numbers[2], spec.feature_group_count
+    k = g.shape[out_spec[0]]
+    U = _patches(x, r.kernel, r.out, spec).reshape(k, r.T, r.K, groups, r.c)
+    G = jnp.transpose(g, (out_spec[0], *out_spec[2:], out_spec[1])).reshape(k, r.T, groups, r.p)
+    if groups > 1:  # (k, groups, T, ·): the groups are independent products
+        U, G = U.transpose(0, 3, 1, 2, 4), G.transpose(0, 2, 1, 3)
+    return U.reshape(k, groups, r.T, r.d), G.reshape(k, groups, r.T, r.p)
+
+
+def _w_layout(w_bars, r: _Rows, spec: ConvSpec):
+    """``(..., groups, d, p)`` products -> ``(..., *w.shape)`` in ``w``'s layout."""
+    rhs_spec, groups = spec.dimension_numbers[1], spec.feature_group_count
+    lead = w_bars.shape[:-3]
+    w_bars = w_bars.reshape(*lead, groups, *r.kernel, r.c, r.p)  # d = (*kernel, c)
+    if groups > 1:
+        w_bars = jnp.moveaxis(w_bars, len(lead), -2)  # (..., *kernel, c, groups, p)
+    w_bars = w_bars.reshape(*lead, *r.kernel, r.c, groups * r.p)
+    axes = [*rhs_spec[2:], rhs_spec[1], rhs_spec[0]]  # the axis of w each axis above is
+    m = len(lead)
+    return w_bars.transpose(*range(m), *(m + axes.index(a) for a in range(len(axes))))
+
+
 def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec: ConvSpec, precision=None):
     r"""Per-example ``w̄_i = U_iᵀ G_i`` from example ``i``'s input patches ``U_i: (T, d)``
-    (``lax.conv_general_dilated_patches``; ``T`` output positions, ``d = k·C_in/groups``) and
-    ``G_i: (T, p)`` (``p = C_out/groups``), group by group:
+    (``_patches``; ``T`` output positions, ``d = K·C_in/groups`` for ``K`` kernel offsets)
+    and ``G_i: (T, p)`` (``p = C_out/groups``), group by group:
 
     - ``"gram"`` when ``gram_pays(T, d, p)``: ``Σ_groups ⟨U_i U_iᵀ, G_i G_iᵀ⟩``, no ``w̄_i`` formed;
     - else ``"per_example"``: the ``w̄_i`` as one batched matrix product over the examples
       (not ``jax.vmap`` of the transpose: XLA:CPU's partitioner miscomputes that batched
       convolution when the examples are sharded, see docs/DESIGN.md), squared and summed.
 
-    Patches (``k·C_in`` times ``x``'s size) and ``w̄_i`` are formed for a block of examples
-    at a time (``ghost.in_blocks``); ``w̄_i`` are returned for the clipped sum only where
-    ``ghost.keeps`` says so (else it is the op's own transpose ``B_wᵀ(c ⊙ g; x)``).
+    Patches (``K`` times ``x``'s size) and ``w̄_i`` are formed for a block of examples
+    at a time (``ghost.in_blocks``). ``w̄_i`` are returned for the clipped sum where
+    ``ghost.keeps`` allows twice the layer's ``|x| + |g|`` for them: keeping saves a second
+    pass over the patches (``_per_example_sum``, as dear as this one) at ``n·|w|`` of
+    memory (the bench CNN's third conv, ``n·|w|`` 1.1 times its ``|x| + |g|``, is kept; its
+    fourth, 3 times, is not).
 
     Declined for batch groups (``w̄_i`` then mixes examples' channels): the generic route.
     """
     del y_axis  # out_spec[0]: the examples are the batch axis
-    lhs_spec, rhs_spec, out_spec = spec.dimension_numbers
-    groups = spec.feature_group_count
+    lhs_spec, _, out_spec = spec.dimension_numbers
     if spec.batch_group_count != 1:
         return None
-    kernel = [w_aval.shape[a] for a in rhs_spec[2:]]
-    T = int(np.prod([g.shape[a] for a in out_spec[2:]], dtype=int))
-    d = int(np.prod(kernel, dtype=int)) * x.shape[lhs_spec[1]] // groups
-    p = g.shape[out_spec[1]] // groups
-    gram = T == 1 or ghost.gram_pays(T, d, p)
+    r, groups = _rows_of(x, g, w_aval, spec), spec.feature_group_count
+    gram = r.T == 1 or ghost.gram_pays(r.T, r.d, r.p)
 
     def sq_norms(x, g):  # a block of k examples -> (k,)
-        k = x.shape[lhs_spec[0]]
-        patches = lax.conv_general_dilated_patches(
-            x,
-            kernel,
-            spec.window_strides,
-            spec.padding,
-            spec.lhs_dilation,
-            spec.rhs_dilation,
-            spec.dimension_numbers,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        )  # laid out like y, features (C_in, *kernel) flattened: channel-major, so per group
-
-        def per_group(a, size):  # (k, *spatial, groups·size) -> (k, groups, T, size)
-            a = jnp.moveaxis(a, (out_spec[0], out_spec[1]), (0, -1)).reshape(k, T, groups, size)
-            return a.transpose(0, 2, 1, 3)
-
-        U, G = per_group(patches, d), per_group(g, p)
+        U, G = _matrices(x, g, r, spec)
+        k = U.shape[0]
         if gram:
-            _, sq = ghost.matmul_sq_norms(U.reshape(k * groups, T, d), G.reshape(k * groups, T, p))
-            return sq.reshape(k, groups).sum(axis=1)
+            U, G = U.reshape(k * groups, r.T, r.d), G.reshape(k * groups, r.T, r.p)
+            return ghost.matmul_sq_norms(U, G)[1].reshape(k, groups).sum(axis=1)
         w_bars = jnp.einsum("ngtd,ngtp->ngdp", U, G, precision=precision)  # (k, groups, d, p)
         sq = jnp.sum(w_bars**2, axis=(1, 2, 3))
-        if not keep:
-            return sq
-        # (k, groups, C_in/groups, *kernel, p) -> (k, C_in/groups, *kernel, C_out) -> w's layout
-        w_bars = w_bars.reshape(k, groups, -1, *kernel, p)
-        w_bars = jnp.moveaxis(w_bars, 1, -2).reshape(k, -1, *kernel, groups * p)
-        axes = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the axis of w each axis above is
-        return sq, w_bars.transpose(0, *(1 + axes.index(a) for a in range(len(axes))))
+        return (sq, _w_layout(w_bars, r, spec)) if keep else sq
 
-    # Patches and w̄_i are formed a block of examples at a time; w̄_i kept only where
-    # ghost.keeps says so, else the clipped sum is the op's own transpose B_wᵀ(c ⊙ g; x)
     n, size = x.shape[lhs_spec[0]], int(np.prod(w_aval.shape))
-    keep = not gram and ghost.keeps(n, size, x.size + g.size)
-    per_example = groups * T * (d + (2 * T if gram else p)) + (0 if gram else size)
+    keep = not gram and ghost.keeps(n, size, 2 * (x.size + g.size))
+    per_example = groups * r.T * (r.d + (2 * r.T if gram else r.p)) + (0 if gram else size)
     got = ghost.in_blocks(sq_norms, [x, g], [lhs_spec[0], out_spec[0]], per_example)
-    route = "rank_one" if T == 1 else "gram" if gram else "per_example"
+    route = "rank_one" if r.T == 1 else "gram" if gram else "per_example"
     return (route, *got) if keep else (route, got)
+
+
+def _per_example_sum(x, g, w_aval, *, preferred_element_type, spec: ConvSpec, precision=None):
+    """``w̄ = Σ_i U_iᵀ G_i = B_wᵀ(g; x)`` the per-example rule's way: patches of a block of
+    examples at a time (``ghost.summed_in_blocks``), one matrix product per block. The
+    clipped sum ``B_wᵀ(c ⊙ g; x)`` where the rule kept no ``w̄_i``: XLA:CPU ran
+    ``transpose_w``'s convolution (batch as features, with transposed copies of ``x`` and
+    ``g``) about twice as long on the bench CNN's layers. ``None`` for batch groups."""
+    lhs_spec, _, out_spec = spec.dimension_numbers
+    if spec.batch_group_count != 1:
+        return None
+    r = _rows_of(x, g, w_aval, spec)
+
+    def block(x, g):  # a block of examples -> (groups, d, p)
+        U, G = _matrices(x, g, r, spec)
+        return jnp.einsum("ngtd,ngtp->gdp", U, G, precision=precision,
+                          preferred_element_type=preferred_element_type)  # fmt: skip
+
+    per_example = spec.feature_group_count * r.T * (r.d + r.p)
+    w_bar = ghost.summed_in_blocks(block, [x, g], [lhs_spec[0], out_spec[0]], per_example)
+    return _w_layout(w_bar, r, spec)
 
 
 def batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, spec: ConvSpec, **_):
@@ -371,6 +442,7 @@ CONV = bilinear_op(
     transpose_w,
     batch=batch,
     per_example=_per_example,
+    per_example_sum=_per_example_sum,
     scale_axes=scale_axes,
 )
 

@@ -87,6 +87,15 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, spec, flip_ker
     return route, sq, lax.rev(w_bars, tuple(1 + a for a in spec.dimension_numbers.rhs_spec[2:]))
 
 
+def _per_example_sum(x, g, w_aval, *, preferred_element_type, spec, flip_kernel, precision):
+    """``conv._per_example_sum`` on the flipped kernel, flipped back: ``B_wᵀ(g; x)``."""
+    dw = conv._per_example_sum(
+        x, g, w_aval, preferred_element_type=preferred_element_type, spec=spec,
+        precision=precision,
+    )  # fmt: skip
+    return None if dw is None else _flip(dw, spec, flip_kernel)
+
+
 # vmap: conv's rule (folds into feature/batch axes; the flip acts on the spatial axes only).
 CONV_TRANSPOSE = bilinear_op(
     "conv_transpose",
@@ -95,6 +104,7 @@ CONV_TRANSPOSE = bilinear_op(
     transpose_w,
     batch=conv.batch,
     per_example=_per_example,
+    per_example_sum=_per_example_sum,
     scale_axes=conv.scale_axes,  # the flip acts on spatial axes only
 )
 
