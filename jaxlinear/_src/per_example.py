@@ -709,6 +709,17 @@ def _bias_rows(g, y_axis, axes):
     return jnp.sum(g, axis=tuple(i for i in range(1, g.ndim) if i not in moved))
 
 
+def _example_sum(a, factors):
+    """``Σ_i factors[i] a[i]``: ``(n, ...) -> (...)``. A contraction over the examples
+    (XLA folds it into the contraction that made ``a``: the textbook's clipped sum runs
+    1.7× faster on the bench transformer than as a reduction); a reduction on meshes with
+    Explicit axes, where a contraction over the sharded examples would need an
+    ``out_sharding``."""
+    if vma._explicit_mesh(a) is not None:
+        return jnp.sum(_example_scaled(a, factors, 0), axis=0)
+    return jnp.tensordot(factors.astype(a.dtype), a, axes=1)
+
+
 def _example_scaled(g, factors, y_axis):
     """``g`` with example ``i``'s slice (along ``y_axis``) scaled by ``factors[i]``."""
     shape = [1] * g.ndim
@@ -1001,7 +1012,7 @@ def _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip, clip
         return norms
     C = jnp.asarray(clip_norm, dtype)
     factors = C / jnp.maximum(norms, C)
-    grads = [jnp.sum(_example_scaled(d.astype(dtype), factors, 0), axis=0).astype(a.dtype)
+    grads = [_example_sum(d.astype(dtype), factors).astype(a.dtype)
              for d, a in zip(per, leaves, strict=True)]  # fmt: skip
     return treedef.unflatten(grads), norms
 
@@ -1009,22 +1020,25 @@ def _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip, clip
 # --------------------------------------------------------------------------------------
 # The plan: structural, or vmap(grad) of the whole model where that is cheaper.
 
-# Flops that one byte of memory traffic is worth in the estimates (roughly the machine's
-# flops per byte of bandwidth for float32 contractions).
+# The plan's cost model (``PlanEstimate``), per backend. BYTE_FLOPS: flops that one byte
+# of memory traffic is worth (roughly the machine's flops per byte of bandwidth).
+# GROUPED_CONV: how much dearer a flop of a grouped convolution is (``vmap`` of a conv's
+# weight gradient binds one; XLA:CPU ran them 3–5× slower per flop than the routes' work
+# on the bench CNN). VMAP_SLOWDOWN: the weight on the textbook's count: ``"auto"`` takes
+# ``vmap(grad)`` only where its count is below ``1 / VMAP_SLOWDOWN`` of the structural
+# plan's (the whole-model ratios measured on the bench models ranged 1.0–1.6 times the
+# counted ones, docs/DESIGN.md). CPU: calibrated there; GPU/TPU: not measured.
 BYTE_FLOPS = {"cpu": 8.0, "gpu": 60.0, "tpu": 100.0}
-# How much slower than its count vmap(grad)'s per-example weight gradients run, relative to
-# the structural routes' work: batched contractions over the positions axis, grouped
-# convolutions, dense per-example scatters. Measured per tapped weight on the bench models
-# (CPU): 2.2 to 8; 2 keeps "auto" on the structural plan unless the textbook's work is
-# clearly smaller (docs/DESIGN.md). GPU/TPU: not measured, the same conservative 2.
-VMAP_SLOWDOWN = {"cpu": 2.0, "gpu": 2.0, "tpu": 2.0}
+GROUPED_CONV = {"cpu": 4.0, "gpu": 1.0, "tpu": 1.0}
+VMAP_SLOWDOWN = {"cpu": 1.5, "gpu": 1.5, "tpu": 1.5}
 
 
 class PlanEstimate(NamedTuple):
     """What ``plan="auto"`` compares (``RouteReport.estimate``): the work each plan does
     beyond the forward pass and the backward pass to the layers' output cotangents (which
     both do), counted on the traced programs of each tapped weight (``_work``: flops of
-    the contractions, bytes of the arrays they read and write).
+    the contractions, a grouped convolution's weighted by ``GROUPED_CONV``; bytes of the
+    arrays they read and write).
 
     The structural plan's part is each tapped weight's norm route (Grams, ``w̄_i``) and its
     clipped sum (``B_wᵀ(c ⊙ g; x)`` or ``Σ c_i w̄_i``); ``vmap(grad)``'s is each weight's
@@ -1096,7 +1110,7 @@ def _estimate(entries, tapped_avals, dtype, n):
             def structural(x, g, c, call=call, oriented=oriented):
                 x, g = oriented(x, g)
                 _, sq, w_bars = _sq_norms(call, x, g, dtype)
-                if w_bars is not None:
+                if w_bars is not None:  # (as pass 3 forms them)
                     return sq, jnp.sum(_example_scaled(w_bars, c, 0), axis=0)
                 return sq, _weight_grad(call, x, _example_scaled(g, c, call.y_axis))
 
@@ -1107,16 +1121,19 @@ def _estimate(entries, tapped_avals, dtype, n):
                     x_i[None], jnp.expand_dims(g_i, call.y_axis), w)
                 w_bars = jax.vmap(one, in_axes=(0, call.y_axis))(x, g).astype(dtype)
                 sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
-                return sq, jnp.sum(_example_scaled(w_bars, c, 0), axis=0)
+                return sq, _example_sum(w_bars, c)
 
             seen[key] = [*_work(jax.make_jaxpr(structural)(x_raw, g_raw, factors).jaxpr),
                          *_work(jax.make_jaxpr(textbook)(x_raw, g_raw, factors).jaxpr)]  # fmt: skip
         totals = [a + b for a, b in zip(totals, seen[key], strict=True)]
     if not seen:
         return None
-    backend = jax.default_backend()
-    return PlanEstimate(*totals, BYTE_FLOPS.get(backend, BYTE_FLOPS["gpu"]),
-                        VMAP_SLOWDOWN.get(backend, VMAP_SLOWDOWN["gpu"]))  # fmt: skip
+    return PlanEstimate(*totals, BYTE_FLOPS.get(_backend(), BYTE_FLOPS["gpu"]),
+                        VMAP_SLOWDOWN.get(_backend(), VMAP_SLOWDOWN["gpu"]))  # fmt: skip
+
+
+def _backend():
+    return jax.default_backend()
 
 
 def _nbytes(aval):
@@ -1124,10 +1141,11 @@ def _nbytes(aval):
 
 
 def _work(jaxpr, times=1):
-    """``(flops, bytes)`` of a jaxpr: ``2·m·k·n`` per contraction (``dot_general``, conv)
-    and the bytes of the arrays XLA reads or writes in memory: contractions' operands and
-    results, reductions' operands, scatters' and gathers' results (elementwise work is
-    taken as fused into them). Sub-jaxprs counted, a scan's body ``length`` times."""
+    """``(flops, bytes)`` of a jaxpr: ``2·m·k·n`` per contraction (``dot_general``, conv;
+    a grouped conv's times ``GROUPED_CONV``) and the bytes of the arrays XLA reads or
+    writes in memory: contractions' operands and results, reductions' operands, scatters'
+    and gathers' results (elementwise work is taken as fused into them). Sub-jaxprs
+    counted, a scan's body ``length`` times."""
     flops = nbytes = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -1141,7 +1159,9 @@ def _work(jaxpr, times=1):
         elif name == "conv_general_dilated":
             rhs, spec = ins[1], eqn.params["dimension_numbers"].rhs_spec
             per_out = math.prod(rhs.shape) // rhs.shape[spec[0]]  # in-features × window
-            flops += 2.0 * math.prod(outs[0].shape) * per_out
+            groups = max(eqn.params["feature_group_count"], eqn.params["batch_group_count"])
+            rate = 1.0 if groups == 1 else GROUPED_CONV.get(_backend(), GROUPED_CONV["gpu"])
+            flops += 2.0 * math.prod(outs[0].shape) * per_out * rate
             nbytes += sum(map(_nbytes, ins + outs))
         elif name.startswith(("reduce_", "argm", "cum")):
             nbytes += sum(map(_nbytes, ins))
