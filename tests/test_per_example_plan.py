@@ -181,6 +181,9 @@ def test_a_leaf_without_a_route_takes_vmap_grad_whatever_the_plan_asks():
     report = jaxlinear.per_example_routes(loss, w, x, plan="structural")
     assert report.plan == "vmap" and report.why == "1 leaf has no structural route", str(report)
     assert [r.route for r in report] == ["fallback"]
+    report = jaxlinear.per_example_routes(loss, w, x, fallback="raise")
+    assert report.plan == "none" and "fallback='raise'" in report.why, str(report)
+    assert [r.route for r in report] == ["fallback"]
     meets = r"^clipped_grad: `params` is used where it meets the examples' data at `cond`"
     with pytest.raises(ValueError, match=meets):
         jaxlinear.clipped_grad(loss, w, x, clip_norm=1.0, fallback="raise")

@@ -899,7 +899,7 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
         plan, fallback, other, lambda: _estimate(entries, tapped_avals, dtype, n))
     if report is not None:
         report.plan, report.why, report.estimate = chosen, why, estimate
-    if chosen == "vmap" and (report is None or other):  # (routes reports every leaf's route)
+    if chosen != "structural" and (report is None or other):  # (routes: every leaf's route)
         return _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip,
                          clip_norm, dtype, report)  # fmt: skip
     taps_used = list({id(e.tap): e.tap for e in entries}.values())
