@@ -89,7 +89,8 @@ class RouteReport(tuple):
 
     Attributes:
       plan: the plan that runs: ``"structural"`` (each leaf by its route) or ``"vmap"``
-        (``jax.vmap`` of ``jax.grad`` of the whole model).
+        (``jax.vmap`` of ``jax.grad`` of the whole model); ``"none"`` where a leaf has no
+        route and ``fallback="raise"`` (``clipped_grad`` would raise).
       why: why that plan: forced by ``plan=``, a leaf without a route, or the estimates of
         ``plan="auto"`` (``PlanEstimate``).
       estimate: the ``PlanEstimate`` of both plans where ``plan="auto"`` compared them, else
@@ -1236,10 +1237,10 @@ def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "v
         c_i = min(1, C / ‖∇ℓ_i‖),   W̄ = Xᵀ diag(c) G,   b̄ = Σ_i c_i Σ_t G_i[t]
 
     On the structural plan the norms come from ``per_example_grad_norms``' pass; the
-    clipped gradient of each
-    dense layer is its own pullback applied to ``G`` with row ``i`` scaled by ``c_i`` (one
-    more set of ``Xᵀ G`` contractions, no second backward pass through the network; on the
-    ``"per_example"`` sequence route, whose norms formed each ``dW_i``, ``Σ_i c_i dW_i``).
+    clipped gradient of each dense layer is its own pullback applied to ``G`` with row
+    ``i`` scaled by ``c_i`` (one more set of ``Xᵀ G`` contractions, no second backward pass
+    through the network; on the ``"per_example"`` sequence route, whose norms formed each
+    ``dW_i``, ``Σ_i c_i dW_i``).
     Leaves on a per-example copy get ``Σ_i c_i Q̄_i``. On the ``"vmap"`` plan (see
     ``plan``) every leaf's ``Σ_i c_i ∇ℓ_i`` comes from its per-example gradients.
     ``c_i = 1`` at a zero norm.
