@@ -41,6 +41,7 @@ from jaxlinear._src.params import SCHEMES as SCHEMES
 from jaxlinear._src.params import Params as Params
 from jaxlinear._src.params import init as init
 from jaxlinear._src.params import init_mlp as init_mlp
+from jaxlinear._src.per_example import PlanEstimate as PlanEstimate
 from jaxlinear._src.per_example import Route as Route
 from jaxlinear._src.per_example import RouteReport as RouteReport
 from jaxlinear._src.per_example import clipped_grad as clipped_grad
@@ -66,6 +67,7 @@ __all__ = [
     "Gather",
     "Operand",
     "Params",
+    "PlanEstimate",
     "Product",
     "RECIPES",
     "Recipe",

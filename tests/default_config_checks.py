@@ -323,6 +323,9 @@ def test_per_example_grad_norms_on_numpy_inputs():
     )
     norms = jaxlinear.per_example_grad_norms(loss, layers, x)
     assert_like(norms, want, rtol=1e-5, atol=1e-6)
+    for plan in ("vmap", "structural"):  # (float32 norms from float64 NumPy data)
+        assert_like(jaxlinear.per_example_grad_norms(loss, layers, x, plan=plan), want,
+                    rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 def test_fsdp_linear_on_one_device():

@@ -66,6 +66,7 @@ API_GROUPS = {
     ],
     "Per-example gradients": [
         "per_example_grad_norms", "clipped_grad", "per_example_routes", "RouteReport", "Route",
+        "PlanEstimate",
     ],
     "Many devices": [
         "data_parallel_linear", "column_parallel_linear", "row_parallel_linear",

@@ -39,11 +39,14 @@ How leaves are matched to ops (all at trace time; details in ``docs/DESIGN.md``)
    (its cotangent is ``g_k``), each copied leaf as ``leaf + Q`` (``Q = 0``, ``(n,
    *leaf.shape)``). Re-running the traced program, not ``loss_fn``, reuses the plain
    step's random masks.
-4. *Fallback*: a leaf with neither route (used inside ``lax.cond``/``while_loop`` or where
+4. *The plan*: a leaf with neither route (used inside ``lax.cond``/``while_loop`` or where
    the examples share an axis) makes the whole model take ``jax.vmap`` of ``jax.grad``
-   (``fallback="vmap"``: never slower than that textbook), or raises a ``ValueError``
-   naming the leaf and the reason (``fallback="raise"``). ``per_example_routes`` reports
-   the route of every leaf and why.
+   (``fallback="vmap"``), or raises a ``ValueError`` naming the leaf and the reason
+   (``fallback="raise"``). With every leaf routed, ``plan="auto"`` still takes that
+   textbook where it is estimated cheaper (``PlanEstimate``: flops and bytes counted on
+   each tapped weight's norm and clipped-sum programs, traced abstractly; no timing);
+   ``plan="structural"``/``"vmap"`` force one. ``per_example_routes`` reports the plan and
+   why, and the route of every leaf and why.
 
 Assumptions: the examples do not interact (loss ``i`` depends only on row ``i`` of every
 array in ``args``: no batch statistics across the batch).
@@ -69,6 +72,7 @@ from jaxlinear._src.ops.dot_general import DOT_GENERAL
 from jaxlinear._src.ops.embed import _RULE as EMBED_RULE
 
 _FALLBACKS = ("vmap", "raise")
+_PLANS = ("auto", "structural", "vmap")
 
 
 class Route(NamedTuple):
@@ -81,16 +85,32 @@ class Route(NamedTuple):
 
 
 class RouteReport(tuple):
-    """``Route`` rows, one per params leaf; ``str()`` prints them as a table."""
+    """``Route`` rows, one per params leaf; ``str()`` prints the plan, then the rows as a table.
+
+    Attributes:
+      plan: the plan that runs: ``"structural"`` (each leaf by its route) or ``"vmap"``
+        (``jax.vmap`` of ``jax.grad`` of the whole model); ``"none"`` where a leaf has no
+        route and ``fallback="raise"`` (``clipped_grad`` would raise).
+      why: why that plan: forced by ``plan=``, a leaf without a route, or the estimates of
+        ``plan="auto"`` (``PlanEstimate``).
+      estimate: the ``PlanEstimate`` of both plans where ``plan="auto"`` compared them, else
+        ``None``.
+    """
+
+    def __new__(cls, rows=(), plan: str = "structural", why: str = "", estimate=None):
+        self = super().__new__(cls, rows)
+        self.plan, self.why, self.estimate = plan, why, estimate
+        return self
 
     def __str__(self):
         rows = [("leaf", "route", "op", "detail"), *((r.leaf, r.route, r.op or "-", r.detail)
                                                       for r in self)]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        return "\n".join(
+        head = f"plan: {self.plan}" + (f" ({self.why})" if self.why else "")
+        return "\n".join([head] + [
             "  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3]
             for row in rows
-        )
+        ])
 
     def counts(self) -> dict[str, int]:
         """How many leaves take each route."""
@@ -691,10 +711,12 @@ def _bias_rows(g, y_axis, axes):
 
 
 def _weighted_sum(a, factors):
-    """``Σ_i factors[i] a[i]`` over ``a``'s leading (examples') axis: a contraction (XLA:CPU
-    ran the reduction over the major axis 10-20× slower: 18 ms against 1.4 ms for the bench
-    CNN's ``(128, 3, 3, 64, 64)``), except on a mesh with Explicit axes, where contracting
-    the sharded examples' axis would need an ``out_sharding``: there the reduction."""
+    """``Σ_i factors[i] a[i]`` over ``a``'s leading (examples') axis: ``(n, ...) -> (...)``.
+    A contraction (XLA:CPU ran the reduction over the major axis 10-20× slower: 18 ms
+    against 1.4 ms for the bench CNN's ``(128, 3, 3, 64, 64)``; the textbook's clipped sum
+    ran 1.7× faster on the bench transformer), except on a mesh with Explicit axes, where
+    contracting the sharded examples' axis would need an ``out_sharding``: there the
+    reduction."""
     if vma._explicit_mesh(a) is not None:
         return jnp.sum(_example_scaled(a, factors, 0), axis=0)
     return jnp.tensordot(factors.astype(a.dtype), a, axes=1, precision=lax.Precision.HIGHEST)
@@ -774,6 +796,13 @@ def _check_losses(fn: str, out, n: int) -> None:
         raise TypeError(f"{fn}: `loss_fn` must return real floating losses, got dtype {out.dtype}")
 
 
+def _check_keywords(fn: str, fallback, plan) -> None:
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"{fn}: `fallback` must be one of {_FALLBACKS}, got {fallback!r}")
+    if plan not in _PLANS:
+        raise ValueError(f"{fn}: `plan` must be one of {_PLANS}, got {plan!r}")
+
+
 def _check_clip_norm(fn: str, clip_norm) -> None:
     if clip_norm is None:
         raise ValueError(f"{fn}: `clip_norm` must be a finite number > 0, got None")
@@ -791,10 +820,11 @@ def _check_clip_norm(fn: str, clip_norm) -> None:
 # The driver.
 
 
-def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, report=None):
-    """Norms ``(n,)``; with ``clip``, ``(clipped gradient, norms)``. Appends to ``report``."""
-    if fallback not in _FALLBACKS:
-        raise ValueError(f"{fn}: `fallback` must be one of {_FALLBACKS}, got {fallback!r}")
+def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, report=None,
+                 plan="auto"):  # fmt: skip
+    """Norms ``(n,)``; with ``clip``, ``(clipped gradient, norms)``. Appends to ``report``
+    (a ``_Rows``: the rows, and the plan that runs)."""
+    _check_keywords(fn, fallback, plan)
     if clip:
         _check_clip_norm(fn, clip_norm)
     n = _check_args(fn, args)
@@ -855,14 +885,23 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     entries, broadcast, reasons = _plan(prog, axes, n, L, recorded)
     routed = {e.leaf for e in entries} | set(broadcast)
     other = sorted(reasons)
-    if other and fallback == "raise":
+    if other and fallback == "raise" and plan != "vmap" and report is None:
         j = other[0]
         raise ValueError(
             f"{fn}: `{names[j]}` is {reasons[j]}, so its per-example gradient norm has no"
-            " structural formula here; pass fallback='vmap' to compute it from per-example"
-            " gradients of that leaf (jax.vmap of jax.grad)"
+            " structural formula here; pass fallback='vmap' to compute the norms of the whole"
+            " model from per-example gradients (jax.vmap of jax.grad)"
         )
-    if other:  # the textbook for the whole model: never slower than it (one pass, no more)
+
+    def tapped_avals(t):  # a tap's data operand and output, as traced (shape and dtype)
+        return tuple(jax.ShapeDtypeStruct(prog.avals[s].shape, prog.avals[s].dtype)
+                     for s in (t.x, prog.nodes[t.node].outs[0]))  # fmt: skip
+
+    chosen, why, estimate = _choose(
+        plan, fallback, other, lambda: _estimate(entries, tapped_avals, dtype, n))
+    if report is not None:
+        report.plan, report.why, report.estimate = chosen, why, estimate
+    if chosen != "structural" and (report is None or other):  # (routes: every leaf's route)
         return _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip,
                          clip_norm, dtype, report)  # fmt: skip
     taps_used = list({id(e.tap): e.tap for e in entries}.values())
@@ -959,7 +998,7 @@ def _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip, clip
     sq = sum(jnp.sum(jnp.square(d.astype(dtype)), axis=tuple(range(1, d.ndim))) for d in per)
     norms = jnp.sqrt(sq)
     if report is not None:
-        why = f"whole-model vmap(grad): {len(reasons)} leaves have no structural route"
+        why = f"whole-model vmap(grad): {_leaves(len(reasons))}"
         for j, name in enumerate(names):
             if j in reasons:
                 report.append(Route(name, "fallback", None, reasons[j]))
@@ -971,16 +1010,177 @@ def _textbook(loss_fn, leaves, names, treedef, args, reasons, routed, clip, clip
         return norms
     C = jnp.asarray(clip_norm, dtype)
     factors = C / jnp.maximum(norms, C)
-    grads = [jnp.sum(_example_scaled(d.astype(dtype), factors, 0), axis=0).astype(a.dtype)
+    grads = [_weighted_sum(d.astype(dtype), factors).astype(a.dtype)
              for d, a in zip(per, leaves, strict=True)]  # fmt: skip
     return treedef.unflatten(grads), norms
+
+
+# --------------------------------------------------------------------------------------
+# The plan: structural, or vmap(grad) of the whole model where that is cheaper.
+
+# The plan's cost model (``PlanEstimate``), per backend. BYTE_FLOPS: flops that one byte
+# of memory traffic is worth (roughly the machine's flops per byte of bandwidth).
+# GROUPED_CONV: how much dearer a flop of a grouped convolution is (``vmap`` of a conv's
+# weight gradient binds one; XLA:CPU ran them 3–5× slower per flop than the routes' work
+# on the bench CNN). VMAP_SLOWDOWN: the weight on the textbook's count: ``"auto"`` takes
+# ``vmap(grad)`` only where its count is below ``1 / VMAP_SLOWDOWN`` of the structural
+# plan's (the whole-model ratios measured on the bench models ranged 1.0–1.6 times the
+# counted ones, docs/DESIGN.md). CPU: calibrated there; GPU/TPU: not measured.
+BYTE_FLOPS = {"cpu": 8.0, "gpu": 60.0, "tpu": 100.0}
+GROUPED_CONV = {"cpu": 4.0, "gpu": 1.0, "tpu": 1.0}
+VMAP_SLOWDOWN = {"cpu": 1.5, "gpu": 1.5, "tpu": 1.5}
+
+
+class PlanEstimate(NamedTuple):
+    """What ``plan="auto"`` compares (``RouteReport.estimate``): the work each plan does
+    beyond the forward pass and the backward pass to the layers' output cotangents (which
+    both do), counted on the traced programs of each tapped weight (``_work``: flops of
+    the contractions, a grouped convolution's weighted by ``GROUPED_CONV``; bytes of the
+    arrays they read and write).
+
+    The structural plan's part is each tapped weight's norm route (Grams, ``w̄_i``) and its
+    clipped sum (``B_wᵀ(c ⊙ g; x)`` or ``Σ c_i w̄_i``); ``vmap(grad)``'s is each weight's
+    ``n`` per-example gradients, their squares and their scaled sum, at ``vmap_slowdown``
+    times its count. Leaves on per-example copies and biases form the same ``n``
+    per-example gradients in both plans (they cancel).
+    """
+
+    structural_flops: float
+    structural_bytes: float
+    vmap_flops: float
+    vmap_bytes: float
+    byte_flops: float  # flops one byte of memory traffic costs (BYTE_FLOPS)
+    vmap_slowdown: float  # VMAP_SLOWDOWN
+
+    def cost(self, plan: str) -> float:
+        """Flops plus ``byte_flops`` per byte (times ``vmap_slowdown`` for ``"vmap"``)."""
+        if plan == "structural":
+            return self.structural_flops + self.byte_flops * self.structural_bytes
+        return self.vmap_slowdown * (self.vmap_flops + self.byte_flops * self.vmap_bytes)
+
+    def __str__(self):
+        s_cost, v_cost = self.cost("structural") / 1e9, self.cost("vmap") / 1e9
+        return (f"structural {self.structural_flops / 1e9:.3g} GFLOP +"
+                f" {self.structural_bytes / 2**20:.3g} MiB = {s_cost:.3g} vs vmap"
+                f" {self.vmap_flops / 1e9:.3g} GFLOP + {self.vmap_bytes / 2**20:.3g} MiB ×"
+                f" {self.vmap_slowdown:g} = {v_cost:.3g} (GFLOP, {self.byte_flops:g} per byte)")
+
+
+def _choose(plan, fallback, other, estimate_fn):
+    """``(plan that runs, why, PlanEstimate or None)``; ``estimate_fn()`` only for "auto"."""
+    if other and plan != "vmap":
+        if fallback == "raise":  # (per_example_routes; the others raise)
+            return "none", f"{_leaves(len(other))} and fallback='raise'", None
+        return "vmap", _leaves(len(other)), None
+    if plan != "auto":
+        return plan, f"plan={plan!r}", None
+    if fallback == "raise":
+        return "structural", "auto: fallback='raise' rules out vmap(grad)", None
+    estimate = estimate_fn()
+    if estimate is None:  # nothing tapped: copies and biases only, alike in both plans
+        return "structural", "auto: no tapped weight, the plans do alike", None
+    pick = "vmap" if estimate.cost("vmap") < estimate.cost("structural") else "structural"
+    return pick, f"auto: {estimate}", estimate
+
+
+def _leaves(k):
+    return f"{k} leaf has no structural route" if k == 1 else f"{k} leaves have no structural route"
+
+
+def _estimate(entries, tapped_avals, dtype, n):
+    """``PlanEstimate`` from each tapped weight's two small programs (traced abstractly,
+    once per distinct shape), or ``None`` when no weight is tapped."""
+    factors = jax.ShapeDtypeStruct((n,), dtype)
+    totals, seen = [0.0] * 4, {}
+    for e in entries:
+        if e.role != "w":
+            continue
+        t, call = e.tap, e.tap.call
+        x_raw, g_raw = tapped_avals(t)
+        key = (call.rule.name, repr(sorted(getattr(call.rule, "kw", {}).items())), x_raw,
+               g_raw, call.w.shape, str(call.w.dtype), call.y_axis, t.y_perm,
+               t.x_fn is None)  # fmt: skip
+        if key not in seen:
+            def oriented(x, g, t=t):
+                return (x if t.x_fn is None else t.x_fn(x),
+                        g if t.y_perm is None else jnp.transpose(g, t.y_perm))  # fmt: skip
+
+            def structural(x, g, c, call=call, oriented=oriented):
+                x, g = oriented(x, g)
+                _, sq, w_bars = _sq_norms(call, x, g, dtype)
+                if w_bars is not None:  # (as pass 3 forms them)
+                    return sq, jnp.sum(_example_scaled(w_bars, c, 0), axis=0)
+                return sq, _weight_grad(call, x, _example_scaled(g, c, call.y_axis))
+
+            def textbook(x, g, c, call=call, oriented=oriented):
+                x, g = oriented(x, g)
+                w = _w_type(call, x)
+                one = lambda x_i, g_i: call.rule.weight_grad(  # noqa: E731
+                    x_i[None], jnp.expand_dims(g_i, call.y_axis), w)
+                w_bars = jax.vmap(one, in_axes=(0, call.y_axis))(x, g).astype(dtype)
+                sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
+                return sq, _weighted_sum(w_bars, c)
+
+            seen[key] = [*_work(jax.make_jaxpr(structural)(x_raw, g_raw, factors).jaxpr),
+                         *_work(jax.make_jaxpr(textbook)(x_raw, g_raw, factors).jaxpr)]  # fmt: skip
+        totals = [a + b for a, b in zip(totals, seen[key], strict=True)]
+    if not seen:
+        return None
+    return PlanEstimate(*totals, BYTE_FLOPS.get(_backend(), BYTE_FLOPS["gpu"]),
+                        VMAP_SLOWDOWN.get(_backend(), VMAP_SLOWDOWN["gpu"]))  # fmt: skip
+
+
+def _backend():
+    return jax.default_backend()
+
+
+def _nbytes(aval):
+    return math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
+
+
+def _work(jaxpr, times=1):
+    """``(flops, bytes)`` of a jaxpr: ``2·m·k·n`` per contraction (``dot_general``, conv;
+    a grouped conv's times ``GROUPED_CONV``) and the bytes of the arrays XLA reads or
+    writes in memory: contractions' operands and results, reductions' operands, scatters'
+    and gathers' results (elementwise work is taken as fused into them). Sub-jaxprs
+    counted, a scan's body ``length`` times."""
+    flops = nbytes = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        ins = [v.aval for v in eqn.invars if hasattr(v.aval, "shape")]
+        outs = [v.aval for v in eqn.outvars]
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(ins[0].shape[a] for a in lc)
+            flops += 2.0 * math.prod(outs[0].shape) * k
+            nbytes += sum(map(_nbytes, ins + outs))
+        elif name == "conv_general_dilated":
+            rhs, spec = ins[1], eqn.params["dimension_numbers"].rhs_spec
+            per_out = math.prod(rhs.shape) // rhs.shape[spec[0]]  # in-features × window
+            groups = max(eqn.params["feature_group_count"], eqn.params["batch_group_count"])
+            rate = 1.0 if groups == 1 else GROUPED_CONV.get(_backend(), GROUPED_CONV["gpu"])
+            flops += 2.0 * math.prod(outs[0].shape) * per_out * rate
+            nbytes += sum(map(_nbytes, ins + outs))
+        elif name.startswith(("reduce_", "argm", "cum")):
+            nbytes += sum(map(_nbytes, ins))
+        elif name.startswith(("scatter", "gather")):
+            nbytes += sum(map(_nbytes, outs))
+        steps = eqn.params.get("length", 1) if name == "scan" else 1
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, tuple) else (p,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's
+                if hasattr(sub, "eqns"):
+                    f, b = _work(sub, steps)
+                    flops, nbytes = flops + f, nbytes + b
+    return flops * times, nbytes * times
 
 
 # --------------------------------------------------------------------------------------
 # Public functions.
 
 
-def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vmap"):
+def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vmap",
+                           plan: str = "auto"):
     r"""``‖∇_params ℓ_i‖₂`` for every example ``i``, from the layers' structure.
 
         ‖∇ℓ_i‖² = Σ_layers ‖X_iᵀ G_i‖²_F + ‖Σ_t G_i[t]‖²  (+ the fallback leaves' ‖·‖²)
@@ -999,7 +1199,11 @@ def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vm
       *args: pytrees of arrays, each with the ``n`` examples along axis 0.
       fallback: when a leaf has no structural route: ``"vmap"`` (the whole model by
         ``jax.vmap`` of ``jax.grad``) or ``"raise"`` (a ``ValueError`` naming the leaf and
-        the reason).
+        the reason; ``plan="auto"`` then never takes ``vmap(grad)`` either).
+      plan: ``"auto"`` (the structural plan, or ``jax.vmap`` of ``jax.grad`` of the whole
+        model where ``PlanEstimate`` counts it cheaper), ``"structural"`` or ``"vmap"``
+        (forced; ``"vmap"`` needs no route, so it never raises). ``per_example_routes``
+        says which runs and why.
 
     Returns:
       ``(n,)`` norms in the widest floating dtype of ``params`` (at least float32).
@@ -1008,7 +1212,8 @@ def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vm
       TypeError: ``loss_fn`` returns something other than one real floating array;
         non-float params leaves; non-array ``args``.
       ValueError: losses not of shape ``(n,)``; ``args`` of different leading sizes;
-        a leaf needing the fallback when ``fallback="raise"``.
+        a leaf needing the fallback when ``fallback="raise"`` (and ``plan`` is not
+        ``"vmap"``); an unknown ``fallback`` or ``plan``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxlinear
@@ -1018,19 +1223,23 @@ def per_example_grad_norms(loss_fn: Callable, params, *args, fallback: str = "vm
       >>> jaxlinear.per_example_grad_norms(loss, p, x).tolist()  # sqrt(‖x_i‖² + 1)
       [3.0, 1.0]
     """
-    return _per_example("per_example_grad_norms", loss_fn, params, args, fallback, False)
+    return _per_example("per_example_grad_norms", loss_fn, params, args, fallback, False,
+                        plan=plan)
 
 
-def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "vmap"):
+def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "vmap",
+                 plan: str = "auto"):
     r"""``Σ_i min(1, C / ‖∇ℓ_i‖) ∇ℓ_i`` and the norms ``‖∇ℓ_i‖``: per-example clipping.
 
         c_i = min(1, C / ‖∇ℓ_i‖),   W̄ = Xᵀ diag(c) G,   b̄ = Σ_i c_i Σ_t G_i[t]
 
-    The norms come from ``per_example_grad_norms``' pass; the clipped gradient of each
-    dense layer is its own pullback applied to ``G`` with row ``i`` scaled by ``c_i`` (one
-    more set of ``Xᵀ G`` contractions, no second backward pass through the network; on the
-    ``"per_example"`` sequence route, whose norms formed each ``dW_i``, ``Σ_i c_i dW_i``).
-    Leaves on a per-example copy get ``Σ_i c_i Q̄_i``.
+    On the structural plan the norms come from ``per_example_grad_norms``' pass; the
+    clipped gradient of each dense layer is its own pullback applied to ``G`` with row
+    ``i`` scaled by ``c_i`` (one more set of ``Xᵀ G`` contractions, no second backward pass
+    through the network; on the ``"per_example"`` sequence route, whose norms formed each
+    ``dW_i``, ``Σ_i c_i dW_i``).
+    Leaves on a per-example copy get ``Σ_i c_i Q̄_i``. On the ``"vmap"`` plan (see
+    ``plan``) every leaf's ``Σ_i c_i ∇ℓ_i`` comes from its per-example gradients.
     ``c_i = 1`` at a zero norm.
 
     Args:
@@ -1041,8 +1250,10 @@ def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "v
         ``per_example_grad_norms``).
       *args: pytrees of arrays, each with the ``n`` examples along axis 0.
       clip_norm: ``C > 0``, a scalar (checked at trace time when it is not traced).
-      fallback: for the leaves without a structural rule: ``"vmap"`` (per-example
-        gradients of just those leaves) or ``"raise"`` (a ``ValueError`` naming the leaf).
+      fallback: when a leaf has no structural route: ``"vmap"`` (the whole model by
+        ``jax.vmap`` of ``jax.grad``) or ``"raise"`` (a ``ValueError`` naming the leaf),
+        as in ``per_example_grad_norms``.
+      plan: ``"auto"``, ``"structural"`` or ``"vmap"``, as in ``per_example_grad_norms``.
 
     Returns:
       ``(grads, norms)``: ``grads`` in the structure and dtypes of ``params``; ``norms``
@@ -1062,29 +1273,38 @@ def clipped_grad(loss_fn: Callable, params, *args, clip_norm, fallback: str = "v
       >>> norms.tolist(), grads.W[:, 0].tolist()  # dW_i = x_i; c = (1/2, 1): x_0 / 2 + x_1
       ([5.0, 1.0], [1.5, 3.0])
     """
-    return _per_example("clipped_grad", loss_fn, params, args, fallback, True, clip_norm)
+    return _per_example("clipped_grad", loss_fn, params, args, fallback, True, clip_norm,
+                        plan=plan)
 
 
-def per_example_routes(loss_fn: Callable, params, *args) -> RouteReport:
+def per_example_routes(loss_fn: Callable, params, *args, fallback: str = "vmap",
+                       plan: str = "auto") -> RouteReport:
     r"""Which route gives each params leaf its per-example gradient norm, and why.
 
     Traces ``loss_fn`` as ``per_example_grad_norms`` does (abstractly: nothing is
-    computed) and reports, per leaf: ``"rank_one"``, ``"gram"`` (ghost norms: no
-    per-example gradient formed), ``"per_example"`` (the op's transpose in ``w`` under
-    ``jax.vmap``: ``n`` copies of that leaf's gradient), ``"bias"``, ``"broadcast"``
-    (``n`` copies of the leaf where it meets the examples), ``"fallback"`` (with the
-    reason; then every other leaf reads ``"vmap"``: the whole model takes ``jax.vmap`` of
-    ``jax.grad``) or ``"unused"``.
+    computed) and reports the plan that runs (``RouteReport.plan``: ``"structural"`` or
+    ``"vmap"``; ``"none"`` where ``fallback="raise"`` would raise) and why
+    (``RouteReport.why``, with ``RouteReport.estimate`` where ``plan="auto"`` compared the
+    two), and per leaf: ``"rank_one"``, ``"gram"`` (ghost norms: no per-example gradient
+    formed), ``"per_example"`` (the op's transpose in ``w`` under ``jax.vmap``: ``n``
+    copies of that leaf's gradient), ``"bias"``, ``"broadcast"`` (``n`` copies of the leaf
+    where it meets the examples), ``"fallback"`` (with the reason; then every other leaf
+    reads ``"vmap"``: the whole model takes ``jax.vmap`` of ``jax.grad``) or ``"unused"``.
+    Where "auto" picks ``vmap(grad)`` although every leaf has a route, the rows keep the
+    routes the structural plan would take.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses, as in
         ``per_example_grad_norms``.
       params: a pytree of real floating arrays.
       *args: pytrees of arrays, each with the ``n`` examples along axis 0.
+      fallback: as in ``per_example_grad_norms`` (here it never raises: the report says).
+      plan: as in ``per_example_grad_norms``.
 
     Returns:
       A ``RouteReport``: a tuple of ``Route(leaf, route, op, detail)`` in the order of
-      ``jax.tree.leaves(params)``; ``print()`` it for a table, ``.counts()`` for a summary.
+      ``jax.tree.leaves(params)``, with ``.plan``, ``.why`` and ``.estimate``; ``print()``
+      it for the plan and a table, ``.counts()`` for a summary.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlinear
@@ -1093,13 +1313,23 @@ def per_example_routes(loss_fn: Callable, params, *args) -> RouteReport:
       >>> report = jaxlinear.per_example_routes(loss, layers, jnp.ones((5, 3), jnp.float32))
       >>> [(r.leaf, r.route) for r in report][:2]
       [('params[0].W', 'rank_one'), ('params[0].b', 'bias')]
+      >>> report.plan
+      'structural'
     """
-    report: list[Route] = []
+    _check_keywords("per_example_routes", fallback, plan)
+    report = _Rows()
     jax.eval_shape(
         lambda params, args: _per_example(
-            "per_example_routes", loss_fn, params, args, "vmap", False, report=report
+            "per_example_routes", loss_fn, params, args, fallback, False, report=report,
+            plan=plan,
         ),
         params,
         args,
     )
-    return RouteReport(report)
+    return RouteReport(report, report.plan, report.why, report.estimate)
+
+
+class _Rows(list):
+    """``Route`` rows as the driver appends them, and the plan it chose."""
+
+    plan, why, estimate = "structural", "", None
