@@ -142,16 +142,43 @@ def test_plain_models(name):
 
 
 def test_routes_name_the_forms():
-    """Contractions keep their ghost rules; elementwise and tied leaves take a copy."""
+    """Contractions keep their ghost rules; tied and shared leaves sum their calls' rules;
+    elementwise leaves take a copy."""
     loss, params, arg = PLAIN["scan"]
     report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
-    assert report["params['U']"].route == "broadcast"  # shared by the steps
+    assert report["params['U']"].detail.startswith("tied: 2 calls")  # shared by the steps
     assert report["params['Ws']"].op == "dot_general"  # one tapped product per step
+    assert not report["params['Ws']"].detail.startswith("tied")
     loss, params, arg = PLAIN["tied"]
     report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
-    assert report["params['E']"].route == "broadcast"
-    assert "`gather`" in report["params['E']"].detail
-    assert "`dot_general`" in report["params['E']"].detail
+    assert report["params['E']"].op == "embed+dot_general"  # the lookup and the logits
+    assert report["params['E']"].detail.startswith("tied: 2 calls")
+    loss, params, arg = PLAIN["norms"]
+    report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
+    assert report["params['rms_scale']"].route == "broadcast"
+
+
+def _all_tied(p, ids):  # a tied embedding, a weight shared by two layers and by scan steps
+    h = jnp.take(p["E"], ids, axis=0)
+    h = jnp.tanh(jnp.tanh(h @ p["W"]) @ p["W"])
+    h = lax.scan(lambda h, _: (jnp.tanh(h @ p["U"] + h), None), h, None, 3)[0]
+    return jnp.sum(jax.nn.log_softmax(h @ p["E"].T)[..., 0], axis=1)
+
+
+@pytest.mark.parametrize("setting", ["blocks_not_kept", "default"])
+def test_tied_leaves_in_blocks(monkeypatch, setting):
+    """Tied and shared leaves (the per-example sum of their calls' ``w̄_{k,i}``): in blocks
+    of 1 and 2 examples of 5 with the clipped sum recomputed per call
+    (``B_wᵀ(c ⊙ g_k; x_k)``), and as one block with the sum kept (``Σ_i c_i w̄_i``)."""
+    from jaxlinear._src import ghost
+
+    if setting == "blocks_not_kept":
+        monkeypatch.setattr(ghost, "BLOCK_ELEMENTS", 2 * 7 * D)  # 2 examples of E, 1 of W
+        monkeypatch.setattr(ghost, "keeps", lambda *_: False)
+    params = dict(E=normal(7, D), W=normal(D, D), U=normal(D, D))
+    report = check(_all_tied, params, jnp.asarray(rng.integers(0, 7, size=(5, T))))
+    assert all(r.detail.startswith("tied: ") for r in report), str(report)
+    assert [r.detail.endswith("kept") for r in report] == [setting == "default"] * 3
 
 
 def test_unsupported_is_named():

@@ -375,21 +375,29 @@ class _Rule:
             if got is not None:
                 return got if len(got) == 3 else (*got, None)
 
-        def one(x_i, g_i):  # example i alone: its size-1 example axes put back
-            g_i = jnp.expand_dims(g_i, y_axis)
-            x_i = x_i[None]
-            return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
-
         size = int(np.prod(w_aval.shape))
         keep = ghost.keeps(x.shape[0], size, x.size + g.size)
 
         def sq(x, g):  # ‖w̄_i‖² of a block, and w̄_i where kept for the clipped sum Σ c_i w̄_i
-            w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (k, *w.shape)
+            w_bars = self.per_example_w(x, g, w_aval, y_axis, dtype)  # (k, *w.shape)
             sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
             return (sq, w_bars) if keep else sq
 
         got = ghost.in_blocks(sq, [x, g], [0, y_axis], size)
         return ("per_example", *got) if keep else ("per_example", got, None)
+
+    def per_example_w(self, x, g, w_aval, y_axis, dtype):
+        """``w̄_i = B_wᵀ(g_i; x_i)`` for every example: ``(n, *w.shape)`` in ``dtype`` (the
+        op's ``transpose_w`` under ``jax.vmap``; the generic route, and the per-example sum
+        of a leaf used by several calls)."""
+        params = self._params()
+
+        def one(x_i, g_i):  # example i alone: its size-1 example axes put back
+            g_i = jnp.expand_dims(g_i, y_axis)
+            x_i = x_i[None]
+            return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
+
+        return jax.vmap(one, in_axes=(0, y_axis))(x.astype(dtype), g.astype(dtype))
 
     def weight_grad(self, x, g, w_aval):
         """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype."""

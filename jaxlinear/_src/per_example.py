@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlinear._src import bilinear, program, taps, vma
+from jaxlinear._src import bilinear, ghost, program, taps, vma
 from jaxlinear._src.ops.conv import CONV, ConvSpec
 from jaxlinear._src.ops.dot_general import DOT_GENERAL
 from jaxlinear._src.ops.embed import _RULE as EMBED_RULE
@@ -181,6 +181,7 @@ class _Entry:
     tap: _Tap
     role: str  # "w" | "b"
     path: list  # node indices from the leaf to the operand (casts, reshapes, transposes)
+    tied: bool = False  # one of several calls sharing the leaf (the norm has cross terms)
 
 
 def _aval(aval):
@@ -391,6 +392,8 @@ def _plan(prog, axes, n, L, recorded):
                 reasons[j] = "returned by loss_fn without meeting the examples"
             continue  # unused
         found = _simple_entries(prog, j, start, chain_nodes, meets, taps_at)
+        if found is None:
+            found = _tied_entries(prog, j, start, chain_nodes, meets, taps_at)
         if found is not None:
             entries += found
             continue
@@ -439,20 +442,51 @@ def _simple_entry(prog, j, s, path, taps_at):
         k = users[0]
         if k in taps_at:
             break
-        node = prog.nodes[k]
-        if node.name not in _PASS or len(node.ins) != 1 or len(node.outs) != 1:
-            return None
-        if node.name == "broadcast_in_dim" and math.prod(prog.shape(node.outs[0])) != math.prod(
-                prog.shape(node.ins[0])):  # fmt: skip
+        if not _keeps_norm(prog, prog.nodes[k]):
             return None
         path.append(k)
-        s = node.outs[0]
+        s = prog.nodes[k].outs[0]
     tap = taps_at[k]
     if s == tap.w and s != tap.x:
         return _Entry(j, tap, "w", path)
     if s == tap.b and tap.call.y_axis != len(tap.call.y.shape) - 1:
         return _Entry(j, tap, "b", path)
     return None
+
+
+def _keeps_norm(prog, node):
+    """Whether ``node`` is a unary step that keeps the norm (a cast, reshape, transpose)."""
+    if node.name not in _PASS or len(node.ins) != 1 or len(node.outs) != 1:
+        return False
+    return node.name != "broadcast_in_dim" or math.prod(prog.shape(node.outs[0])) == math.prod(
+        prog.shape(node.ins[0]))  # fmt: skip
+
+
+def _tied_entries(prog, j, start, chain_nodes, meets, taps_at):
+    """The leaf as the weight (or op bias) of several tapped calls (an embedding tied to
+    the logits, a weight shared by layers or by a scan's steps), each reached through
+    norm-keeping steps (or a scan step's slice); every use of the leaf one of them. Its
+    per-example gradient is the sum over the calls (``_tied_norms``); else ``None``."""
+    entries, seen, stack = [], set(), [(start, [])]
+    while stack:
+        s, path = stack.pop()
+        if s in prog.outvars:
+            return None
+        for k in dict.fromkeys(prog.users.get(s, ())):
+            tap, node = taps_at.get(k), prog.nodes[k]
+            if tap is not None and s == tap.w and s != tap.x:
+                entries.append(_Entry(j, tap, "w", path, tied=True))
+            elif (tap is not None and s == tap.b and s not in (tap.x, tap.w)
+                  and tap.call.y_axis != len(tap.call.y.shape) - 1):  # fmt: skip
+                entries.append(_Entry(j, tap, "b", path, tied=True))
+            elif tap is None and (_keeps_norm(prog, node) or node.name == "scan_index"):
+                seen.add(k)
+                stack.append((node.outs[0], [*path, k]))
+            else:
+                return None
+    if len(entries) < 2 or seen != set(chain_nodes) or {e.tap.node for e in entries} != set(meets):
+        return None
+    return entries
 
 
 def _why_not_broadcast(prog, axes, chain_nodes, meets):
@@ -654,6 +688,55 @@ def _sq_norms(call, x, g, dtype):
         specs += [P(specs[0][0], *(None,) * len(call.w.shape))] * (formed[0] is not None)
     sq, *w_bars = _auto_axes(arrays, x, specs)(x, g)
     return route[-1], sq, w_bars[0] if w_bars else None
+
+
+def _tied_norms(prog, es, leaf, tapped, dtype):
+    """``(route, ‖w̄_i‖² (n,), w̄_i or None, detail)`` for a leaf shared by the calls of
+    ``es`` (``_tied_entries``): ``w̄_i = Σ_k w̄_{k,i}``, cross terms included.
+
+    Route ``"per_example"``: each call's ``w̄_{k,i}`` from its op's rule
+    (``rule.per_example_w``), mapped back to the leaf through the call's path and summed,
+    a block of examples at a time (``ghost.in_blocks``: no ``n`` copies of the leaf);
+    the sum is kept for ``Σ_i c_i w̄_i`` where ``ghost.keeps`` says so, else the clipped
+    sum is each call's ``B_wᵀ(c ⊙ g_k; x_k)``."""
+    xgs = [tapped(e.tap) for e in es]
+    arrays = [a for xg in xgs for a in xg]
+    in_axes = [a for e in es for a in (0, e.tap.call.y_axis)]
+    n, size = arrays[0].shape[0], math.prod(leaf.shape)
+    keep = ghost.keeps(n, size, sum(a.size for a in arrays))
+    w_types = [_w_type(e.tap.call, x) for e, (x, _) in zip(es, xgs, strict=True)]
+    zero = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+
+    def rows(e, w_type, x, g):  # (k, *leaf.shape): this call's w̄_{k,i}, in the leaf's layout
+        call = e.tap.call
+        if e.role == "w":
+            d, operand = call.rule.per_example_w(x, g, w_type, call.y_axis, dtype), e.tap.w
+        else:
+            d = _bias_rows(g.astype(dtype), call.y_axis, (len(call.y.shape) - 1,))
+            operand = e.tap.b
+        if e.path:  # back through the casts, reshapes, transposes (linear: any point will do)
+            aval = prog.avals[operand]
+            _, back = jax.vjp(_chain_fn(prog, e.path), jnp.zeros(zero.shape, zero.dtype))
+            d = jax.vmap(lambda d: back(d.reshape(aval.shape).astype(aval.dtype))[0])(d)
+        return d.reshape(d.shape[0], *leaf.shape).astype(dtype)
+
+    def block(*arrays):
+        total = sum(rows(e, w, x, g) for e, w, x, g in zip(
+            es, w_types, arrays[::2], arrays[1::2], strict=True))  # fmt: skip
+        sq = jnp.sum(total**2, axis=tuple(range(1, total.ndim)))
+        return (sq, total) if keep else sq
+
+    def arrays_fn(*arrays):
+        got = ghost.in_blocks(block, list(arrays), in_axes, size)
+        return got if keep else (got,)
+
+    P = jax.sharding.PartitionSpec
+    x0 = arrays[0]
+    specs = [P(vma._entry(x0, 0))]
+    specs += [P(specs[0][0], *(None,) * len(leaf.shape))] * keep
+    sq, *w_bars = _auto_axes(arrays_fn, x0, specs)(*arrays)
+    detail = f"tied: {len(es)} calls, Σ_k w̄_k,i in blocks" + (", kept" if keep else "")
+    return "per_example", sq, w_bars[0] if keep else None, detail
 
 
 def _weight_grad(call, x, g):
@@ -883,7 +966,11 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     sq = 0  # then (n,), laid out like the examples
     routes: dict[int, Route] = {}
     w_bars = {}  # entry -> per-example w̄_i, where the route formed them
+    tied = {}  # leaf -> its calls' entries (one per-example gradient: their sum)
     for e in entries:
+        if e.tied:
+            tied.setdefault(e.leaf, []).append(e)
+            continue
         call = e.tap.call
         x, g = tapped(e.tap)
         if e.role == "w":
@@ -894,6 +981,12 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
             sq = sq + jnp.sum(rows**2, axis=tuple(range(1, rows.ndim)))
         detail = f"x {call.x_shape} -> y {call.y.shape}"
         routes[e.leaf] = Route(names[e.leaf], route, call.rule.name, detail)
+    tied_bars = {}  # leaf -> Σ_k w̄_{k,i}, where formed and kept
+    for j, es in tied.items():
+        route, sq_j, tied_bars[j], detail = _tied_norms(prog, es, leaves[j], tapped, dtype)
+        sq = sq + sq_j
+        op = "+".join(dict.fromkeys(e.tap.call.rule.name for e in es))
+        routes[j] = Route(names[j], route, op, detail)
     for j, w_i in zip(bcast, w_copies, strict=True):
         sq = sq + jnp.sum(jnp.square(w_i.astype(dtype)), axis=tuple(range(1, w_i.ndim)))
         detail = f"per-example copy {(n, *leaves[j].shape)} at " + ", ".join(
@@ -913,7 +1006,12 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     C = jnp.asarray(clip_norm, dtype)
     factors = C / jnp.maximum(norms, C)  # min(1, C/‖∇ℓ_i‖), 1 at a zero norm
     grads: list = [None] * L
+    for j, w_i in tied_bars.items():
+        if w_i is not None:  # Σ_i c_i Σ_k w̄_{k,i}
+            grads[j] = jnp.sum(_example_scaled(w_i, factors, 0), axis=0).astype(leaves[j].dtype)
     for e in entries:
+        if tied_bars.get(e.leaf) is not None:
+            continue
         call = e.tap.call
         x, g = tapped(e.tap)
         # (Sums over the examples are reductions, not contractions: on a mesh with Explicit

@@ -15,6 +15,9 @@ the op's per-example capability (see ``per_example.py`` for the protocol):
     the per-example squared norms of ``w̄`` from the layer input ``x: (n, ...)`` and the
     output cotangent ``g`` (in ``y``'s layout, examples on ``y_axis``), and the per-example
     ``w̄_i: (n, *w.shape)`` where the route formed them.
+``rule.per_example_w(x, g, w_aval, y_axis, dtype) -> w̄_i``
+    every example's ``w̄_i: (n, *w.shape)`` (for a leaf used by several calls, whose
+    per-example gradient is their sum).
 ``rule.weight_grad(x, g, w_aval) -> w̄``
     the op's own transpose in ``w``: ``B_wᵀ(g; x)``.
 
