@@ -158,27 +158,36 @@ def test_routes_name_the_forms():
     assert report["params['rms_scale']"].route == "broadcast"
 
 
-def _all_tied(p, ids):  # a tied embedding, a weight shared by two layers and by scan steps
+def _all_tied(p, ids):
+    """A tied embedding, weights shared by two layers (one 3-D, read in two layouts) and
+    one shared by scan steps."""
     h = jnp.take(p["E"], ids, axis=0)
     h = jnp.tanh(jnp.tanh(h @ p["W"]) @ p["W"])
+    a = jnp.einsum("btd,dhk->bthk", h, p["H"]).reshape(h.shape)
+    b = jnp.einsum("btd,dkh->btkh", jnp.tanh(a), p["H"].transpose(0, 2, 1)).reshape(h.shape)
+    h = jnp.tanh(b)
     h = lax.scan(lambda h, _: (jnp.tanh(h @ p["U"] + h), None), h, None, 3)[0]
     return jnp.sum(jax.nn.log_softmax(h @ p["E"].T)[..., 0], axis=1)
 
 
-@pytest.mark.parametrize("setting", ["blocks_not_kept", "default"])
-def test_tied_leaves_in_blocks(monkeypatch, setting):
-    """Tied and shared leaves (the per-example sum of their calls' ``w̄_{k,i}``): in blocks
-    of 1 and 2 examples of 5 with the clipped sum recomputed per call
-    (``B_wᵀ(c ⊙ g_k; x_k)``), and as one block with the sum kept (``Σ_i c_i w̄_i``)."""
+@pytest.mark.parametrize("setting", ["gram", "per_example", "kept"])
+def test_tied_leaves(monkeypatch, setting):
+    """Tied and shared leaves, whose per-example gradient is the sum over their calls:
+    the Gram over the calls' rows (cross terms; the lookup's one-hot rows never formed),
+    and the per-example sum of the calls' ``w̄_{k,i}``, both in blocks of 1 and 2 examples
+    of 5 with the clipped sum recomputed per call (``B_wᵀ(c ⊙ g_k; x_k)``); and the sum in
+    one block, kept for ``Σ_i c_i w̄_i``."""
     from jaxlinear._src import ghost
 
-    if setting == "blocks_not_kept":
+    if setting != "kept":
         monkeypatch.setattr(ghost, "BLOCK_ELEMENTS", 2 * 7 * D)  # 2 examples of E, 1 of W
         monkeypatch.setattr(ghost, "keeps", lambda *_: False)
-    params = dict(E=normal(7, D), W=normal(D, D), U=normal(D, D))
-    report = check(_all_tied, params, jnp.asarray(rng.integers(0, 7, size=(5, T))))
+        monkeypatch.setattr(ghost, "tied_gram_pays", lambda *_: setting == "gram")
+    params = dict(E=normal(7, D), H=normal(D, 2, D // 2), W=normal(D, D), U=normal(D, D))
+    report = check(_all_tied, params, jnp.asarray(rng.integers(-7, 7, size=(5, T))))
     assert all(r.detail.startswith("tied: ") for r in report), str(report)
-    assert [r.detail.endswith("kept") for r in report] == [setting == "default"] * 3
+    assert [r.route for r in report] == ["per_example" if setting == "kept" else setting] * 4
+    assert [r.detail.endswith("kept") for r in report] == [setting == "kept"] * 4
 
 
 def test_unsupported_is_named():

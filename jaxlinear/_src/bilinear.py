@@ -386,6 +386,14 @@ class _Rule:
         got = ghost.in_blocks(sq, [x, g], [0, y_axis], size)
         return ("per_example", *got) if keep else ("per_example", got, None)
 
+    def factors(self, x, g, w_aval, y_axis, dtype):
+        """The op's ``factors`` rule on ``x``, ``g`` in ``dtype``, or ``None``."""
+        if self.op.factors_rule is None:
+            return None
+        x, g = x.astype(dtype), g.astype(dtype)
+        return self.op.factors_rule(x, g, w_aval, y_axis=y_axis, preferred_element_type=dtype,
+                                    **self._params())  # fmt: skip
+
     def per_example_w(self, x, g, w_aval, y_axis, dtype):
         """``w̄_i = B_wᵀ(g_i; x_i)`` for every example: ``(n, *w.shape)`` in ``dtype`` (the
         op's ``transpose_w`` under ``jax.vmap``; the generic route, and the per-example sum
@@ -459,10 +467,12 @@ class BilinearOp:
         pullback: Callable | None = None,
         pushforward: Callable | None = None,
         per_example: Callable | None = None,
+        factors: Callable | None = None,
         scale_axes: Callable | None = None,
     ):
         self.name = name
         self.per_example_rule = per_example
+        self.factors_rule = factors
         self.scale_axes = scale_axes
         self.forward_fn, self.transpose_x, self.transpose_w = forward, transpose_x, transpose_w
         self._batch_hook, self._out_sharding = batch, out_sharding
@@ -1021,6 +1031,7 @@ def bilinear_op(
     pullback: Callable | None = None,
     pushforward: Callable | None = None,
     per_example: Callable | None = None,
+    factors: Callable | None = None,
     scale_axes: Callable | None = None,
 ) -> BilinearOp:
     r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
@@ -1073,6 +1084,14 @@ def bilinear_op(
         ``(route, sq, w̄_i: (n, *w.shape))`` (clipping then reuses them). Without it, or
         when it declines, the generic route forms each ``w̄_i`` with ``transpose_w`` under
         ``jax.vmap`` over the examples.
+      factors: optional rule for a weight used by several calls (a tied embedding, a
+        weight shared by layers or scan steps), whose per-example gradient is the sum
+        over the calls: ``factors(x, g, w_aval, *, y_axis, preferred_element_type,
+        **params) -> (A, B, a_axes, b_axes) | None`` with ``w̄_i = Σ_t A_i[t] ⊗ B_i[t]``,
+        ``A: (n, T, |a|)`` over ``w``'s axes ``a_axes`` and ``B: (n, T, |b|)`` over
+        ``b_axes`` (each flattened in the order given). The norm of the sum over the
+        calls is then a Gram over their concatenated rows, cross terms included.
+        ``None`` declines.
       scale_axes: optional rule for quantization recipes (``quant=``) with per-axis
         scaling: ``scale_axes(product, a_ndim, b_ndim, **params) -> (a_map, b_map)`` for
         ``product`` in ``"forward"`` (operands ``x, w``; result ``y``), ``"grad_x"``
@@ -1121,5 +1140,6 @@ def bilinear_op(
         pullback=pullback,
         pushforward=pushforward,
         per_example=per_example,
+        factors=factors,
         scale_axes=scale_axes,
     )

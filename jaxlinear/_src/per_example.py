@@ -697,8 +697,10 @@ def _tied_norms(prog, es, leaf, tapped, dtype):
     Route ``"per_example"``: each call's ``w̄_{k,i}`` from its op's rule
     (``rule.per_example_w``), mapped back to the leaf through the call's path and summed,
     a block of examples at a time (``ghost.in_blocks``: no ``n`` copies of the leaf);
-    the sum is kept for ``Σ_i c_i w̄_i`` where ``ghost.keeps`` says so, else the clipped
-    sum is each call's ``B_wᵀ(c ⊙ g_k; x_k)``."""
+    the sum is kept for ``Σ_i c_i w̄_i`` where ``ghost.keeps`` says so (no second weight
+    gradient: then this route). Otherwise route ``"gram"`` where ``_tied_gram`` finds it
+    cheaper: ``Σ_{k,l} ⟨U_k U_lᵀ, V_k V_lᵀ⟩`` over the calls' factors, in blocks. Either
+    way the clipped sum is then each call's ``B_wᵀ(c ⊙ g_k; x_k)``, mapped back and summed."""
     xgs = [tapped(e.tap) for e in es]
     arrays = [a for xg in xgs for a in xg]
     in_axes = [a for e in es for a in (0, e.tap.call.y_axis)]
@@ -706,6 +708,19 @@ def _tied_norms(prog, es, leaf, tapped, dtype):
     keep = ghost.keeps(n, size, sum(a.size for a in arrays))
     w_types = [_w_type(e.tap.call, x) for e, (x, _) in zip(es, xgs, strict=True)]
     zero = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    P = jax.sharding.PartitionSpec
+    x0 = arrays[0]
+    specs = [P(vma._entry(x0, 0))]
+    gram = None if keep else _tied_gram(prog, es, leaf, xgs, w_types, dtype)
+    if gram is not None:
+        rows, per_example = gram
+
+        def gram_fn(*arrays):
+            return [ghost.in_blocks(lambda *a: ghost.tied_gram_sq_norms(rows(*a)), list(arrays),
+                                    in_axes, per_example)]  # fmt: skip
+
+        sq = _auto_axes(gram_fn, x0, specs)(*arrays)[0]
+        return "gram", sq, None, f"tied: {len(es)} calls, Gram over their rows"
 
     def rows(e, w_type, x, g):  # (k, *leaf.shape): this call's w̄_{k,i}, in the leaf's layout
         call = e.tap.call
@@ -727,16 +742,86 @@ def _tied_norms(prog, es, leaf, tapped, dtype):
         return (sq, total) if keep else sq
 
     def arrays_fn(*arrays):
-        got = ghost.in_blocks(block, list(arrays), in_axes, size)
+        got = ghost.in_blocks(block, list(arrays), in_axes, len(es) * size)  # (each call's)
         return got if keep else (got,)
 
-    P = jax.sharding.PartitionSpec
-    x0 = arrays[0]
-    specs = [P(vma._entry(x0, 0))]
     specs += [P(specs[0][0], *(None,) * len(leaf.shape))] * keep
     sq, *w_bars = _auto_axes(arrays_fn, x0, specs)(*arrays)
     detail = f"tied: {len(es)} calls, Σ_k w̄_k,i in blocks" + (", kept" if keep else "")
     return "per_example", sq, w_bars[0] if keep else None, detail
+
+
+def _tied_gram(prog, es, leaf, xgs, w_types, dtype):
+    """``(rows, per_example)`` for the Gram route of a tied leaf: ``rows(x_1, g_1, ...)``
+    gives ``[(U_k, V_k)]`` for ``ghost.tied_gram_sq_norms`` (each call's factors, from its
+    op's ``factors`` rule, on one split of the leaf's axes, columns in the leaf's order),
+    ``per_example`` the elements a block forms per example. ``None`` where a call has no
+    factors, a path does more than cast and transpose, the calls split the leaf's axes
+    differently, or ``ghost.tied_gram_pays`` says the per-example sum is cheaper."""
+    plans, split = [], None
+    for e, (x, g), w in zip(es, xgs, w_types, strict=True):
+        if e.role != "w":
+            return None
+        where = list(range(len(leaf.shape)))  # the leaf's axis of each of w's axes
+        for k in e.path:
+            node = prog.nodes[k]
+            if node.name == "transpose":
+                where = [where[a] for a in node.eqn.params["permutation"]]
+            elif node.name == "scan_index" or prog.shape(node.outs[0]) != prog.shape(node.ins[0]):
+                return None
+        call, axes = e.tap.call, []
+
+        def factors(x, g, call=call, w=w, axes=axes):
+            got = call.rule.factors(x, g, w, call.y_axis, dtype)
+            axes.append(None if got is None else got[2:])
+            return None if got is None else got[:2]
+
+        shapes = jax.eval_shape(factors, x, g)
+        if axes[0] is None:
+            return None
+        a, b = ([where[i] for i in ax] for ax in axes[0])
+        if sorted(a + b) != list(range(len(leaf.shape))):
+            return None  # (w̄_i constant along an axis: not one product of the two)
+        split = sorted(a) if split is None else split
+        swap = sorted(b) == split
+        if not swap and sorted(a) != split:
+            return None
+        u, v = (b, a) if swap else (a, b)
+        dense = [not jnp.issubdtype(m.dtype, jnp.integer) for m in shapes]  # (else one-hot)
+        plans.append((factors, swap, u, v, shapes[0].shape[1], dense[::-1] if swap else dense))
+    sizes = [math.prod(leaf.shape[i] for i in split)]
+    sizes.append(math.prod(leaf.shape) // sizes[0])
+
+    def cost(dk, dl):  # multiply-adds per row pair of A_k A_lᵀ and B_k B_lᵀ (one-hot: 1)
+        return sum(size if a and b else 1 for size, a, b in zip(sizes, dk, dl, strict=True))
+
+    # The per-example sum: each call's w̄_{k,i}, T_k |u| |v| (a one-hot side: a scatter).
+    per_ex = sum(T * math.prod(sz for sz, d in zip(sizes, dense, strict=True) if d)
+                 for *_, T, dense in plans)  # fmt: skip
+    gram = sum(Tk * Tl * cost(dk, dl)  # each pair once (k ≤ l)
+               for i, (*_, Tk, dk) in enumerate(plans)
+               for *_, Tl, dl in plans[: i + 1])  # fmt: skip
+    if not ghost.tied_gram_pays(gram, per_ex):
+        return None
+
+    def ordered(M, axes):  # M's columns over the leaf's axes `axes` -> in the leaf's order
+        if M.ndim == 2 or list(axes) == sorted(axes):
+            return M
+        M = M.reshape(*M.shape[:2], *(leaf.shape[i] for i in axes))
+        M = jnp.transpose(M, (0, 1, *(2 + axes.index(i) for i in sorted(axes))))
+        return M.reshape(*M.shape[:2], -1)
+
+    def rows(*arrays):
+        out = []
+        for (factors, swap, u, v, _, _), x, g in zip(plans, arrays[::2], arrays[1::2],
+                                                     strict=True):  # fmt: skip
+            A, B = factors(x, g)
+            U, V = (B, A) if swap else (A, B)
+            out.append((ordered(U, u), ordered(V, v)))
+        return out
+
+    R = sum(T for *_, T, _ in plans)
+    return rows, R * R + R * sum(sizes)
 
 
 def _weight_grad(call, x, g):

@@ -212,6 +212,16 @@ class _Rule:
         return "gram", jnp.sum(jnp.where(same, gg, 0), axis=(1, 2)), None
 
     @staticmethod
+    def factors(ids, g, table_aval, y_axis, dtype):
+        """``tablē_i = Σ_t onehot(ids_it) ⊗ g_it``: ``(rows, G, (0,), (1,))`` with ``rows:
+        (n, T)`` the table rows (``-1`` for an id out of range: a zero row), never one-hot."""
+        del y_axis  # 0
+        (V, d), n = table_aval.shape, ids.shape[0]
+        ids = ids.reshape(n, -1)
+        rows = jnp.where((ids >= -V) & (ids < V), jnp.where(ids < 0, ids + V, ids), -1)
+        return rows, g.astype(dtype).reshape(n, -1, d), (0,), (1,)
+
+    @staticmethod
     def per_example_w(ids, g, table_aval, y_axis, dtype):
         """``tablē_i``, the scatter-add of example ``i``'s rows of ``G``: ``(n, V, d)``."""
         del y_axis  # 0
