@@ -52,8 +52,9 @@ def in_blocks(f, args, axes, per_example: int):
       args: arrays holding the ``n`` examples on ``axes``.
       axes: each array's examples' axis.
       per_example: elements ``f`` forms per example: blocks of
-        ``max(1, BLOCK_ELEMENTS // per_example)`` examples under ``lax.map`` (one call when
-        all fit).
+        ``b = max(1, BLOCK_ELEMENTS // per_example)`` examples under ``lax.map`` (one call
+        when all fit), or of the largest divisor of ``n`` above ``b / 2`` where there is
+        one (no remainder block).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -65,6 +66,9 @@ def in_blocks(f, args, axes, per_example: int):
     block = max(1, BLOCK_ELEMENTS // max(1, per_example))
     if block >= n:
         return f(*args)
+    # A divisor of n over half the block: no remainder, so the blocks are views (with a
+    # remainder XLA copies the leading q·block examples of every argument).
+    block = next((b for b in range(block, block // 2, -1) if n % b == 0), block)
     q, m = divmod(n, block)
     moved = [jnp.moveaxis(a, ax, 0) for a, ax in zip(args, axes, strict=True)]
 

@@ -31,10 +31,15 @@ How leaves are matched to ops (all at trace time; details in ``docs/DESIGN.md``)
    reshapes and transposes, or one slice per step of a scan, is *tapped*: the contraction
    is read as a call of the family's op (its own call, its dual primitive, a raw
    ``dot_general``, ``conv_general_dilated``, or a row ``gather``) and its rule applies.
-   Every other leaf gets a *per-example copy* (``"broadcast"``; ``"bias"`` when it is only
-   added): ``n`` copies fed where the leaf meets the examples' data, whose cotangents are
-   its per-example gradients (LayerNorm scales, tables, class tokens, tied or shared
-   weights).
+   A leaf used that way by several calls (an embedding tied to the logits, a weight shared
+   by layers or by a scan's steps) is *tied*: its per-example gradient is the sum over the
+   calls, ``w̄_i = Σ_k w̄_{k,i}``, whose norm is the Gram over the calls' concatenated rows
+   (``"gram"``, cross terms included, from each op's ``factors`` rule) or each call's
+   ``w̄_{k,i}`` summed in blocks of examples (``"per_example"``), the fewer multiply-adds
+   (detail ``"tied: K calls"``). Every other leaf gets a *per-example copy*
+   (``"broadcast"``; ``"bias"`` when it is only added): ``n`` copies fed where the leaf
+   meets the examples' data, whose cotangents are its per-example gradients (LayerNorm
+   scales, tables, class tokens).
 3. *One pass*: the program runs under ``jax.vjp``, each tapped output plus ``Z_k = 0``
    (its cotangent is ``g_k``), each copied leaf as ``leaf + Q`` (``Q = 0``, ``(n,
    *leaf.shape)``). Re-running the traced program, not ``loss_fn``, reuses the plain
@@ -75,7 +80,7 @@ class Route(NamedTuple):
     """How one params leaf gets its per-example gradient norm (``per_example_routes``)."""
 
     leaf: str  # e.g. "params['conv1'].W"
-    route: str  # "rank_one" | "gram" | "per_example" | "bias" | "fallback" | "unused"
+    route: str  # "rank_one" | "gram" | "per_example" | "bias" | "broadcast" | "fallback" | ...
     op: str | None  # the op that holds it ("affine", "conv", "embed", ...), or None
     detail: str  # shapes, or why the fallback
 
@@ -1248,8 +1253,11 @@ def per_example_routes(loss_fn: Callable, params, *args) -> RouteReport:
     Traces ``loss_fn`` as ``per_example_grad_norms`` does (abstractly: nothing is
     computed) and reports, per leaf: ``"rank_one"``, ``"gram"`` (ghost norms: no
     per-example gradient formed), ``"per_example"`` (the op's transpose in ``w`` under
-    ``jax.vmap``: ``n`` copies of that leaf's gradient), ``"bias"``, ``"broadcast"``
-    (``n`` copies of the leaf where it meets the examples), ``"fallback"`` (with the
+    ``jax.vmap``: ``n`` copies of that leaf's gradient; a leaf used by several calls reads
+    ``"gram"`` or ``"per_example"`` with detail ``"tied: K calls ..."`` and ``op`` their
+    ops joined by ``+``: the Gram over the calls' rows, or their ``w̄_{k,i}`` summed),
+    ``"bias"``, ``"broadcast"`` (``n`` copies of the leaf where it meets the examples),
+    ``"fallback"`` (with the
     reason; then every other leaf reads ``"vmap"``: the whole model takes ``jax.vmap`` of
     ``jax.grad``) or ``"unused"``.
 
