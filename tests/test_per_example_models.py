@@ -190,6 +190,19 @@ def test_tied_leaves(monkeypatch, setting):
     assert [r.detail.endswith("kept") for r in report] == [setting == "kept"] * 4
 
 
+def test_shared_conv_kernel_keeps_its_copies():
+    """A kernel shared by two convolutions keeps the per-example copies: its per-example
+    sum would ``vmap`` the conv's transpose, which XLA:CPU miscomputes batch-sharded."""
+
+    def loss(p, x):
+        conv = lambda h: lax.conv_general_dilated(  # noqa: E731
+            h, p["K"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        return jnp.sum(jnp.tanh(conv(jnp.tanh(conv(x)))) ** 2, axis=(1, 2))
+
+    report = check(loss, dict(K=normal(3, D, D)), normal(N, T, D))
+    assert [r.route for r in report] == ["broadcast"], str(report)
+
+
 def test_unsupported_is_named():
     """A leaf used inside ``lax.cond`` with the examples falls back, and says so; then the
     whole model takes the textbook ``vmap(grad)`` (never slower than it)."""
@@ -273,7 +286,9 @@ def test_nnx_norm_layers():
 def test_nnx_tied_embedding_attend():
     model = _randomized(NnxTied(nnx.Rngs(0)))
     loss, params = jaxlinear.nnx.per_example_loss(model, _sum_sq)
-    check(loss, params, jnp.asarray(rng.integers(0, 7, size=(N, T))))
+    report = check(loss, params, jnp.asarray(rng.integers(0, 7, size=(N, T))))
+    table = next(r for r in report if "embedding" in r.leaf)
+    assert table.detail.startswith("tied: 2 calls"), str(report)  # the lookup and attend
 
 
 def test_nnx_dropout_in_training_mode():

@@ -467,6 +467,12 @@ def _keeps_norm(prog, node):
         prog.shape(node.ins[0]))  # fmt: skip
 
 
+# Ops whose per-example w̄_i must not come from vmap of their transpose (a batched conv
+# weight gradient on batch-sharded input is miscomputed by XLA:CPU; see DESIGN): a leaf
+# they share with other calls keeps its per-example copies.
+_CONVS = frozenset({"conv", "conv_transpose"})
+
+
 def _tied_entries(prog, j, start, chain_nodes, meets, taps_at):
     """The leaf as the weight (or op bias) of several tapped calls (an embedding tied to
     the logits, a weight shared by layers or by a scan's steps), each reached through
@@ -491,6 +497,8 @@ def _tied_entries(prog, j, start, chain_nodes, meets, taps_at):
                 return None
     if len(entries) < 2 or seen != set(chain_nodes) or {e.tap.node for e in entries} != set(meets):
         return None
+    if any(e.tap.call.rule.name in _CONVS for e in entries):
+        return None  # (w̄_{k,i} by vmap of a conv's transpose: wrong on XLA:CPU, batch-sharded)
     return entries
 
 
