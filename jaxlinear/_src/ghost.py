@@ -137,7 +137,8 @@ def tied_gram_sq_norms(parts):
         ‖Σ_k A_kᵀ B_k‖² = Σ_{k,l} ⟨A_k A_lᵀ, B_k B_lᵀ⟩
 
     (a weight used by several calls: its per-example gradient is the sum over them, cross
-    terms included; ``T_k T_l`` blocks, never the ``(ΣT)²`` matrix at once).
+    terms included). Calls whose factors are of the same kinds (dense or one-hot) are one
+    block, their rows concatenated: at most three blocks, whatever the number of calls.
 
     Args:
       parts: ``[(A_k, B_k)]``, ``A_k: (n, T_k, a)``, ``B_k: (n, T_k, b)``; either may be
@@ -152,6 +153,11 @@ def tied_gram_sq_norms(parts):
       >>> tied_gram_sq_norms([(A, B), (ids, B)]).tolist()  # ‖(4, 2, 2)‖²
       [24.0]
     """
+    kinds = {}  # calls with factors of the same kinds: one block (their rows concatenated)
+    for A, B in parts:
+        kinds.setdefault((_ids(A), _ids(B)), []).append((A, B))
+    parts = [tuple(jnp.concatenate(m, axis=1) for m in zip(*group, strict=True))
+             for group in kinds.values()]  # fmt: skip
     total = 0
     for k, (A, B) in enumerate(parts):
         for l, (C, D) in enumerate(parts[: k + 1]):
@@ -161,9 +167,13 @@ def tied_gram_sq_norms(parts):
     return total
 
 
+def _ids(M):
+    return jnp.issubdtype(M.dtype, jnp.integer)
+
+
 def _rows_gram(A, C):
     """``A_i C_iᵀ: (n, T_A, T_C)``, integer ``(n, T)`` operands read as one-hot rows."""
-    a_ids, c_ids = (jnp.issubdtype(M.dtype, jnp.integer) for M in (A, C))
+    a_ids, c_ids = _ids(A), _ids(C)
     if a_ids and c_ids:
         return (A[:, :, None] == C[:, None, :]) & (A[:, :, None] >= 0)  # (a mask: × the other)
     if c_ids:
