@@ -341,6 +341,36 @@ def test_equinox_model_under_vmap():
     assert report.counts().get("rank_one", 0) + report.counts().get("gram", 0) >= 1
 
 
+class EqxTied(eqx.Module):
+    """A per-example model: ``Embedding`` (``weight[i]`` under ``jax.vmap``: a gather of
+    clamped rows) tied to the logits, one ``Linear`` used twice."""
+
+    embed: eqx.nn.Embedding
+    lin: eqx.nn.Linear
+
+    def __init__(self, key):
+        a, b = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(7, D, key=a, dtype=jnp.float64)
+        self.lin = eqx.nn.Linear(D, D, use_bias=False, key=b, dtype=jnp.float64)
+
+    def __call__(self, ids):  # ids: (T,)
+        h = jax.vmap(lambda t: self.lin(jnp.tanh(self.lin(self.embed(t)))))(ids)
+        return jnp.tanh(h) @ self.embed.weight.T
+
+
+def test_equinox_tied_embedding_under_vmap():
+    params, static = eqx.partition(EqxTied(jax.random.key(0)), eqx.is_array)
+    params = jax.tree.map(lambda a: normal(*a.shape), params)
+
+    def loss(params, ids):
+        return jax.vmap(lambda i: _sum_sq(eqx.combine(params, static)(i)[None])[0])(ids)
+
+    ids = jnp.asarray(rng.integers(-9, 9, size=(N, T)))  # (Equinox wraps once, clamps the rest)
+    report = check(loss, params, ids)
+    assert [r.detail.split(",")[0] for r in report] == ["tied: 2 calls"] * 2, str(report)
+    assert report[0].op == "embed+dot_general", str(report)
+
+
 def test_equinox_dropout_with_per_example_keys():
     """Equinox's dropout under ``jax.vmap`` with one key per example (as its ViT example
     trains): the keys are data, so each example's mask is the plain step's."""

@@ -282,6 +282,14 @@ def _gather_tap(prog, k, node, axes):
     p = node.eqn.params
     dn, t_aval, i_aval = p["dimension_numbers"], prog.avals[table], prog.avals[idx]
     y = prog.avals[node.outs[0]]
+    if _clipped_rows(p, t_aval, i_aval) and axes[table] is None and axes[idx] == 0:
+        V = t_aval.shape[0]  # (row, column) starts, clamped: the column to 0 (full rows)
+
+        def rows(i):  # (n, ..., 2) -> (n, ..., 1), as y's (n, ..., 1, d)
+            return jnp.clip(i[..., :1], 0, V - 1)
+
+        call = _Call(EMBED_RULE, None, tuple(i_aval.shape), _aval(t_aval), y, 0, None)
+        return _Tap(k, call, idx, table, None, x_fn=rows)
     if (axes[table] is not None or axes[idx] != 0 or len(t_aval.shape) != 2
             or len(i_aval.shape) < 2 or i_aval.shape[-1] != 1
             or tuple(dn.offset_dims) != (len(i_aval.shape) - 1,)
@@ -298,6 +306,20 @@ def _gather_tap(prog, k, node, axes):
 
     call = _Call(EMBED_RULE, None, tuple(i_aval.shape[:-1]), _aval(t_aval), y, 0, None)
     return _Tap(k, call, idx, table, None, x_fn=ids)
+
+
+def _clipped_rows(p, t_aval, i_aval):
+    """Whether a ``gather`` reads whole rows of a ``(V, d)`` table at clamped ``(row,
+    column)`` starts ``(n, ..., 2)``, each row kept as a ``(1, d)`` slice (``table[i]``
+    under ``jax.vmap``, as Equinox's ``Embedding`` does)."""
+    dn = p["dimension_numbers"]
+    r = len(i_aval.shape)
+    return (len(t_aval.shape) == 2 and r >= 2 and i_aval.shape[-1] == 2
+            and tuple(dn.offset_dims) == (r - 1, r) and tuple(dn.collapsed_slice_dims) == ()
+            and tuple(dn.start_index_map) == (0, 1)
+            and tuple(getattr(dn, "operand_batching_dims", ())) == ()
+            and tuple(p["slice_sizes"]) == (1, t_aval.shape[1])
+            and "CLIP" in str(p["mode"]))  # fmt: skip
 
 
 def _op_tap(prog, k, node, axes, n, recorded):
