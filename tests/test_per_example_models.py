@@ -113,6 +113,15 @@ def _scan(p, x):  # stacked weights (one per step) and a weight shared by every 
     return jnp.sum(lax.scan(body, x, p["Ws"])[0] ** 2, axis=(1, 2))
 
 
+def _rnn(p, x):  # RNNs from a zero state (U's first step: × 0) and a state of ones (V's)
+    def rnn(U, h):
+        body = lambda h, x_t: (jnp.tanh(x_t @ p["W"] + h @ U), None)  # noqa: E731
+        return lax.scan(body, h, jnp.moveaxis(x, 1, 0))[0]
+
+    h = rnn(p["U"], jnp.zeros((x.shape[0], D))) + rnn(p["V"], jnp.ones((x.shape[0], D)))
+    return jnp.sum(h**2, axis=1)
+
+
 def _tied(p, ids):  # an embedding used for the lookup and for the logits
     h = jnp.tanh(jnp.take(p["E"], ids, axis=0) @ p["W"])
     return jnp.sum(jax.nn.log_softmax(h @ p["E"].T)[..., 0], axis=1)
@@ -130,6 +139,7 @@ PLAIN = {
     "jit_remat": (_jit_remat, dict(s=1 + normal(D), b=normal(D), W=normal(D, D)),
                   normal(N, T, D)),
     "scan": (_scan, dict(Ws=normal(2, D, D), U=normal(D, D)), normal(N, T, D)),
+    "rnn": (_rnn, dict(W=normal(D, D), U=normal(D, D), V=normal(D, D)), normal(N, T, D)),
     "tied": (_tied, dict(E=normal(7, D), W=normal(D, D)),
              jnp.asarray(rng.integers(-7, 7, size=(N, T)))),
 }  # fmt: skip
@@ -149,6 +159,11 @@ def test_routes_name_the_forms():
     assert report["params['U']"].detail.startswith("tied: 2 calls")  # shared by the steps
     assert report["params['Ws']"].op == "dot_general"  # one tapped product per step
     assert not report["params['Ws']"].detail.startswith("tied")
+    loss, params, arg = PLAIN["rnn"]
+    report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
+    assert report["params['W']"].detail.startswith(f"tied: {2 * T} calls")
+    assert report["params['U']"].detail.startswith(f"tied: {T - 1} calls")  # (not on 0)
+    assert report["params['V']"].route == "broadcast"  # (its first step on ones: copies)
     loss, params, arg = PLAIN["tied"]
     report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
     assert report["params['E']"].op == "embed+dot_general"  # the lookup and the logits

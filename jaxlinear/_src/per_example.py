@@ -405,6 +405,8 @@ def _plan(prog, axes, n, L, recorded):
             s = frontier.pop()
             for k in prog.users.get(s, ()):
                 node = prog.nodes[k]
+                if _dead(prog, node, s):  # (a product with zeros: no gradient reaches the leaf)
+                    continue
                 if any(not isinstance(i, program.Lit) and axes[i] is not None for i in node.ins):
                     if k not in meets:
                         meets.append(k)
@@ -500,14 +502,16 @@ def _tied_entries(prog, j, start, chain_nodes, meets, taps_at):
     the logits, a weight shared by layers or by a scan's steps), each reached through
     norm-keeping steps (or a scan step's slice); every use of the leaf one of them. Its
     per-example gradient is the sum over the calls (``_tied_norms``); else ``None``."""
-    entries, seen, stack = [], set(), [(start, [])]
+    entries, seen, stack, dead = [], set(), [(start, [])], False
     while stack:
         s, path = stack.pop()
         if s in prog.outvars:
             return None
         for k in dict.fromkeys(prog.users.get(s, ())):
             tap, node = taps_at.get(k), prog.nodes[k]
-            if tap is not None and s == tap.w and s != tap.x:
+            if _dead(prog, node, s):  # (an RNN's first step on a zero state)
+                dead = True
+            elif tap is not None and s == tap.w and s != tap.x:
                 entries.append(_Entry(j, tap, "w", path, tied=True))
             elif (tap is not None and s == tap.b and s not in (tap.x, tap.w)
                   and tap.call.y_axis != len(tap.call.y.shape) - 1):  # fmt: skip
@@ -517,11 +521,31 @@ def _tied_entries(prog, j, start, chain_nodes, meets, taps_at):
                 stack.append((node.outs[0], [*path, k]))
             else:
                 return None
-    if len(entries) < 2 or seen != set(chain_nodes) or {e.tap.node for e in entries} != set(meets):
+    if len(entries) < 2 - dead or seen != set(chain_nodes) or {e.tap.node for e in entries} != set(
+            meets):  # fmt: skip
         return None
     if any(e.tap.call.rule.name in _CONVS for e in entries):
         return None  # (w̄_{k,i} by vmap of a conv's transpose: wrong on XLA:CPU, batch-sharded)
     return entries
+
+
+_ZERO_KEEPING = frozenset({"broadcast_in_dim", "reshape", "convert_element_type", "transpose",
+                           "copy", "copy_p", "squeeze", "expand_dims"})  # fmt: skip
+
+
+def _dead(prog, node, s):
+    """Whether ``node`` is a ``dot_general`` of ``s`` with zeros (a literal zero, broadcast,
+    reshaped or cast: an RNN's initial state ``jnp.zeros``): nothing of it reaches ``s``'s
+    gradient."""
+    if node.name != "dot_general" or node.ins.count(s) != 1:
+        return False
+    other = node.ins[1 - node.ins.index(s)]
+    while not isinstance(other, program.Lit):
+        k = prog.producer.get(other)
+        if k is None or prog.nodes[k].name not in _ZERO_KEEPING or not prog.nodes[k].ins:
+            return False
+        other = prog.nodes[k].ins[0]
+    return not np.any(np.asarray(other.val))
 
 
 def _why_not_broadcast(prog, axes, chain_nodes, meets):
