@@ -694,6 +694,56 @@ def check_per_example_data_parallel(c: Checker, n: int):
             )
 
 
+def check_per_example_tied(c: Checker, n: int):
+    """``clipped_grad`` with the batch sharded, of a model with an embedding tied to its
+    logits and a weight shared by two layers: the Gram over the calls' rows and the
+    per-example sum of their ``w̄_{k,i}`` (forced), on Auto and Explicit axes; values
+    against ``vmap(grad)`` in float64, the only collective the clipped gradient's
+    all-reduce: once per call (XLA:CPU all-reduces each call's ``B_wᵀ(c ⊙ g_k; x_k)``
+    before their sum, so a tied leaf's bytes cross twice here)."""
+    from jaxlinear._src import ghost
+
+    rng = np.random.default_rng(12)
+    params = {"E": rng.normal(size=(7, 4)), "W": rng.normal(size=(4, 4)) / 2}
+    ids = rng.integers(0, 7, size=(2 * n, 3))
+
+    def loss(p, ids):
+        h = jnp.tanh(jnp.tanh(jaxlinear.embed(p["E"], ids) @ p["W"]) @ p["W"])
+        return jnp.sum(jax.nn.log_softmax(h @ p["E"].T)[..., 0], axis=1)
+
+    per_example = jax.vmap(lambda i: jax.grad(lambda p: loss(p, i[None])[0])(f64(params)))(ids)
+    norms = np.sqrt(sum(np.sum(np.reshape(a, (2 * n, -1)) ** 2, 1)
+                        for a in jax.tree.leaves(per_example)))  # fmt: skip
+    want = jax.tree.map(lambda a: np.tensordot(np.minimum(1.0, 1.0 / norms), a, 1), per_example)
+    sizes = sorted(2 * [int(np.size(a)) for a in jax.tree.leaves(params)])  # (two calls each)
+    params32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    keeps, pays = ghost.keeps, ghost.tied_gram_pays
+    try:
+        ghost.keeps = lambda *_: False
+        for route in ("gram", "per_example"):
+            ghost.tied_gram_pays = lambda *_, route=route: route == "gram"
+            for types in ((AxisType.Auto,), (AxisType.Explicit,)):
+                mesh = jax.make_mesh((n,), ("data",), axis_types=types)
+                args = (jax.device_put(params32, NamedSharding(mesh, P())),
+                        jax.device_put(ids, NamedSharding(mesh, P("data"))))  # fmt: skip
+                step = jax.jit(lambda p, i: jaxlinear.clipped_grad(
+                    loss, p, i, clip_norm=1.0, fallback="raise"))  # fmt: skip
+                tag = f"tied leaves' {route} route, batch over {n} devices ({types[0].name})"
+                with jax.set_mesh(mesh):
+                    grads, got = step(*args)
+                    ops_found = collectives(step, *args)
+                    routes = {r.route for r in jaxlinear.per_example_routes(loss, *args)}
+                c.record(f"{tag}: routes", routes == {route}, 0.0, str(routes))
+                c.close(f"{tag}: norms", got, norms, TOL)
+                c.close(f"{tag}: clipped gradient", grads, want, TOL)
+                carried = sorted(k for op, counts in ops_found for k in counts)
+                only = all(op == "all-reduce" for op, _ in ops_found) and carried == sizes
+                c.record(f"{tag}: only the clipped gradient is all-reduced (per call)", only,
+                         0.0, f"HLO: {ops_found}")  # fmt: skip
+    finally:
+        ghost.keeps, ghost.tied_gram_pays = keeps, pays
+
+
 # --------------------------------------------------------------------------------------
 # FSDP residuals: the shard saved, the weight gathered again in the backward pass.
 
@@ -1098,6 +1148,7 @@ def main(argv=None) -> int:
         c.run(f"{name} grad values", check_grad_values_float64, explicit, name, layer)
 
     c.run("per-example data parallel", check_per_example_data_parallel, n)
+    c.run("per-example tied leaves", check_per_example_tied, n)
     c.run("FSDP family", check_fsdp_family, n)
     c.run("FSDP memory", check_fsdp_memory, n)
     c.run("clipped_grad FSDP", check_clipped_grad_fsdp, n)

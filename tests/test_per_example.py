@@ -235,12 +235,12 @@ def _flattened(p, x, lin):  # the layer sees (n·T, d): not the examples on axis
 
 # name: (model, leaf, its route; or for a fallback, the reason)
 OTHER = {
-    "shared": (_shared, "params['square'].W", "broadcast"),
+    "shared": (_shared, "params['square'].W", "per_example"),  # summed over the two calls
     "elementwise": (_elementwise, "params['scale']", "broadcast"),
     "both": (_both, "params['square'].W", "broadcast"),
     "derived": (_derived, "params['square'].W", "broadcast"),
     "vmap": (_in_vmap, "params['square'].W", "gram"),
-    "scan": (_in_scan, "params['square'].W", "broadcast"),  # shared by the steps
+    "scan": (_in_scan, "params['square'].W", "per_example"),  # shared by the steps
     "cond": (_in_cond, "params['square'].W", "`cond`"),
     "flattened": (_flattened, "params['square'].W", r"`reshape` \(4, 2, 3\) -> \(8, 3\) merges"),
 }

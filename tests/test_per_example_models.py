@@ -113,6 +113,15 @@ def _scan(p, x):  # stacked weights (one per step) and a weight shared by every 
     return jnp.sum(lax.scan(body, x, p["Ws"])[0] ** 2, axis=(1, 2))
 
 
+def _rnn(p, x):  # RNNs from a zero state (U's first step: × 0) and a state of ones (V's)
+    def rnn(U, h):
+        body = lambda h, x_t: (jnp.tanh(x_t @ p["W"] + h @ U), None)  # noqa: E731
+        return lax.scan(body, h, jnp.moveaxis(x, 1, 0))[0]
+
+    h = rnn(p["U"], jnp.zeros((x.shape[0], D))) + rnn(p["V"], jnp.ones((x.shape[0], D)))
+    return jnp.sum(h**2, axis=1)
+
+
 def _tied(p, ids):  # an embedding used for the lookup and for the logits
     h = jnp.tanh(jnp.take(p["E"], ids, axis=0) @ p["W"])
     return jnp.sum(jax.nn.log_softmax(h @ p["E"].T)[..., 0], axis=1)
@@ -146,6 +155,7 @@ PLAIN = {
     "jit_remat": (_jit_remat, dict(s=1 + normal(D), b=normal(D), W=normal(D, D)),
                   normal(N, T, D)),
     "scan": (_scan, dict(Ws=normal(2, D, D), U=normal(D, D)), normal(N, T, D)),
+    "rnn": (_rnn, dict(W=normal(D, D), U=normal(D, D), V=normal(D, D)), normal(N, T, D)),
     "tied": (_tied, dict(E=normal(7, D), W=normal(D, D)),
              jnp.asarray(rng.integers(-7, 7, size=(N, T)))),
     "custom_rules": (_custom_rules, dict(W=normal(D, D), b=normal(D).at[0].set(0.0),
@@ -160,16 +170,70 @@ def test_plain_models(name):
 
 
 def test_routes_name_the_forms():
-    """Contractions keep their ghost rules; elementwise and tied leaves take a copy."""
+    """Contractions keep their ghost rules; tied and shared leaves sum their calls' rules;
+    elementwise leaves take a copy."""
     loss, params, arg = PLAIN["scan"]
     report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
-    assert report["params['U']"].route == "broadcast"  # shared by the steps
+    assert report["params['U']"].detail.startswith("tied: 2 calls")  # shared by the steps
     assert report["params['Ws']"].op == "dot_general"  # one tapped product per step
+    assert not report["params['Ws']"].detail.startswith("tied")
+    loss, params, arg = PLAIN["rnn"]
+    report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
+    assert report["params['W']"].detail.startswith(f"tied: {2 * T} calls")
+    assert report["params['U']"].detail.startswith(f"tied: {T - 1} calls")  # (not on 0)
+    assert report["params['V']"].route == "broadcast"  # (its first step on ones: copies)
     loss, params, arg = PLAIN["tied"]
     report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
-    assert report["params['E']"].route == "broadcast"
-    assert "`gather`" in report["params['E']"].detail
-    assert "`dot_general`" in report["params['E']"].detail
+    assert report["params['E']"].op == "embed+dot_general"  # the lookup and the logits
+    assert report["params['E']"].detail.startswith("tied: 2 calls")
+    loss, params, arg = PLAIN["norms"]
+    report = {r.leaf: r for r in jaxlinear.per_example_routes(loss, params, arg)}
+    assert report["params['rms_scale']"].route == "broadcast"
+
+
+def _all_tied(p, ids):
+    """A tied embedding, weights shared by two layers (one 3-D, read in two layouts) and
+    one shared by scan steps."""
+    h = jnp.take(p["E"], ids, axis=0)
+    h = jnp.tanh(jnp.tanh(h @ p["W"]) @ p["W"])
+    a = jnp.einsum("btd,dhk->bthk", h, p["H"]).reshape(h.shape)
+    b = jnp.einsum("btd,dkh->btkh", jnp.tanh(a), p["H"].transpose(0, 2, 1)).reshape(h.shape)
+    h = jnp.tanh(b)
+    h = lax.scan(lambda h, _: (jnp.tanh(h @ p["U"] + h), None), h, None, 3)[0]
+    return jnp.sum(jax.nn.log_softmax(h @ p["E"].T)[..., 0], axis=1)
+
+
+@pytest.mark.parametrize("setting", ["gram", "per_example", "kept"])
+def test_tied_leaves(monkeypatch, setting):
+    """Tied and shared leaves, whose per-example gradient is the sum over their calls:
+    the Gram over the calls' rows (cross terms; the lookup's one-hot rows never formed),
+    and the per-example sum of the calls' ``w̄_{k,i}``, both in blocks of 1 and 2 examples
+    of 5 with the clipped sum recomputed per call (``B_wᵀ(c ⊙ g_k; x_k)``); and the sum in
+    one block, kept for ``Σ_i c_i w̄_i``."""
+    from jaxlinear._src import ghost
+
+    if setting != "kept":
+        monkeypatch.setattr(ghost, "BLOCK_ELEMENTS", 2 * 7 * D)  # 2 examples of E, 1 of W
+        monkeypatch.setattr(ghost, "keeps", lambda *_: False)
+        monkeypatch.setattr(ghost, "tied_gram_pays", lambda *_: setting == "gram")
+    params = dict(E=normal(7, D), H=normal(D, 2, D // 2), W=normal(D, D), U=normal(D, D))
+    report = check(_all_tied, params, jnp.asarray(rng.integers(-7, 7, size=(5, T))))
+    assert all(r.detail.startswith("tied: ") for r in report), str(report)
+    assert [r.route for r in report] == ["per_example" if setting == "kept" else setting] * 4
+    assert [r.detail.endswith("kept") for r in report] == [setting == "kept"] * 4
+
+
+def test_shared_conv_kernel_keeps_its_copies():
+    """A kernel shared by two convolutions keeps the per-example copies: its per-example
+    sum would ``vmap`` the conv's transpose, which XLA:CPU miscomputes batch-sharded."""
+
+    def loss(p, x):
+        conv = lambda h: lax.conv_general_dilated(  # noqa: E731
+            h, p["K"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        return jnp.sum(jnp.tanh(conv(jnp.tanh(conv(x)))) ** 2, axis=(1, 2))
+
+    report = check(loss, dict(K=normal(3, D, D)), normal(N, T, D))
+    assert [r.route for r in report] == ["broadcast"], str(report)
 
 
 def test_unsupported_is_named():
@@ -255,7 +319,9 @@ def test_nnx_norm_layers():
 def test_nnx_tied_embedding_attend():
     model = _randomized(NnxTied(nnx.Rngs(0)))
     loss, params = jaxlinear.nnx.per_example_loss(model, _sum_sq)
-    check(loss, params, jnp.asarray(rng.integers(0, 7, size=(N, T))))
+    report = check(loss, params, jnp.asarray(rng.integers(0, 7, size=(N, T))))
+    table = next(r for r in report if "embedding" in r.leaf)
+    assert table.detail.startswith("tied: 2 calls"), str(report)  # the lookup and attend
 
 
 def test_nnx_dropout_in_training_mode():
@@ -306,6 +372,36 @@ def test_equinox_model_under_vmap():
 
     report = check(loss, params, normal(N, T, D))
     assert report.counts().get("rank_one", 0) + report.counts().get("gram", 0) >= 1
+
+
+class EqxTied(eqx.Module):
+    """A per-example model: ``Embedding`` (``weight[i]`` under ``jax.vmap``: a gather of
+    clamped rows) tied to the logits, one ``Linear`` used twice."""
+
+    embed: eqx.nn.Embedding
+    lin: eqx.nn.Linear
+
+    def __init__(self, key):
+        a, b = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(7, D, key=a, dtype=jnp.float64)
+        self.lin = eqx.nn.Linear(D, D, use_bias=False, key=b, dtype=jnp.float64)
+
+    def __call__(self, ids):  # ids: (T,)
+        h = jax.vmap(lambda t: self.lin(jnp.tanh(self.lin(self.embed(t)))))(ids)
+        return jnp.tanh(h) @ self.embed.weight.T
+
+
+def test_equinox_tied_embedding_under_vmap():
+    params, static = eqx.partition(EqxTied(jax.random.key(0)), eqx.is_array)
+    params = jax.tree.map(lambda a: normal(*a.shape), params)
+
+    def loss(params, ids):
+        return jax.vmap(lambda i: _sum_sq(eqx.combine(params, static)(i)[None])[0])(ids)
+
+    ids = jnp.asarray(rng.integers(-9, 9, size=(N, T)))  # (Equinox wraps once, clamps the rest)
+    report = check(loss, params, ids)
+    assert [r.detail.split(",")[0] for r in report] == ["tied: 2 calls"] * 2, str(report)
+    assert report[0].op == "embed+dot_general", str(report)
 
 
 def test_equinox_dropout_with_per_example_keys():

@@ -375,21 +375,37 @@ class _Rule:
             if got is not None:
                 return got if len(got) == 3 else (*got, None)
 
-        def one(x_i, g_i):  # example i alone: its size-1 example axes put back
-            g_i = jnp.expand_dims(g_i, y_axis)
-            x_i = x_i[None]
-            return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
-
         size = int(np.prod(w_aval.shape))
         keep = ghost.keeps(x.shape[0], size, x.size + g.size)
 
         def sq(x, g):  # ‖w̄_i‖² of a block, and w̄_i where kept for the clipped sum Σ c_i w̄_i
-            w_bars = jax.vmap(one, in_axes=(0, y_axis))(x, g)  # (k, *w.shape)
+            w_bars = self.per_example_w(x, g, w_aval, y_axis, dtype)  # (k, *w.shape)
             sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
             return (sq, w_bars) if keep else sq
 
         got = ghost.in_blocks(sq, [x, g], [0, y_axis], size)
         return ("per_example", *got) if keep else ("per_example", got, None)
+
+    def factors(self, x, g, w_aval, y_axis, dtype):
+        """The op's ``factors`` rule on ``x``, ``g`` in ``dtype``, or ``None``."""
+        if self.op.factors_rule is None:
+            return None
+        x, g = x.astype(dtype), g.astype(dtype)
+        return self.op.factors_rule(x, g, w_aval, y_axis=y_axis, preferred_element_type=dtype,
+                                    **self._params())  # fmt: skip
+
+    def per_example_w(self, x, g, w_aval, y_axis, dtype):
+        """``w̄_i = B_wᵀ(g_i; x_i)`` for every example: ``(n, *w.shape)`` in ``dtype`` (the
+        op's ``transpose_w`` under ``jax.vmap``; the generic route, and the per-example sum
+        of a leaf used by several calls)."""
+        params = self._params()
+
+        def one(x_i, g_i):  # example i alone: its size-1 example axes put back
+            g_i = jnp.expand_dims(g_i, y_axis)
+            x_i = x_i[None]
+            return self.op.transpose_w(g_i, x_i, w_aval, preferred_element_type=dtype, **params)
+
+        return jax.vmap(one, in_axes=(0, y_axis))(x.astype(dtype), g.astype(dtype))
 
     def weight_grad(self, x, g, w_aval):
         """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype: the op's
@@ -461,10 +477,12 @@ class BilinearOp:
         pushforward: Callable | None = None,
         per_example: Callable | None = None,
         per_example_sum: Callable | None = None,
+        factors: Callable | None = None,
         scale_axes: Callable | None = None,
     ):
         self.name = name
         self.per_example_rule, self.per_example_sum = per_example, per_example_sum
+        self.factors_rule = factors
         self.scale_axes = scale_axes
         self.forward_fn, self.transpose_x, self.transpose_w = forward, transpose_x, transpose_w
         self._batch_hook, self._out_sharding = batch, out_sharding
@@ -1024,6 +1042,7 @@ def bilinear_op(
     pushforward: Callable | None = None,
     per_example: Callable | None = None,
     per_example_sum: Callable | None = None,
+    factors: Callable | None = None,
     scale_axes: Callable | None = None,
 ) -> BilinearOp:
     r"""Build both bindings of a bilinear op ``y = B(x, w) (+ b)`` from ``B`` and its transposes.
@@ -1082,6 +1101,14 @@ def bilinear_op(
         the rule returned no ``w̄_i``, when that is cheaper than ``transpose_w`` (operands in
         the compute dtype, ``preferred_element_type`` the accumulation dtype; unquantized).
         ``None`` declines: ``transpose_w``.
+      factors: optional rule for a weight used by several calls (a tied embedding, a
+        weight shared by layers or scan steps), whose per-example gradient is the sum
+        over the calls: ``factors(x, g, w_aval, *, y_axis, preferred_element_type,
+        **params) -> (A, B, a_axes, b_axes) | None`` with ``w̄_i = Σ_t A_i[t] ⊗ B_i[t]``,
+        ``A: (n, T, |a|)`` over ``w``'s axes ``a_axes`` and ``B: (n, T, |b|)`` over
+        ``b_axes`` (each flattened in the order given). The norm of the sum over the
+        calls is then a Gram over their concatenated rows, cross terms included.
+        ``None`` declines.
       scale_axes: optional rule for quantization recipes (``quant=``) with per-axis
         scaling: ``scale_axes(product, a_ndim, b_ndim, **params) -> (a_map, b_map)`` for
         ``product`` in ``"forward"`` (operands ``x, w``; result ``y``), ``"grad_x"``
@@ -1131,5 +1158,6 @@ def bilinear_op(
         pushforward=pushforward,
         per_example=per_example,
         per_example_sum=per_example_sum,
+        factors=factors,
         scale_axes=scale_axes,
     )

@@ -52,8 +52,9 @@ def in_blocks(f, args, axes, per_example: int):
       args: arrays holding the ``n`` examples on ``axes``.
       axes: each array's examples' axis.
       per_example: elements ``f`` forms per example: blocks of
-        ``max(1, BLOCK_ELEMENTS // per_example)`` examples in a ``lax.scan`` (one call when
-        all fit).
+        ``b = max(1, BLOCK_ELEMENTS // per_example)`` examples in a ``lax.scan`` (one call
+        when all fit), or of the largest divisor of ``n`` above ``b / 2`` where there is
+        one (no remainder block).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -65,6 +66,9 @@ def in_blocks(f, args, axes, per_example: int):
     block = max(1, BLOCK_ELEMENTS // max(1, per_example))
     if block >= n:
         return f(*args)
+    # A divisor of n over half the block: no remainder, so the blocks are views (with a
+    # remainder XLA copies the leading q·block examples of every argument).
+    block = next((b for b in range(block, block // 2, -1) if n % b == 0), block)
     q, m = divmod(n, block)
 
     def one(start, size):  # the block of `size` examples from `start`
@@ -138,3 +142,70 @@ def matmul_sq_norms(X, G):
     xx = jnp.einsum("ntd,nsd->nts", X, X)  # (n, T, T)
     gg = jnp.einsum("ntp,nsp->nts", G, G)  # (n, T, T)
     return "gram", jnp.sum(xx * gg, axis=(1, 2))
+
+
+def tied_gram_pays(gram_flops: int, per_example_flops: int) -> bool:
+    """Whether a weight used by several calls takes the Gram over their rows
+    (``tied_gram_sq_norms``) rather than the per-example sum of their ``w̄_{k,i}``: by
+    multiply-adds per example (both run in blocks of examples, so neither grows with
+    ``n·|w|``).
+
+    Examples:
+      >>> tied_gram_pays(136 * 256, 16 * 128 * 128)  # 16 steps of a 128×128 RNN weight
+      True
+    """
+    return gram_flops <= per_example_flops
+
+
+def tied_gram_sq_norms(parts):
+    r"""``‖Σ_k A_kᵀ B_k‖_F²`` per example: the Gram over the calls' concatenated rows.
+
+        ‖Σ_k A_kᵀ B_k‖² = Σ_{k,l} ⟨A_k A_lᵀ, B_k B_lᵀ⟩
+
+    (a weight used by several calls: its per-example gradient is the sum over them, cross
+    terms included). Calls whose factors are of the same kinds (dense or one-hot) are one
+    block, their rows concatenated: at most three blocks, whatever the number of calls.
+
+    Args:
+      parts: ``[(A_k, B_k)]``, ``A_k: (n, T_k, a)``, ``B_k: (n, T_k, b)``; either may be
+        integer ``(n, T_k)`` (not both): row ``t`` one-hot at ``A_k[:, t]`` (``-1``: a zero
+        row), never formed: its Gram with itself is id equality, with a dense one a
+        gather.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> A, B = jnp.ones((1, 2, 3)), jnp.ones((1, 2, 1))  # AᵀB: 2 in each of 3 entries
+      >>> ids = jnp.array([[0, 0]])  # onehot(ids)ᵀ B: 2 in entry 0
+      >>> tied_gram_sq_norms([(A, B), (ids, B)]).tolist()  # ‖(4, 2, 2)‖²
+      [24.0]
+    """
+    kinds = {}  # calls with factors of the same kinds: one block (their rows concatenated)
+    for A, B in parts:
+        kinds.setdefault((_ids(A), _ids(B)), []).append((A, B))
+    parts = [tuple(jnp.concatenate(m, axis=1) for m in zip(*group, strict=True))
+             for group in kinds.values()]  # fmt: skip
+    total = 0
+    for k, (A, B) in enumerate(parts):
+        for l, (C, D) in enumerate(parts[: k + 1]):
+            aa, bb = _rows_gram(A, C), _rows_gram(B, D)
+            term = jnp.sum(aa * bb, axis=(1, 2))
+            total = total + (term if k == l else 2 * term)
+    return total
+
+
+def _ids(M):
+    return jnp.issubdtype(M.dtype, jnp.integer)
+
+
+def _rows_gram(A, C):
+    """``A_i C_iᵀ: (n, T_A, T_C)``, integer ``(n, T)`` operands read as one-hot rows."""
+    a_ids, c_ids = _ids(A), _ids(C)
+    if a_ids and c_ids:
+        return (A[:, :, None] == C[:, None, :]) & (A[:, :, None] >= 0)  # (a mask: × the other)
+    if c_ids:
+        return jnp.swapaxes(_rows_gram(C, A), 1, 2)
+    if a_ids:  # (A C ᵀ)[t, s] = C[s, A[t]]
+        cols = jnp.broadcast_to(jnp.maximum(A, 0)[:, None, :], (*C.shape[:2], A.shape[1]))
+        picked = jnp.take_along_axis(C, cols, axis=2)  # (n, T_C, T_A)
+        return jnp.swapaxes(jnp.where(A[:, None, :] >= 0, picked, 0), 1, 2)
+    return jnp.einsum("nta,nsa->nts", A, C)

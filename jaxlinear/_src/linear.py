@@ -172,11 +172,17 @@ def _affine_batch(x_ndim, W_ndim, x_batched, W_batched, *, axis_size, precision)
     return BatchRule({"dimension_numbers": dims}, x_ndim - 1, op=DOT_GENERAL)
 
 
-def _affine_per_example(x, g, W_aval, *, y_axis, preferred_element_type, precision):
-    """Ghost norms of ``W̄_i = X_iᵀ G_i``: ``x: (n, ..., d_in)`` read as ``X_i: (T, d_in)``."""
+def _affine_factors(x, g, W_aval, *, y_axis, preferred_element_type, precision):
+    """``W̄_i = X_iᵀ G_i``: ``x: (n, ..., d_in)`` read as ``X_i: (T, d_in)`` (``W``'s axis 0),
+    ``g`` as ``G_i: (T, d_out)`` (axis 1)."""
     del W_aval, y_axis, preferred_element_type, precision  # y_axis is 0: x's leading axis
     n = x.shape[0]
-    return ghost.matmul_sq_norms(x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]))
+    return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]), (0,), (1,)
+
+
+def _affine_per_example(x, g, W_aval, **kw):
+    """Ghost norms of ``W̄_i = X_iᵀ G_i`` (``_affine_factors``)."""
+    return ghost.matmul_sq_norms(*_affine_factors(x, g, W_aval, **kw)[:2])
 
 
 def _affine_scale_axes(product, a_ndim, b_ndim, *, precision):
@@ -204,6 +210,7 @@ AFFINE = bilinear_op(
     pullback=_affine_pullback,
     pushforward=_affine_pushforward,
     per_example=_affine_per_example,
+    factors=_affine_factors,
     scale_axes=_affine_scale_axes,
 )
 

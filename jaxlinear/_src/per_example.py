@@ -31,10 +31,15 @@ How leaves are matched to ops (all at trace time; details in ``docs/DESIGN.md``)
    reshapes and transposes, or one slice per step of a scan, is *tapped*: the contraction
    is read as a call of the family's op (its own call, its dual primitive, a raw
    ``dot_general``, ``conv_general_dilated``, or a row ``gather``) and its rule applies.
-   Every other leaf gets a *per-example copy* (``"broadcast"``; ``"bias"`` when it is only
-   added): ``n`` copies fed where the leaf meets the examples' data, whose cotangents are
-   its per-example gradients (LayerNorm scales, tables, class tokens, tied or shared
-   weights).
+   A leaf used that way by several calls (an embedding tied to the logits, a weight shared
+   by layers or by a scan's steps) is *tied*: its per-example gradient is the sum over the
+   calls, ``w̄_i = Σ_k w̄_{k,i}``, whose norm is the Gram over the calls' concatenated rows
+   (``"gram"``, cross terms included, from each op's ``factors`` rule) or each call's
+   ``w̄_{k,i}`` summed in blocks of examples (``"per_example"``), the fewer multiply-adds
+   (detail ``"tied: K calls"``). Every other leaf gets a *per-example copy*
+   (``"broadcast"``; ``"bias"`` when it is only added): ``n`` copies fed where the leaf
+   meets the examples' data, whose cotangents are its per-example gradients (LayerNorm
+   scales, tables, class tokens).
 3. *One pass*: the program runs under ``jax.vjp``, each tapped output plus ``Z_k = 0``
    (its cotangent is ``g_k``), each copied leaf as ``leaf + Q`` (``Q = 0``, ``(n,
    *leaf.shape)``). Re-running the traced program, not ``loss_fn``, reuses the plain
@@ -66,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlinear._src import bilinear, program, taps, vma
+from jaxlinear._src import bilinear, ghost, program, taps, vma
 from jaxlinear._src.ops.conv import CONV, ConvSpec
 from jaxlinear._src.ops.dot_general import DOT_GENERAL
 from jaxlinear._src.ops.embed import _RULE as EMBED_RULE
@@ -79,7 +84,7 @@ class Route(NamedTuple):
     """How one params leaf gets its per-example gradient norm (``per_example_routes``)."""
 
     leaf: str  # e.g. "params['conv1'].W"
-    route: str  # "rank_one" | "gram" | "per_example" | "bias" | "fallback" | "unused"
+    route: str  # "rank_one" | "gram" | "per_example" | "bias" | "broadcast" | "fallback" | ...
     op: str | None  # the op that holds it ("affine", "conv", "embed", ...), or None
     detail: str  # shapes, or why the fallback
 
@@ -201,6 +206,7 @@ class _Entry:
     tap: _Tap
     role: str  # "w" | "b"
     path: list  # node indices from the leaf to the operand (casts, reshapes, transposes)
+    tied: bool = False  # one of several calls sharing the leaf (the norm has cross terms)
 
 
 def _aval(aval):
@@ -296,6 +302,14 @@ def _gather_tap(prog, k, node, axes):
     p = node.eqn.params
     dn, t_aval, i_aval = p["dimension_numbers"], prog.avals[table], prog.avals[idx]
     y = prog.avals[node.outs[0]]
+    if _clipped_rows(p, t_aval, i_aval) and axes[table] is None and axes[idx] == 0:
+        V = t_aval.shape[0]  # (row, column) starts, clamped: the column to 0 (full rows)
+
+        def rows(i):  # (n, ..., 2) -> (n, ..., 1), as y's (n, ..., 1, d)
+            return jnp.clip(i[..., :1], 0, V - 1)
+
+        call = _Call(EMBED_RULE, None, tuple(i_aval.shape), _aval(t_aval), y, 0, None)
+        return _Tap(k, call, idx, table, None, x_fn=rows)
     if (axes[table] is not None or axes[idx] != 0 or len(t_aval.shape) != 2
             or len(i_aval.shape) < 2 or i_aval.shape[-1] != 1
             or tuple(dn.offset_dims) != (len(i_aval.shape) - 1,)
@@ -312,6 +326,20 @@ def _gather_tap(prog, k, node, axes):
 
     call = _Call(EMBED_RULE, None, tuple(i_aval.shape[:-1]), _aval(t_aval), y, 0, None)
     return _Tap(k, call, idx, table, None, x_fn=ids)
+
+
+def _clipped_rows(p, t_aval, i_aval):
+    """Whether a ``gather`` reads whole rows of a ``(V, d)`` table at clamped ``(row,
+    column)`` starts ``(n, ..., 2)``, each row kept as a ``(1, d)`` slice (``table[i]``
+    under ``jax.vmap``, as Equinox's ``Embedding`` does)."""
+    dn = p["dimension_numbers"]
+    r = len(i_aval.shape)
+    return (len(t_aval.shape) == 2 and r >= 2 and i_aval.shape[-1] == 2
+            and tuple(dn.offset_dims) == (r - 1, r) and tuple(dn.collapsed_slice_dims) == ()
+            and tuple(dn.start_index_map) == (0, 1)
+            and tuple(getattr(dn, "operand_batching_dims", ())) == ()
+            and tuple(p["slice_sizes"]) == (1, t_aval.shape[1])
+            and "CLIP" in str(p["mode"]))  # fmt: skip
 
 
 def _op_tap(prog, k, node, axes, n, recorded):
@@ -397,6 +425,8 @@ def _plan(prog, axes, n, L, recorded):
             s = frontier.pop()
             for k in prog.users.get(s, ()):
                 node = prog.nodes[k]
+                if _dead(prog, node, s):  # (a product with zeros: no gradient reaches the leaf)
+                    continue
                 if any(not isinstance(i, program.Lit) and axes[i] is not None for i in node.ins):
                     if k not in meets:
                         meets.append(k)
@@ -411,6 +441,8 @@ def _plan(prog, axes, n, L, recorded):
                 reasons[j] = "returned by loss_fn without meeting the examples"
             continue  # unused
         found = _simple_entries(prog, j, start, chain_nodes, meets, taps_at)
+        if found is None:
+            found = _tied_entries(prog, j, start, chain_nodes, meets, taps_at)
         if found is not None:
             entries += found
             continue
@@ -459,20 +491,81 @@ def _simple_entry(prog, j, s, path, taps_at):
         k = users[0]
         if k in taps_at:
             break
-        node = prog.nodes[k]
-        if node.name not in _PASS or len(node.ins) != 1 or len(node.outs) != 1:
-            return None
-        if node.name == "broadcast_in_dim" and math.prod(prog.shape(node.outs[0])) != math.prod(
-                prog.shape(node.ins[0])):  # fmt: skip
+        if not _keeps_norm(prog, prog.nodes[k]):
             return None
         path.append(k)
-        s = node.outs[0]
+        s = prog.nodes[k].outs[0]
     tap = taps_at[k]
     if s == tap.w and s != tap.x:
         return _Entry(j, tap, "w", path)
     if s == tap.b and tap.call.y_axis != len(tap.call.y.shape) - 1:
         return _Entry(j, tap, "b", path)
     return None
+
+
+def _keeps_norm(prog, node):
+    """Whether ``node`` is a unary step that keeps the norm (a cast, reshape, transpose)."""
+    if node.name not in _PASS or len(node.ins) != 1 or len(node.outs) != 1:
+        return False
+    return node.name != "broadcast_in_dim" or math.prod(prog.shape(node.outs[0])) == math.prod(
+        prog.shape(node.ins[0]))  # fmt: skip
+
+
+# Ops whose per-example w̄_i must not come from vmap of their transpose (a batched conv
+# weight gradient on batch-sharded input is miscomputed by XLA:CPU; see DESIGN): a leaf
+# they share with other calls keeps its per-example copies.
+_CONVS = frozenset({"conv", "conv_transpose"})
+
+
+def _tied_entries(prog, j, start, chain_nodes, meets, taps_at):
+    """The leaf as the weight (or op bias) of several tapped calls (an embedding tied to
+    the logits, a weight shared by layers or by a scan's steps), each reached through
+    norm-keeping steps (or a scan step's slice); every use of the leaf one of them. Its
+    per-example gradient is the sum over the calls (``_tied_norms``); else ``None``."""
+    entries, seen, stack, dead = [], set(), [(start, [])], False
+    while stack:
+        s, path = stack.pop()
+        if s in prog.outvars:
+            return None
+        for k in dict.fromkeys(prog.users.get(s, ())):
+            tap, node = taps_at.get(k), prog.nodes[k]
+            if _dead(prog, node, s):  # (an RNN's first step on a zero state)
+                dead = True
+            elif tap is not None and s == tap.w and s != tap.x:
+                entries.append(_Entry(j, tap, "w", path, tied=True))
+            elif (tap is not None and s == tap.b and s not in (tap.x, tap.w)
+                  and tap.call.y_axis != len(tap.call.y.shape) - 1):  # fmt: skip
+                entries.append(_Entry(j, tap, "b", path, tied=True))
+            elif tap is None and (_keeps_norm(prog, node) or node.name == "scan_index"):
+                seen.add(k)
+                stack.append((node.outs[0], [*path, k]))
+            else:
+                return None
+    if len(entries) < 2 - dead or seen != set(chain_nodes) or {e.tap.node for e in entries} != set(
+            meets):  # fmt: skip
+        return None
+    if any(e.tap.call.rule.name in _CONVS for e in entries):
+        return None  # (w̄_{k,i} by vmap of a conv's transpose: wrong on XLA:CPU, batch-sharded)
+    return entries
+
+
+_ZERO_KEEPING = frozenset({"broadcast_in_dim", "reshape", "convert_element_type", "transpose",
+                           "copy", "copy_p", "squeeze", "expand_dims"})  # fmt: skip
+
+
+def _dead(prog, node, s):
+    """Whether ``node`` is a ``dot_general`` of ``s`` with zeros (a literal zero, broadcast,
+    reshaped or cast: an RNN's initial state ``jnp.zeros``): nothing of it reaches ``s``'s
+    gradient."""
+    if node.name != "dot_general" or node.ins.count(s) != 1:
+        return False
+    other = node.ins[1 - node.ins.index(s)]
+    while not isinstance(other, program.Lit):
+        k = prog.producer.get(other)
+        if k is None or prog.nodes[k].name not in _ZERO_KEEPING or not prog.nodes[k].ins:
+            return False
+        other = prog.nodes[k].ins[0]
+    return not np.any(np.asarray(other.val))
 
 
 def _why_not_broadcast(prog, axes, chain_nodes, meets):
@@ -674,6 +767,140 @@ def _sq_norms(call, x, g, dtype):
         specs += [P(specs[0][0], *(None,) * len(call.w.shape))] * (formed[0] is not None)
     sq, *w_bars = _auto_axes(arrays, x, specs)(x, g)
     return route[-1], sq, w_bars[0] if w_bars else None
+
+
+def _tied_norms(prog, es, leaf, tapped, dtype):
+    """``(route, ‖w̄_i‖² (n,), w̄_i or None, detail)`` for a leaf shared by the calls of
+    ``es`` (``_tied_entries``): ``w̄_i = Σ_k w̄_{k,i}``, cross terms included.
+
+    Route ``"per_example"``: each call's ``w̄_{k,i}`` from its op's rule
+    (``rule.per_example_w``), mapped back to the leaf through the call's path and summed,
+    a block of examples at a time (``ghost.in_blocks``: no ``n`` copies of the leaf);
+    the sum is kept for ``Σ_i c_i w̄_i`` where ``ghost.keeps`` says so (no second weight
+    gradient: then this route). Otherwise route ``"gram"`` where ``_tied_gram`` finds it
+    cheaper: ``Σ_{k,l} ⟨U_k U_lᵀ, V_k V_lᵀ⟩`` over the calls' factors, in blocks. Either
+    way the clipped sum is then each call's ``B_wᵀ(c ⊙ g_k; x_k)``, mapped back and summed."""
+    xgs = [tapped(e.tap) for e in es]
+    arrays = [a for xg in xgs for a in xg]
+    in_axes = [a for e in es for a in (0, e.tap.call.y_axis)]
+    n, size = arrays[0].shape[0], math.prod(leaf.shape)
+    keep = ghost.keeps(n, size, sum(a.size for a in arrays))
+    w_types = [_w_type(e.tap.call, x) for e, (x, _) in zip(es, xgs, strict=True)]
+    zero = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    P = jax.sharding.PartitionSpec
+    x0 = arrays[0]
+    specs = [P(vma._entry(x0, 0))]
+    gram = None if keep else _tied_gram(prog, es, leaf, xgs, w_types, dtype)
+    if gram is not None:
+        rows, per_example = gram
+
+        def gram_fn(*arrays):
+            return [ghost.in_blocks(lambda *a: ghost.tied_gram_sq_norms(rows(*a)), list(arrays),
+                                    in_axes, per_example)]  # fmt: skip
+
+        sq = _auto_axes(gram_fn, x0, specs)(*arrays)[0]
+        return "gram", sq, None, f"tied: {len(es)} calls, Gram over their rows"
+
+    def rows(e, w_type, x, g):  # (k, *leaf.shape): this call's w̄_{k,i}, in the leaf's layout
+        call = e.tap.call
+        if e.role == "w":
+            d, operand = call.rule.per_example_w(x, g, w_type, call.y_axis, dtype), e.tap.w
+        else:
+            d = _bias_rows(g.astype(dtype), call.y_axis, (len(call.y.shape) - 1,))
+            operand = e.tap.b
+        if e.path:  # back through the casts, reshapes, transposes (linear: any point will do)
+            aval = prog.avals[operand]
+            _, back = jax.vjp(_chain_fn(prog, e.path), jnp.zeros(zero.shape, zero.dtype))
+            d = jax.vmap(lambda d: back(d.reshape(aval.shape).astype(aval.dtype))[0])(d)
+        return d.reshape(d.shape[0], *leaf.shape).astype(dtype)
+
+    def block(*arrays):
+        total = sum(rows(e, w, x, g) for e, w, x, g in zip(
+            es, w_types, arrays[::2], arrays[1::2], strict=True))  # fmt: skip
+        sq = jnp.sum(total**2, axis=tuple(range(1, total.ndim)))
+        return (sq, total) if keep else sq
+
+    def arrays_fn(*arrays):
+        got = ghost.in_blocks(block, list(arrays), in_axes, len(es) * size)  # (each call's)
+        return got if keep else (got,)
+
+    specs += [P(specs[0][0], *(None,) * len(leaf.shape))] * keep
+    sq, *w_bars = _auto_axes(arrays_fn, x0, specs)(*arrays)
+    detail = f"tied: {len(es)} calls, Σ_k w̄_k,i in blocks" + (", kept" if keep else "")
+    return "per_example", sq, w_bars[0] if keep else None, detail
+
+
+def _tied_gram(prog, es, leaf, xgs, w_types, dtype):
+    """``(rows, per_example)`` for the Gram route of a tied leaf: ``rows(x_1, g_1, ...)``
+    gives ``[(U_k, V_k)]`` for ``ghost.tied_gram_sq_norms`` (each call's factors, from its
+    op's ``factors`` rule, on one split of the leaf's axes, columns in the leaf's order),
+    ``per_example`` the elements a block forms per example. ``None`` where a call has no
+    factors, a path does more than cast and transpose, the calls split the leaf's axes
+    differently, or ``ghost.tied_gram_pays`` says the per-example sum is cheaper."""
+    plans, split = [], None
+    for e, (x, g), w in zip(es, xgs, w_types, strict=True):
+        if e.role != "w":
+            return None
+        where = list(range(len(leaf.shape)))  # the leaf's axis of each of w's axes
+        for k in e.path:
+            node = prog.nodes[k]
+            if node.name == "transpose":
+                where = [where[a] for a in node.eqn.params["permutation"]]
+            elif node.name == "scan_index" or prog.shape(node.outs[0]) != prog.shape(node.ins[0]):
+                return None
+        call, axes = e.tap.call, []
+
+        def factors(x, g, call=call, w=w, axes=axes):
+            got = call.rule.factors(x, g, w, call.y_axis, dtype)
+            axes.append(None if got is None else got[2:])
+            return None if got is None else got[:2]
+
+        shapes = jax.eval_shape(factors, x, g)
+        if axes[0] is None:
+            return None
+        a, b = ([where[i] for i in ax] for ax in axes[0])
+        if sorted(a + b) != list(range(len(leaf.shape))):
+            return None  # (w̄_i constant along an axis: not one product of the two)
+        split = sorted(a) if split is None else split
+        swap = sorted(b) == split
+        if not swap and sorted(a) != split:
+            return None
+        u, v = (b, a) if swap else (a, b)
+        dense = [not jnp.issubdtype(m.dtype, jnp.integer) for m in shapes]  # (else one-hot)
+        plans.append((factors, swap, u, v, shapes[0].shape[1], dense[::-1] if swap else dense))
+    sizes = [math.prod(leaf.shape[i] for i in split)]
+    sizes.append(math.prod(leaf.shape) // sizes[0])
+
+    def cost(dk, dl):  # multiply-adds per row pair of A_k A_lᵀ and B_k B_lᵀ (one-hot: 1)
+        return sum(size if a and b else 1 for size, a, b in zip(sizes, dk, dl, strict=True))
+
+    # The per-example sum: each call's w̄_{k,i}, T_k |u| |v| (a one-hot side: a scatter).
+    per_ex = sum(T * math.prod(sz for sz, d in zip(sizes, dense, strict=True) if d)
+                 for *_, T, dense in plans)  # fmt: skip
+    gram = sum(Tk * Tl * cost(dk, dl)  # each pair once (k ≤ l)
+               for i, (*_, Tk, dk) in enumerate(plans)
+               for *_, Tl, dl in plans[: i + 1])  # fmt: skip
+    if not ghost.tied_gram_pays(gram, per_ex):
+        return None
+
+    def ordered(M, axes):  # M's columns over the leaf's axes `axes` -> in the leaf's order
+        if M.ndim == 2 or list(axes) == sorted(axes):
+            return M
+        M = M.reshape(*M.shape[:2], *(leaf.shape[i] for i in axes))
+        M = jnp.transpose(M, (0, 1, *(2 + axes.index(i) for i in sorted(axes))))
+        return M.reshape(*M.shape[:2], -1)
+
+    def rows(*arrays):
+        out = []
+        for (factors, swap, u, v, _, _), x, g in zip(plans, arrays[::2], arrays[1::2],
+                                                     strict=True):  # fmt: skip
+            A, B = factors(x, g)
+            U, V = (B, A) if swap else (A, B)
+            out.append((ordered(U, u), ordered(V, v)))
+        return out
+
+    R = sum(T for *_, T, _ in plans)
+    return rows, R * R + R * sum(sizes)
 
 
 def _weight_grad(call, x, g):
@@ -932,7 +1159,11 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     sq = 0  # then (n,), laid out like the examples
     routes: dict[int, Route] = {}
     w_bars = {}  # entry -> per-example w̄_i (or b̄_i), where the route formed them
+    tied = {}  # leaf -> its calls' entries (one per-example gradient: their sum)
     for e in entries:
+        if e.tied:
+            tied.setdefault(e.leaf, []).append(e)
+            continue
         call = e.tap.call
         x, g = tapped(e.tap)
         if e.role == "w":
@@ -944,6 +1175,12 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
             w_bars[id(e)] = rows  # kept: the clipped sum needs no g
         detail = f"x {call.x_shape} -> y {call.y.shape}"
         routes[e.leaf] = Route(names[e.leaf], route, call.rule.name, detail)
+    tied_bars = {}  # leaf -> Σ_k w̄_{k,i}, where formed and kept
+    for j, es in tied.items():
+        route, sq_j, tied_bars[j], detail = _tied_norms(prog, es, leaves[j], tapped, dtype)
+        sq = sq + sq_j
+        op = "+".join(dict.fromkeys(e.tap.call.rule.name for e in es))
+        routes[j] = Route(names[j], route, op, detail)
     for j, w_i in zip(bcast, w_copies, strict=True):
         sq = sq + jnp.sum(jnp.square(w_i.astype(dtype)), axis=tuple(range(1, w_i.ndim)))
         detail = f"per-example copy {(n, *leaves[j].shape)} at " + ", ".join(
@@ -963,7 +1200,12 @@ def _per_example(fn, loss_fn, params, args, fallback, clip, clip_norm=None, repo
     C = jnp.asarray(clip_norm, dtype)
     factors = C / jnp.maximum(norms, C)  # min(1, C/‖∇ℓ_i‖), 1 at a zero norm
     grads: list = [None] * L
+    for j, w_i in tied_bars.items():
+        if w_i is not None:  # Σ_i c_i Σ_k w̄_{k,i}
+            grads[j] = jnp.sum(_example_scaled(w_i, factors, 0), axis=0).astype(leaves[j].dtype)
     for e in entries:
+        if tied_bars.get(e.leaf) is not None:
+            continue
         call = e.tap.call
         x, g = tapped(e.tap)
         if w_bars.get(id(e)) is not None:  # Σ_i c_i w̄_i (or Σ_i c_i b̄_i)
@@ -1287,11 +1529,14 @@ def per_example_routes(loss_fn: Callable, params, *args, fallback: str = "vmap",
     (``RouteReport.why``, with ``RouteReport.estimate`` where ``plan="auto"`` compared the
     two), and per leaf: ``"rank_one"``, ``"gram"`` (ghost norms: no per-example gradient
     formed), ``"per_example"`` (the op's transpose in ``w`` under ``jax.vmap``: ``n``
-    copies of that leaf's gradient), ``"bias"``, ``"broadcast"`` (``n`` copies of the leaf
-    where it meets the examples), ``"fallback"`` (with the reason; then every other leaf
-    reads ``"vmap"``: the whole model takes ``jax.vmap`` of ``jax.grad``) or ``"unused"``.
-    Where "auto" picks ``vmap(grad)`` although every leaf has a route, the rows keep the
-    routes the structural plan would take.
+    copies of that leaf's gradient; a leaf used by several calls reads ``"gram"`` or
+    ``"per_example"`` with detail ``"tied: K calls ..."`` and ``op`` their ops joined by
+    ``+``: the Gram over the calls' rows, or their ``w̄_{k,i}`` summed), ``"bias"``,
+    ``"broadcast"`` (``n`` copies of the leaf where it meets the examples), ``"fallback"``
+    (with the reason; then every other leaf reads ``"vmap"``: the whole model takes
+    ``jax.vmap`` of ``jax.grad``) or ``"unused"``. Where "auto" picks ``vmap(grad)``
+    although every leaf has a route, the rows keep the routes the structural plan would
+    take.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> (n,)`` per-example losses, as in

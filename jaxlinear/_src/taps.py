@@ -15,6 +15,12 @@ the op's per-example capability (see ``per_example.py`` for the protocol):
     the per-example squared norms of ``w̄`` from the layer input ``x: (n, ...)`` and the
     output cotangent ``g`` (in ``y``'s layout, examples on ``y_axis``), and the per-example
     ``w̄_i: (n, *w.shape)`` where the route formed them.
+``rule.per_example_w(x, g, w_aval, y_axis, dtype) -> w̄_i``
+    every example's ``w̄_i: (n, *w.shape)`` (for a leaf used by several calls, whose
+    per-example gradient is their sum).
+``rule.factors(x, g, w_aval, y_axis, dtype) -> (A, B, a_axes, b_axes) | None``
+    ``w̄_i = Σ_t A_i[t] ⊗ B_i[t]`` over ``w``'s axes ``a_axes`` and ``b_axes`` (``A`` may be
+    integer rows ``(n, T)``: one-hot rows, ``-1`` none), for the Gram over several calls.
 ``rule.weight_grad(x, g, w_aval) -> w̄``
     the op's own transpose in ``w``: ``B_wᵀ(g; x)`` (``bilinear_op``'s ``per_example_sum``
     where the op has one).

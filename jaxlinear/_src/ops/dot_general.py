@@ -125,17 +125,24 @@ def _batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, dimension_numbers
     return dims, len(xb) + x_ndim - len(xc) - len(xb)  # w's first kept axis
 
 
-def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, dimension_numbers, precision):
-    """Ghost norms of ``w̄_i``: ``x_i`` read as ``X_i: (T, d)`` (kept axes, then contracted
-    ones) and ``g_i`` as ``G_i: (T, p)`` (``w``'s kept axes last); declined with batch axes."""
-    del w_aval, y_axis, preferred_element_type, precision  # y_axis: 0, x's first kept axis
-    (xc, _), (xb, _) = dimension_numbers
+def _factors(x, g, w_aval, *, y_axis, preferred_element_type, dimension_numbers, precision):
+    """``w̄_i = X_iᵀ G_i``: ``x_i`` read as ``X_i: (T, d)`` (kept axes, then contracted
+    ones, ``w``'s axes ``wc``) and ``g_i`` as ``G_i: (T, p)`` (``w``'s kept axes, in order);
+    ``(X, G, wc, w kept)``, or ``None`` with batch axes."""
+    del y_axis, preferred_element_type, precision  # y_axis: 0, x's first kept axis
+    (xc, wc), (xb, wb) = dimension_numbers
     if xb:  # batch axes pair x with w: w̄_i is not one matrix product
         return None
     n, kept = x.shape[0], _remaining(x.ndim, xc)  # kept: axis 0 (the examples) first
     X = x.transpose(*kept, *xc).reshape(n, int(np.prod(x.shape[1:])) // _size(x, xc), -1)
     G = g.reshape(n, X.shape[1], -1)  # y: (x kept, w kept)
-    return ghost.matmul_sq_norms(X, G)
+    return X, G, tuple(int(a) for a in wc), tuple(_remaining(len(w_aval.shape), wc, wb))
+
+
+def _per_example(x, g, w_aval, **kw):
+    """Ghost norms of ``w̄_i = X_iᵀ G_i`` (``_factors``); declined with batch axes."""
+    got = _factors(x, g, w_aval, **kw)
+    return None if got is None else ghost.matmul_sq_norms(*got[:2])
 
 
 def _size(a, axes):
@@ -183,6 +190,7 @@ DOT_GENERAL = bilinear_op(
     transpose_w,
     batch=_batch,
     per_example=_per_example,
+    factors=_factors,
     scale_axes=_scale_axes,
 )
 

@@ -79,11 +79,13 @@ def _batch(x_ndim, w_ndim, x_batched, w_batched, *, axis_size, subscripts, preci
     return {"subscripts": (xs, ws, new + ys)}, 0
 
 
-def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, subscripts, precision):
-    """Ghost norms of ``w̄_i`` for ``"X,W->Y"``: ``X_i: (T, d)`` over the letters of ``x`` and
+def _factors(x, g, w_aval, *, y_axis, preferred_element_type, subscripts, precision):
+    """``w̄_i = X_iᵀ G_i`` for ``"X,W->Y"``: ``X_i: (T, d)`` over the letters of ``x`` and
     ``y`` alone (``T``) and the contracted ones (``d``), ``G_i: (T, p)`` with ``p`` the letters
-    of ``w`` and ``y``. Declined when a letter is in all three (a batch letter: ``w̄_i`` is
-    then not one matrix product) or repeated within a term."""
+    of ``w`` and ``y``; ``(X, G, w's axes of d, w's axes of p)`` (``w``'s letters in neither
+    ``x`` nor ``y`` are in neither: ``w̄_i`` is constant along them). ``None`` when a letter
+    is in all three (a batch letter: ``w̄_i`` is then not one matrix product) or repeated
+    within a term."""
     del y_axis, preferred_element_type, precision
     xs, ws, ys = subscripts
     if any(len(set(s)) != len(s) for s in subscripts) or set(xs) & set(ws) & set(ys):
@@ -95,9 +97,17 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, subscripts, pr
     n = x.shape[0]
     X = jnp.einsum(f"{xs}->{e}{T}{d}", x).reshape(n, -1, _size(w_aval, ws, d))
     G = jnp.einsum(f"{ys}->{e}{T}{p}", g).reshape(n, X.shape[1], -1)
-    got = ghost.matmul_sq_norms(X, G)
+    return X, G, tuple(ws.index(c) for c in d), tuple(ws.index(c) for c in p)
+
+
+def _per_example(x, g, w_aval, *, subscripts, **kw):
+    """Ghost norms of ``w̄_i = X_iᵀ G_i`` (``_factors``), times the size of ``w``'s letters
+    in neither ``x`` nor ``y``."""
+    got = _factors(x, g, w_aval, subscripts=subscripts, **kw)
+    got = None if got is None else ghost.matmul_sq_norms(*got[:2])
     if got is None:
         return None
+    xs, ws, ys = subscripts
     # w̄ is constant along the letters of w alone (the adjoint of summing w over them).
     return got[0], got[1] * _size(w_aval, ws, "".join(c for c in ws if c not in xs + ys))
 
@@ -122,6 +132,7 @@ EINSUM = bilinear_op(
     transpose_w,
     batch=_batch,
     per_example=_per_example,
+    factors=_factors,
     scale_axes=_scale_axes,
 )
 

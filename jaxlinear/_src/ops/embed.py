@@ -204,13 +204,31 @@ class _Rule:
         if T == 1:
             return "rank_one", jnp.where(inside[:, 0], jnp.sum(g[:, 0] ** 2, axis=-1), 0), None
         if not ghost.gram_pays(T, V, d):
-            like = jax.ShapeDtypeStruct((V, d), dtype)
-            rows = jax.vmap(lambda g_i, ids_i: scatter_add(g_i, ids_i, like))(g, ids)
+            rows = _Rule.per_example_w(ids, g, table_aval, 0, dtype)
             return "per_example", jnp.sum(rows**2, axis=(1, 2)), rows
         row = jnp.where(ids < 0, ids + V, ids)
         same = (row[:, :, None] == row[:, None, :]) & inside[:, :, None] & inside[:, None, :]
         gg = jnp.einsum("ntd,nsd->nts", g, g)  # (n, T, T)
         return "gram", jnp.sum(jnp.where(same, gg, 0), axis=(1, 2)), None
+
+    @staticmethod
+    def factors(ids, g, table_aval, y_axis, dtype):
+        """``tablē_i = Σ_t onehot(ids_it) ⊗ g_it``: ``(rows, G, (0,), (1,))`` with ``rows:
+        (n, T)`` the table rows (``-1`` for an id out of range: a zero row), never one-hot."""
+        del y_axis  # 0
+        (V, d), n = table_aval.shape, ids.shape[0]
+        ids = ids.reshape(n, -1)
+        rows = jnp.where((ids >= -V) & (ids < V), jnp.where(ids < 0, ids + V, ids), -1)
+        return rows, g.astype(dtype).reshape(n, -1, d), (0,), (1,)
+
+    @staticmethod
+    def per_example_w(ids, g, table_aval, y_axis, dtype):
+        """``tablē_i``, the scatter-add of example ``i``'s rows of ``G``: ``(n, V, d)``."""
+        del y_axis  # 0
+        (V, d), n = table_aval.shape, ids.shape[0]
+        like = jax.ShapeDtypeStruct((V, d), dtype)
+        ids, g = ids.reshape(n, -1), g.astype(dtype).reshape(n, -1, d)
+        return jax.vmap(lambda g_i, ids_i: scatter_add(g_i, ids_i, like))(g, ids)
 
     @staticmethod
     def weight_grad(ids, g, table_aval):
