@@ -239,7 +239,7 @@ OTHER = {
     "elementwise": (_elementwise, "params['scale']", "broadcast"),
     "both": (_both, "params['square'].W", "broadcast"),
     "derived": (_derived, "params['square'].W", "broadcast"),
-    "vmap": (_in_vmap, "params['square'].W", "gram"),
+    "vmap": (_in_vmap, "params['square'].W", "per_example"),  # w̄_i kept: 4·9 ≤ 4·2·(3 + 3)
     "scan": (_in_scan, "params['square'].W", "broadcast"),  # shared by the steps
     "cond": (_in_cond, "params['square'].W", "`cond`"),
     "flattened": (_flattened, "params['square'].W", r"`reshape` \(4, 2, 3\) -> \(8, 3\) merges"),

@@ -388,8 +388,9 @@ class _Rule:
             sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
             return (sq, w_bars) if keep else sq
 
-        got = ghost.in_blocks(sq, [x, g], [0, y_axis], size)
-        return ("per_example", *got) if keep else ("per_example", got, None)
+        if keep:  # all n kept anyway: one call, no blocks
+            return ("per_example", *sq(x, g))
+        return "per_example", ghost.in_blocks(sq, [x, g], [0, y_axis], size), None
 
     def weight_grad(self, x, g, w_aval):
         """``w̄ = B_wᵀ(g; x)`` under the op's precision policy, in ``w_aval``'s dtype."""

@@ -176,7 +176,7 @@ def _affine_per_example(x, g, W_aval, *, y_axis, preferred_element_type, precisi
     """Ghost norms of ``W̄_i = X_iᵀ G_i``: ``x: (n, ..., d_in)`` read as ``X_i: (T, d_in)``."""
     del W_aval, y_axis, preferred_element_type, precision  # y_axis is 0: x's leading axis
     n = x.shape[0]
-    return ghost.matmul_sq_norms(x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]))
+    return ghost.matmul_route(x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]))
 
 
 def _affine_scale_axes(product, a_ndim, b_ndim, *, precision):

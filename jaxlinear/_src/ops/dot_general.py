@@ -135,7 +135,7 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, dimension_numb
     n, kept = x.shape[0], _remaining(x.ndim, xc)  # kept: axis 0 (the examples) first
     X = x.transpose(*kept, *xc).reshape(n, int(np.prod(x.shape[1:])) // _size(x, xc), -1)
     G = g.reshape(n, X.shape[1], -1)  # y: (x kept, w kept)
-    return ghost.matmul_sq_norms(X, G)
+    return ghost.matmul_route(X, G)
 
 
 def _size(a, axes):

@@ -95,7 +95,7 @@ def _per_example(x, g, w_aval, *, y_axis, preferred_element_type, subscripts, pr
     n = x.shape[0]
     X = jnp.einsum(f"{xs}->{e}{T}{d}", x).reshape(n, -1, _size(w_aval, ws, d))
     G = jnp.einsum(f"{ys}->{e}{T}{p}", g).reshape(n, X.shape[1], -1)
-    got = ghost.matmul_sq_norms(X, G)
+    got = ghost.matmul_route(X, G, int(np.prod(w_aval.shape)))
     if got is None:
         return None
     # w̄ is constant along the letters of w alone (the adjoint of summing w over them).
