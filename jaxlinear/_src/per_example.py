@@ -702,13 +702,15 @@ def _scales_x(call, x, g) -> bool:
 
 
 def _example_sum(a, factors):
-    """``Σ_i factors[i] a[i]`` over ``a``'s leading (examples') axis: a matrix-vector product
-    with ``a`` as ``(n, -1)``. (XLA:CPU runs the broadcast product and reduction over a
-    leading axis tens of times slower: ``(32, 128, 512)`` 42 ms against 0.5 ms.) On a mesh
-    with Explicit axes it stays a reduction: a contraction over the sharded examples' axis
-    would need an ``out_sharding``."""
+    """``Σ_i factors[i] a[i]`` over ``a``'s leading (examples') axis. Rows of a matrix
+    ``a: (n, k)`` (a bias, a copied vector): a reduction, which XLA fuses with ``a``'s
+    producer. Wider ``a`` (``w̄_i``, a copied table): a matrix-vector product with ``a`` as
+    ``(n, -1)``, as XLA:CPU runs a broadcast product reduced over a leading axis tens of
+    times slower (``(32, 128, 512)``: 42 ms against 0.5 ms). On a mesh with Explicit axes
+    always a reduction: a contraction over the sharded examples' axis would need an
+    ``out_sharding``."""
     f = factors.astype(a.dtype)
-    if vma._explicit_mesh(a) is not None:
+    if a.ndim <= 2 or vma._explicit_mesh(a) is not None:
         return jnp.sum(_example_scaled(a, f, 0), axis=0)
     flat = a.reshape(a.shape[0], -1)
     return jnp.matmul(f, flat, precision=lax.Precision.HIGHEST).reshape(a.shape[1:])
