@@ -126,7 +126,9 @@ def matmul_route(X, G, w_size: int | None = None):
     ``Σ_i c_i w̄_i`` (``n d p``) and neither the Gram's ``n T² (d + p)`` nor a second weight
     gradient ``B_wᵀ(c ⊙ g; x)`` is paid, for an ``n·|w|`` buffer no larger than the ``x``
     and ``g`` it replaces; else the Gram where ``gram_pays``, else ``None`` (``w̄_i`` formed
-    in blocks, not kept).
+    in blocks, not kept). For ``|w| = d p`` the memory condition ``d p ≤ T (d + p)`` is also
+    ``T d p ≤ T² (d + p)``: forming ``w̄_i`` costs no more than the Gram even for the norms
+    alone.
 
     Args:
       X: ``(n, T, d)``, example ``i``'s rows ``X[i]``.
