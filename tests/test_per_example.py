@@ -97,6 +97,9 @@ CASES = {
     "2d": ([3, 5, 4], (6,), "rank_one"),
     "3d_gram": ([6, 5, 4], (4, 2), "gram"),  # T=2: 2·(6+5) = 22 ≤ 30
     "3d_per_example": ([3, 2, 2], (4, 5), "per_example"),  # T=5: 5·(3+2) = 25 > 6
+    # T=2: 4·8 > 2·(4+8) (w̄_i not kept), 2·2² ≤ 32: the Gram; the clipped sum scales the
+    # smaller operand, x (4 < 8) here and g (3 < 8) in the next layer
+    "3d_gram_widening": ([4, 8, 3], (4, 2), "gram"),
 }
 
 
@@ -239,7 +242,7 @@ OTHER = {
     "elementwise": (_elementwise, "params['scale']", "broadcast"),
     "both": (_both, "params['square'].W", "broadcast"),
     "derived": (_derived, "params['square'].W", "broadcast"),
-    "vmap": (_in_vmap, "params['square'].W", "gram"),
+    "vmap": (_in_vmap, "params['square'].W", "per_example"),  # w̄_i kept: 4·9 ≤ 4·2·(3 + 3)
     "scan": (_in_scan, "params['square'].W", "per_example"),  # shared by the steps
     "cond": (_in_cond, "params['square'].W", "`cond`"),
     "flattened": (_flattened, "params['square'].W", r"`reshape` \(4, 2, 3\) -> \(8, 3\) merges"),

@@ -73,6 +73,8 @@ def bindings(custom_vjp, dual):
 def force(monkeypatch, route):
     """Make every ghost rule take (``"gram"``) or decline (``"per_example"``) its route."""
     monkeypatch.setattr(ghost, "gram_pays", lambda T, d, p: route == "gram")
+    if route == "gram":  # before it, the matmul ops' kept w̄_i where they fit (matmul_route)
+        monkeypatch.setattr(ghost, "keeps", lambda n, w_size, held: False)
 
 
 # -- convolutions ------------------------------------------------------------------------

@@ -383,8 +383,9 @@ class _Rule:
             sq = jnp.sum(w_bars**2, axis=tuple(range(1, w_bars.ndim)))
             return (sq, w_bars) if keep else sq
 
-        got = ghost.in_blocks(sq, [x, g], [0, y_axis], size)
-        return ("per_example", *got) if keep else ("per_example", got, None)
+        if keep:  # all n kept anyway: one call, no blocks
+            return ("per_example", *sq(x, g))
+        return "per_example", ghost.in_blocks(sq, [x, g], [0, y_axis], size), None
 
     def factors(self, x, g, w_aval, y_axis, dtype):
         """The op's ``factors`` rule on ``x``, ``g`` in ``dtype``, or ``None``."""

@@ -8,7 +8,9 @@ layer input, ``G_i: (T, p)`` its rows of the output cotangent — has
 
 (the "Gram" form: two ``(T, T)`` matrices, ``T² (d + p)`` multiply-adds), and for ``T = 1``
 the rank-one form ``‖x_i‖² ‖g_i‖²``. Which pays is decided per layer call from the shapes
-(``gram_pays``); where neither does, the op's generic route forms each ``w̄_i``.
+(``gram_pays``); where neither does, the op's generic route forms each ``w̄_i``. The
+matmul-type ops weigh memory too (``matmul_route``): forming ``w̄_i`` and keeping them for
+the clipped sum costs the fewest flops, so it comes first wherever ``keeps`` allows it.
 
 The dense layer reads ``x: (n, ..., d_in)`` as ``X_i: (T, d_in)`` with ``T`` the product
 of the axes between; ``dot_general`` and ``einsum`` do the same after moving their
@@ -209,3 +211,37 @@ def _rows_gram(A, C):
         picked = jnp.take_along_axis(C, cols, axis=2)  # (n, T_C, T_A)
         return jnp.swapaxes(jnp.where(A[:, None, :] >= 0, picked, 0), 1, 2)
     return jnp.einsum("nta,nsa->nts", A, C)
+
+
+def matmul_route(X, G, w_size: int | None = None):
+    r"""The matmul-type ops' route (dense, ``dot_general``, ``einsum``): ``(route, ‖w̄_i‖²)``
+    from ``matmul_sq_norms``, or ``None`` for the op's generic route (``w̄_i`` formed).
+
+    Cheapest first where the memory allows: ``T = 1``, rank one; then, where
+    ``keeps(n, |w|, |X| + |G|)``, ``None``: the generic route forms ``w̄_i`` (``n T d p``
+    multiply-adds, the weight gradient's own count) and keeps them, so the clipped sum is
+    ``Σ_i c_i w̄_i`` (``n d p``) and neither the Gram's ``n T² (d + p)`` nor a second weight
+    gradient ``B_wᵀ(c ⊙ g; x)`` is paid, for an ``n·|w|`` buffer no larger than the ``x``
+    and ``g`` it replaces; else the Gram where ``gram_pays``, else ``None`` (``w̄_i`` formed
+    in blocks, not kept). For ``|w| = d p`` the memory condition ``d p ≤ T (d + p)`` is also
+    ``T d p ≤ T² (d + p)``: forming ``w̄_i`` costs no more than the Gram even for the norms
+    alone.
+
+    Args:
+      X: ``(n, T, d)``, example ``i``'s rows ``X[i]``.
+      G: ``(n, T, p)``, in the same dtype.
+      w_size: ``|w|`` where it is not ``d p`` (an einsum's ``w`` with letters of its own).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> X, G = jnp.ones((32, 64, 128)), jnp.ones((32, 64, 512))
+      >>> matmul_route(X, G[..., :128]) is None  # 32·128·128 ≤ 32·64·(128 + 128)
+      True
+      >>> matmul_route(X, G)[0]  # 32·128·512 > 32·64·(128 + 512): the Gram
+      'gram'
+    """
+    n, T, d = X.shape
+    p = G.shape[-1]
+    if T > 1 and keeps(n, d * p if w_size is None else w_size, X.size + G.size):
+        return None
+    return matmul_sq_norms(X, G)

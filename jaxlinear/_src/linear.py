@@ -182,7 +182,7 @@ def _affine_factors(x, g, W_aval, *, y_axis, preferred_element_type, precision):
 
 def _affine_per_example(x, g, W_aval, **kw):
     """Ghost norms of ``W̄_i = X_iᵀ G_i`` (``_affine_factors``)."""
-    return ghost.matmul_sq_norms(*_affine_factors(x, g, W_aval, **kw)[:2])
+    return ghost.matmul_route(*_affine_factors(x, g, W_aval, **kw)[:2])
 
 
 def _affine_scale_axes(product, a_ndim, b_ndim, *, precision):

@@ -142,7 +142,7 @@ def _factors(x, g, w_aval, *, y_axis, preferred_element_type, dimension_numbers,
 def _per_example(x, g, w_aval, **kw):
     """Ghost norms of ``w̄_i = X_iᵀ G_i`` (``_factors``); declined with batch axes."""
     got = _factors(x, g, w_aval, **kw)
-    return None if got is None else ghost.matmul_sq_norms(*got[:2])
+    return None if got is None else ghost.matmul_route(*got[:2])
 
 
 def _size(a, axes):

@@ -104,7 +104,7 @@ def _per_example(x, g, w_aval, *, subscripts, **kw):
     """Ghost norms of ``w̄_i = X_iᵀ G_i`` (``_factors``), times the size of ``w``'s letters
     in neither ``x`` nor ``y``."""
     got = _factors(x, g, w_aval, subscripts=subscripts, **kw)
-    got = None if got is None else ghost.matmul_sq_norms(*got[:2])
+    got = None if got is None else ghost.matmul_route(*got[:2], int(np.prod(w_aval.shape)))
     if got is None:
         return None
     xs, ws, ys = subscripts
