@@ -27,6 +27,7 @@ from jax import lax
 from test_per_example import assert_rel_close, reference, reference_clipped, reference_norms
 
 import jaxlinear
+from jaxlinear._src import ghost
 
 N = 3  # examples
 
@@ -187,8 +188,12 @@ def test_dot_general_batch_axes_shared_with_the_weight(layers):
     check(layers)
 
 
-def test_dot_general_one_and_two_shared_batch_axes():
-    """The two layouts the issue names, fixed (not left to the draw)."""
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "not_kept"])
+def test_dot_general_one_and_two_shared_batch_axes(keep, monkeypatch):
+    """The two layouts the issue names, fixed (not left to the draw); with ``w̄_i`` kept
+    (small shapes) and not (the Gram's turn: declined with batch axes)."""
+    if not keep:
+        monkeypatch.setattr(ghost, "keeps", lambda *a: False)
     rng = np.random.default_rng(1)
     one = (((2,), (1,)), ((1,), (0,)))  # x (n, h, d), w (h, d, k) -> y (h, n, k)
     two = (((1,), (2,)), ((3, 2), (1, 0)))  # x (n, d, j, h), w (j, h, d, k) -> (h, j, n, k)

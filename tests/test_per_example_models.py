@@ -88,6 +88,13 @@ def _tables(p, x):  # a positional table, a class token, a head on the class tok
     return jnp.sin(jnp.einsum("btd,dk->btk", h, p["W"])[:, 0]).sum(-1)
 
 
+def _time_major(p, x):  # the tables of `_tables`, with the examples on axis 1
+    h = jnp.swapaxes(x, 0, 1) + p["pos"][:, None]
+    cls = jnp.broadcast_to(p["cls"], (1, x.shape[0], D))
+    h = jnp.concatenate([cls, h], axis=0)
+    return jnp.sin(jnp.einsum("tbd,dk->tbk", h, p["W"])[0]).sum(-1)
+
+
 def _shared(p, x):  # one weight used by two layers
     return jnp.sum(jnp.tanh(jnp.tanh(x @ p["W"]) @ p["W"]) ** 2, axis=(1, 2))
 
@@ -149,6 +156,8 @@ PLAIN = {
                            rms_scale=normal(D)), normal(N, T, D)),
     "tables": (_tables, dict(pos=normal(T, D), cls=normal(1, 1, D), W=normal(D, 2)),
                normal(N, T, D)),
+    "time_major": (_time_major, dict(pos=normal(T, D), cls=normal(1, 1, D), W=normal(D, 2)),
+                   normal(N, T, D)),
     "shared": (_shared, dict(W=normal(D, D)), normal(N, T, D)),
     "raw_ops": (_raw_ops, dict(A=normal(D, 5), B=normal(5, D), K=normal(3, D, 2),
                                C=normal(2, 3)), normal(N, T, D)),
