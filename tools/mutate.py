@@ -472,6 +472,32 @@ MUTANTS = [
         "linen Embed.attend contracts the query with the table's vocabulary axis",
     ),
 
+    Mutant(
+        "formulas_dW_rows_misaligned",
+        "jaxlinear/_src/formulas.py",
+        "return _dot(_rows(x), _rows(g), _FIRST_FIRST, precision, preferred_element_type,"
+        " W_sharding)",
+        "return _dot(_rows(x)[::-1], _rows(g), _FIRST_FIRST, precision, preferred_element_type,"
+        " W_sharding)",
+        ("tests/test_linear.py",),
+        "dW = Xᵀ G with X's rows paired with other rows of G",
+    ),
+    Mutant(
+        "jacobian_columns_read_as_rows",
+        "jaxlinear/_src/jacobian.py",
+        "return jnp.moveaxis(columns.reshape(n_in, n_out), 0, 1).reshape(*out_shape, *in_shape)",
+        "return columns.reshape(n_in, n_out).reshape(*out_shape, *in_shape)",
+        ("tests/test_jacobian.py",),
+        "the pushforward's columns J e_j laid out as rows: Jᵀ where J is square",
+    ),
+    Mutant(
+        "plan_estimate_not_exported",
+        "jaxlinear/__init__.py",
+        '    "PlanEstimate",\n',
+        "",
+        ("tests/test_docs_pages.py",),
+        "PlanEstimate left out of jaxlinear.__all__ (and so of the API reference)",
+    ),
     # --- issue 22, third round: custom rules, copies on rows, tied Grams, plan, patches ---
     Mutant(
         "program_inlines_custom_rules",
